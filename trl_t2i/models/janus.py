@@ -1,0 +1,99 @@
+"""Adapter for transformers' `JanusForConditionalGeneration` (Janus-Pro 1B/7B in transformers format).
+
+Image generation in Janus: the prompt is the chat-formatted caption followed by `<begin_of_image>`; each image token
+is embedded by `generation_embeddings` → `generation_aligner`, run through the language model and scored by
+`generation_head`. The unconditional CFG row replaces every prompt token except BOS and `<begin_of_image>` by PAD,
+exactly like `JanusForConditionalGeneration.generate(generation_mode="image")`.
+"""
+
+import torch
+from torch import nn
+from transformers import DynamicCache, JanusForConditionalGeneration
+
+from .base import DecodeState, T2IAdapter
+
+
+class JanusAdapter(T2IAdapter):
+    model_type = "janus"
+    model_class = JanusForConditionalGeneration
+    lora_target_modules = (
+        r".*language_model\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))"
+    )
+    # Full paths: transformers matches skip entries from the root, so a bare "generation_head" would be ignored.
+    quantization_skip_modules = [
+        "lm_head",
+        "model.generation_head",
+        "model.generation_aligner",
+        "model.vision_model",
+        "model.aligner",
+        "model.vqmodel",
+    ]
+
+    def __init__(self, config, processing_class):
+        super().__init__(config, processing_class)
+        tokenizer = processing_class.tokenizer
+        self.bos_token_id = tokenizer.bos_token_id
+        self.pad_token_id = tokenizer.pad_token_id
+        self.boi_token_id = tokenizer.convert_tokens_to_ids(processing_class.image_start_token)
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.config.vision_config.num_image_tokens
+
+    @property
+    def codebook_size(self) -> int:
+        return self.config.vq_config.num_embeddings
+
+    def prepare_prompts(self, texts: list[str]) -> tuple[torch.LongTensor, torch.LongTensor]:
+        processor = self.processing_class
+        chats = [
+            processor.apply_chat_template(
+                [{"role": "user", "content": [{"type": "text", "text": text}]}], add_generation_prompt=True
+            )
+            for text in texts
+        ]
+        encoding = processor(
+            text=chats, generation_mode="image", padding=True, padding_side="left", return_tensors="pt"
+        )
+        return encoding["input_ids"], encoding["attention_mask"]
+
+    def cfg_inputs(self, input_ids, attention_mask):
+        keep = (input_ids == self.bos_token_id) | (input_ids == self.boi_token_id)
+        return input_ids.masked_fill(~keep, self.pad_token_id), attention_mask
+
+    def teacher_forced_logits(self, model, input_ids, attention_mask, image_tokens):
+        prompt_length = input_ids.size(1)
+        embeds = torch.cat(
+            [model.get_input_embeddings()(input_ids), model.prepare_embeddings_for_image_generation(image_tokens[:, :-1])],
+            dim=1,
+        )
+        mask = torch.cat([attention_mask, attention_mask.new_ones(image_tokens[:, :-1].shape)], dim=1)
+        hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
+        # Position P-1 (<begin_of_image>) predicts image token 0, position P+i-1 predicts token i.
+        return model.model.generation_head(hidden[:, prompt_length - 1 :])
+
+    def prefill(self, model, input_ids, attention_mask):
+        cache = DynamicCache(config=model.config.get_text_config())
+        output = model.model.language_model(
+            inputs_embeds=model.get_input_embeddings()(input_ids),
+            attention_mask=attention_mask,
+            cache=cache,
+            use_cache=True,
+        )
+        logits = model.model.generation_head(output.last_hidden_state[:, -1])
+        return logits, DecodeState(cache=output.cache, attention_mask=attention_mask)
+
+    def step(self, model, image_tokens, state):
+        state.attention_mask = torch.cat([state.attention_mask, state.attention_mask.new_ones(len(image_tokens), 1)], 1)
+        output = model.model.language_model(
+            inputs_embeds=model.prepare_embeddings_for_image_generation(image_tokens[:, None]),
+            attention_mask=state.attention_mask,
+            cache=state.cache,
+            use_cache=True,
+        )
+        state.cache = output.cache
+        return model.model.generation_head(output.last_hidden_state[:, -1])
+
+    def decode(self, model: nn.Module, image_tokens: torch.LongTensor) -> torch.Tensor:
+        pixels = model.decode_image_tokens(image_tokens)  # (B, H, W, 3) in about [-1, 1]
+        return ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
