@@ -58,7 +58,13 @@ def test_teacher_forced_logprobs_equal_the_samplers(tiny_janus, prompts, warp, c
         if recorded is None:  # cfg_scale == 1: conditional is the sampled distribution
             recorded = sample.logprobs
         full = image_token_logprobs(
-            adapter, model, input_ids, attention_mask, sample.image_tokens, cfg_scale=cfg_scale, cfg_logprobs=mode,
+            adapter,
+            model,
+            input_ids,
+            attention_mask,
+            sample.image_tokens,
+            cfg_scale=cfg_scale,
+            cfg_logprobs=mode,
             **warp,
         )
         assert full.shape == (*sample.image_tokens.shape, adapter.codebook_size)
@@ -70,8 +76,9 @@ def test_teacher_forced_logprobs_equal_the_samplers(tiny_janus, prompts, warp, c
 def test_guided_and_conditional_logprobs_differ_when_guidance_is_on(tiny_janus, prompts):
     model, _, adapter = tiny_janus
     input_ids, attention_mask = adapter.prepare_prompts(prompts)
-    sample = sample_image_tokens(adapter, model, input_ids, attention_mask, cfg_scale=5.0,
-                                 return_conditional_logprobs=True)
+    sample = sample_image_tokens(
+        adapter, model, input_ids, attention_mask, cfg_scale=5.0, return_conditional_logprobs=True
+    )
     assert (sample.logprobs - sample.conditional_logprobs).abs().max() > 1e-2
 
 
@@ -82,8 +89,9 @@ def test_cfg_scale_one_skips_the_unconditional_rows(tiny_janus, prompts):
     hook = model.model.generation_head.register_forward_hook(lambda module, args, out: rows.append(out.shape[0]))
     try:
         sample_image_tokens(adapter, model, input_ids, attention_mask, cfg_scale=1.0)
-        image_token_logprobs(adapter, model, input_ids, attention_mask, torch.zeros(4, 16, dtype=torch.long),
-                             cfg_scale=1.0)
+        image_token_logprobs(
+            adapter, model, input_ids, attention_mask, torch.zeros(4, 16, dtype=torch.long), cfg_scale=1.0
+        )
         assert set(rows) == {len(prompts)}
         rows.clear()
         sample_image_tokens(adapter, model, input_ids, attention_mask, cfg_scale=5.0)
@@ -108,8 +116,9 @@ def test_bad_cfg_logprobs_is_rejected(tiny_janus, prompts):
     model, _, adapter = tiny_janus
     input_ids, attention_mask = adapter.prepare_prompts(prompts)
     with pytest.raises(ValueError, match="'cond'.*guided, conditional"):
-        image_token_logprobs(adapter, model, input_ids, attention_mask, torch.zeros(4, 16, dtype=torch.long),
-                             cfg_logprobs="cond")
+        image_token_logprobs(
+            adapter, model, input_ids, attention_mask, torch.zeros(4, 16, dtype=torch.long), cfg_logprobs="cond"
+        )
 
 
 @pytest.mark.parametrize("top_k", [1, 3, 7])

@@ -21,7 +21,6 @@ With top-k/top-p the guided distribution is the truncated one, for the sampler a
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import trange
 

@@ -64,11 +64,16 @@ class JanusAdapter(T2IAdapter):
     def teacher_forced_logits(self, model, input_ids, attention_mask, image_tokens):
         prompt_length = input_ids.size(1)
         embeds = torch.cat(
-            [model.get_input_embeddings()(input_ids), model.prepare_embeddings_for_image_generation(image_tokens[:, :-1])],
+            [
+                model.get_input_embeddings()(input_ids),
+                model.prepare_embeddings_for_image_generation(image_tokens[:, :-1]),
+            ],
             dim=1,
         )
         mask = torch.cat([attention_mask, attention_mask.new_ones(image_tokens[:, :-1].shape)], dim=1)
-        hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
+        hidden = model.model.language_model(
+            inputs_embeds=embeds, attention_mask=mask, use_cache=False
+        ).last_hidden_state
         # Position P-1 (<begin_of_image>) predicts image token 0, position P+i-1 predicts token i.
         return model.model.generation_head(hidden[:, prompt_length - 1 :])
 
@@ -84,7 +89,9 @@ class JanusAdapter(T2IAdapter):
         return logits, DecodeState(cache=output.cache, attention_mask=attention_mask)
 
     def step(self, model, image_tokens, state):
-        state.attention_mask = torch.cat([state.attention_mask, state.attention_mask.new_ones(len(image_tokens), 1)], 1)
+        state.attention_mask = torch.cat(
+            [state.attention_mask, state.attention_mask.new_ones(len(image_tokens), 1)], 1
+        )
         output = model.model.language_model(
             inputs_embeds=model.prepare_embeddings_for_image_generation(image_tokens[:, None]),
             attention_mask=state.attention_mask,

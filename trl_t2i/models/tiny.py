@@ -5,6 +5,8 @@ everything downstream runs the code path users run on Janus-Pro. Two things diff
 
 * the VQ decoder is initialised so that every code decodes to its own flat colour, spread over RGB (a random
   decoder maps every code to nearly the same grey, so colour rewards would have no signal);
+* the image head gives unit-variance logits (with the default init they are near-uniform and a short RL run
+  barely moves them);
 * the vocabulary is a small word list, enough for the built-in prompt sets.
 
 How the decoder is set up, keeping the architecture: every residual/attention branch is zeroed (identity blocks),
@@ -54,13 +56,16 @@ CHAT_TEMPLATE = (
 )
 
 COLOURS = ["red", "green", "blue", "yellow", "cyan", "magenta", "white", "black", "orange", "purple", "pink", "grey"]
-WORDS = COLOURS + (
-    "a an the of in on with and at by photo picture painting drawing image render sketch cat dog bird horse fish car "
-    "bus train boat plane house tree flower apple banana cake cup chair table ball hat shoe sky sea sun moon mountain "
-    "city street forest field river beach room wall door window book lamp clock robot person man woman child big small "
-    "tall bright dark old new shiny soft wooden metal glass two three four happy sitting standing flying running "
-    "under over near beside sunset night day"
-).split()
+WORDS = (
+    COLOURS
+    + (
+        "a an the of in on with and at by photo picture painting drawing image render sketch cat dog bird horse fish car "
+        "bus train boat plane house tree flower apple banana cake cup chair table ball hat shoe sky sea sun moon mountain "
+        "city street forest field river beach room wall door window book lamp clock robot person man woman child big small "
+        "tall bright dark old new shiny soft wooden metal glass two three four happy sitting standing flying running "
+        "under over near beside sunset night day"
+    ).split()
+)
 PUNCTUATION = list(".,:;!?'\"-()")
 
 
@@ -150,6 +155,7 @@ def build_tiny_janus(
     generator = torch.Generator().manual_seed(seed)
     colours = torch.rand(codebook_size, 3, generator=generator)
     _init_colour_decoder(model.model.vqmodel, colours)
+    _init_image_head(model.model.generation_head, generator)
     image_processor = JanusImageProcessorPil(
         size={"height": config.vision_config.image_size, "width": config.vision_config.image_size},
         image_mean=[0.5] * 3,
@@ -159,6 +165,15 @@ def build_tiny_janus(
         image_processor, tokenizer, chat_template=CHAT_TEMPLATE, num_image_tokens=image_tokens_per_side**2
     )
     return model, processor
+
+
+@torch.no_grad()
+def _init_image_head(head: torch.nn.Module, generator: torch.Generator) -> None:
+    """Unit-variance image logits at init (the default std 0.02 gives near-uniform, prompt-blind logits that a
+    short RL run cannot move): fan-in scaled weights for both layers of the image head."""
+    for linear in (head.proj_out, head.vision_head):
+        linear.weight.normal_(0.0, 1.0 / math.sqrt(linear.in_features), generator=generator)
+        linear.bias.zero_()
 
 
 COLOUR_SPAN = 4 * math.pi / 3

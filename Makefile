@@ -1,0 +1,25 @@
+# The README's two commands: `make demo` and `make test`. Both create .venv and install on first use.
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
+
+.PHONY: install demo test lint
+
+install: $(VENV)/.installed
+
+# torch==2.13.0 is the CPU build (it lies on this project's machines); on a GPU machine, install your own CUDA
+# build of torch into the venv first: the ranges in pyproject.toml then keep it.
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PYTHON) -m pip install --quiet --upgrade pip
+	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install --quiet torch==2.13.0
+	$(PYTHON) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+demo: install
+	$(PYTHON) scripts/sample_t2i.py --output_dir outputs/demo
+
+test: install
+	$(PYTHON) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -1,0 +1,353 @@
+import math
+import re
+
+import pytest
+import torch
+
+from trl_t2i.divergences import (
+    DIVERGENCES,
+    MAX_LOG_RATIO,
+    AlphaDivergence,
+    HellingerDivergence,
+    JensenShannonDivergence,
+    get_divergence,
+)
+
+
+# Generators written out independently of the module, used as ground truth (float64 torch tensors, u > 0).
+REFERENCE_F = {
+    "reverse_kl": lambda u: u * torch.log(u),
+    "forward_kl": lambda u: -torch.log(u),
+    "js": lambda u: 0.5 * (u * torch.log(u) - (u + 1) * torch.log((u + 1) / 2)),
+    "jeffreys": lambda u: (u - 1) * torch.log(u),
+    "hellinger": lambda u: (torch.sqrt(u) - 1) ** 2,
+    "alpha": lambda u, alpha: (u**alpha - alpha * u - (1 - alpha)) / (alpha * (alpha - 1)),
+}
+# f'(1) for each generator; it is 0 for the members not listed.
+REFERENCE_F_PRIME_AT_1 = {"reverse_kl": 1.0, "forward_kl": -1.0}
+
+CASES = [
+    ("reverse_kl", {}),
+    ("forward_kl", {}),
+    ("js", {}),
+    ("jeffreys", {}),
+    ("hellinger", {}),
+    ("alpha", {"alpha": 0.3}),
+    ("alpha", {"alpha": 0.5}),
+    ("alpha", {"alpha": 2.0}),
+    ("alpha", {"alpha": -1.0}),
+]
+CASE_IDS = [f"{name}-{params['alpha']}" if params else name for name, params in CASES]
+parametrize_cases = pytest.mark.parametrize(("name", "params"), CASES, ids=CASE_IDS)
+parametrize_dtypes = pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+
+
+def reference_divergence(logp_full, ref_logp_full, name, params):
+    """Σ_v ρ f(π/ρ) by direct summation (differentiable)."""
+    u = torch.exp(logp_full - ref_logp_full)
+    return (torch.exp(ref_logp_full) * REFERENCE_F[name](u, **params)).sum(-1)
+
+
+def reference_h(logp, ref_logp, name, params):
+    """h(u) = (f(u) − f'(1)(u − 1)) / u straight from the definition."""
+    u = torch.exp(logp - ref_logp)
+    return (REFERENCE_F[name](u, **params) - REFERENCE_F_PRIME_AT_1.get(name, 0.0) * (u - 1)) / u
+
+
+def random_log_probs(shape, seed, scale=1.0, dtype=torch.float64):
+    generator = torch.Generator().manual_seed(seed)
+    logits = scale * torch.randn(shape, generator=generator, dtype=torch.float64)
+    return torch.log_softmax(logits, dim=-1).to(dtype)
+
+
+@parametrize_cases
+@pytest.mark.parametrize("shape", [(17,), (3, 5, 17), (2, 1, 4, 9)])
+def test_exact_matches_direct_sum(name, params, shape):
+    logp_full = random_log_probs(shape, seed=0)
+    ref_logp_full = random_log_probs(shape, seed=1)
+    value = get_divergence(name, **params).exact(logp_full, ref_logp_full)
+    assert value.shape == shape[:-1]
+    torch.testing.assert_close(value, reference_divergence(logp_full, ref_logp_full, name, params), rtol=1e-10, atol=0)
+
+
+@parametrize_cases
+def test_sampled_matches_definition(name, params):
+    log_ratio = torch.linspace(-15, 15, 121, dtype=torch.float64)
+    logp = torch.full_like(log_ratio, -2.5).reshape(11, 11)
+    ref_logp = logp + log_ratio.reshape(11, 11)
+    value = get_divergence(name, **params).sampled(logp, ref_logp)
+    assert value.shape == logp.shape
+    torch.testing.assert_close(value, reference_h(logp, ref_logp, name, params), rtol=1e-8, atol=1e-12)
+
+
+@parametrize_cases
+def test_sampled_is_unbiased(name, params):
+    logp_full = random_log_probs(6, seed=2, scale=0.7)
+    ref_logp_full = random_log_probs(6, seed=3, scale=0.7)
+    generator = torch.Generator().manual_seed(4)
+    tokens = torch.multinomial(logp_full.exp(), 200_000, replacement=True, generator=generator)
+    values = get_divergence(name, **params).sampled(logp_full[tokens], ref_logp_full[tokens])
+    standard_error = values.std() / math.sqrt(len(values))
+    expected = reference_divergence(logp_full, ref_logp_full, name, params)
+    assert abs(values.mean() - expected) < 3 * standard_error
+
+
+PAPER_FORMULAS = {
+    "reverse_kl": lambda w: w - torch.log(w) - 1,
+    "forward_kl": lambda w: w * torch.log(w) - w + 1,
+    "js": lambda w: 0.5 * (torch.log(2 / (1 + w)) + w * torch.log(2 * w / (1 + w))),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_FORMULAS))
+def test_sampled_matches_paper_formulas(name):
+    # Multiples of 0.25 added to -2.5: the log-ratio the module sees is exactly the one the formula gets.
+    log_ratio = torch.linspace(-15, 15, 121, dtype=torch.float64)
+    logp = torch.full_like(log_ratio, -2.5)
+    value = get_divergence(name).sampled(logp, logp + log_ratio)
+    expected = PAPER_FORMULAS[name](torch.exp(log_ratio))
+    torch.testing.assert_close(value, expected, rtol=1e-10, atol=1e-14)
+
+
+def policy_and_reference(vocab_size=6):
+    """Policy logits θ (requiring grad) and a fixed reference, moderately different."""
+    generator = torch.Generator().manual_seed(5)
+    logits = torch.randn(vocab_size, generator=generator, dtype=torch.float64).requires_grad_()
+    ref_logp_full = torch.log_softmax(torch.randn(vocab_size, generator=generator, dtype=torch.float64), dim=-1)
+    return logits, ref_logp_full
+
+
+def ratio_weighted_penalty(divergence, logits, ref_logp_full):
+    """Per-token (π/π_old)·h at every code of the vocabulary, with π_old = π.detach()."""
+    logp_full = torch.log_softmax(logits, dim=-1)
+    ratio = torch.exp(logp_full - logp_full.detach())
+    return ratio * divergence.sampled(logp_full, ref_logp_full)
+
+
+def divergence_gradient(logits, ref_logp_full, name, params):
+    logp_full = torch.log_softmax(logits, dim=-1)
+    return torch.autograd.grad(reference_divergence(logp_full, ref_logp_full, name, params), logits)[0]
+
+
+@parametrize_cases
+def test_ratio_weighted_sampled_gradient_is_divergence_gradient(name, params):
+    logits, ref_logp_full = policy_and_reference()
+    penalty = ratio_weighted_penalty(get_divergence(name, **params), logits, ref_logp_full)
+    # Exact expectation over x ~ π_old: weight each code's penalty by its (detached) probability.
+    expectation = (torch.softmax(logits, dim=-1).detach() * penalty).sum()
+    gradient = torch.autograd.grad(expectation, logits)[0]
+    torch.testing.assert_close(
+        gradient, divergence_gradient(logits, ref_logp_full, name, params), rtol=1e-10, atol=1e-12
+    )
+
+
+@pytest.mark.parametrize("name", ["reverse_kl", "js"])
+def test_ratio_weighted_sampled_gradient_monte_carlo(name):
+    logits, ref_logp_full = policy_and_reference()
+    divergence = get_divergence(name)
+    generator = torch.Generator().manual_seed(6)
+    tokens = torch.multinomial(torch.softmax(logits, dim=-1).detach(), 200_000, replacement=True, generator=generator)
+    penalty = ratio_weighted_penalty(divergence, logits, ref_logp_full)
+    monte_carlo = torch.autograd.grad(penalty[tokens].mean(), logits)[0]
+    # The gradient of a single draw only depends on the token, so the per-draw spread comes from a per-code table.
+    per_code = torch.autograd.functional.jacobian(
+        lambda x: ratio_weighted_penalty(divergence, x, ref_logp_full), logits
+    )
+    standard_error = per_code[tokens].std(dim=0) / math.sqrt(len(tokens))
+    error = (monte_carlo - divergence_gradient(logits, ref_logp_full, name, {})).abs()
+    assert (error < 4 * standard_error).all()
+
+
+def test_k3_without_ratio_gives_forward_kl_gradient():
+    logits, ref_logp_full = policy_and_reference()
+    logp_full = torch.log_softmax(logits, dim=-1)
+    k3 = get_divergence("reverse_kl").sampled(logp_full, ref_logp_full)
+    gradient = torch.autograd.grad((logp_full.exp().detach() * k3).sum(), logits)[0]
+    forward_kl_gradient = divergence_gradient(logits, ref_logp_full, "forward_kl", {})
+    reverse_kl_gradient = divergence_gradient(logits, ref_logp_full, "reverse_kl", {})
+    torch.testing.assert_close(gradient, forward_kl_gradient, rtol=1e-10, atol=1e-12)
+    assert (gradient - reverse_kl_gradient).norm() > 0.1 * reverse_kl_gradient.norm()
+
+
+@parametrize_cases
+@parametrize_dtypes
+def test_sampled_is_non_negative(name, params, dtype):
+    # Log-ratios log(ρ/π) over ±50, dense near 0 where the closed forms cancel in round-off.
+    small = torch.logspace(-12, -1, 400, dtype=torch.float64)
+    log_ratio = torch.cat([torch.linspace(-50, 50, 2001, dtype=torch.float64), small, -small]).to(dtype)
+    # Log-probabilities ≤ 0 whose difference is exactly the log-ratio, even for tiny ones in float32.
+    logp, ref_logp = -log_ratio.clamp_min(0), log_ratio.clamp_max(0)
+    assert (get_divergence(name, **params).sampled(logp, ref_logp) >= 0).all()
+
+
+@parametrize_cases
+def test_exact_is_non_negative(name, params):
+    logp_full = random_log_probs((200, 11), seed=7, scale=3.0)
+    ref_logp_full = random_log_probs((200, 11), seed=8, scale=3.0)
+    assert (get_divergence(name, **params).exact(logp_full, ref_logp_full) >= 0).all()
+
+
+def test_js_is_bounded_by_log_2():
+    js = get_divergence("js")
+    sharp = js.exact(random_log_probs((500, 8), seed=9, scale=10.0), random_log_probs((500, 8), seed=10, scale=10.0))
+    assert (sharp <= math.log(2)).all()
+    # Nearly one-hot on different codes: just below the bound.
+    logp_full = torch.log_softmax(torch.tensor([40.0, 0, 0, 0, 0], dtype=torch.float64), dim=-1)
+    ref_logp_full = torch.log_softmax(torch.tensor([0, 40.0, 0, 0, 0], dtype=torch.float64), dim=-1)
+    nearly_disjoint = js.exact(logp_full, ref_logp_full)
+    assert math.log(2) - 1e-12 < nearly_disjoint <= math.log(2)
+    # Exactly disjoint supports reach it.
+    logp_full = torch.tensor([0.0, -math.inf, -math.inf], dtype=torch.float64)
+    ref_logp_full = torch.tensor([-math.inf, 0.0, -math.inf], dtype=torch.float64)
+    torch.testing.assert_close(js.exact(logp_full, ref_logp_full), torch.tensor(math.log(2), dtype=torch.float64))
+
+
+@parametrize_cases
+def test_zero_when_distributions_match(name, params):
+    divergence = get_divergence(name, **params)
+    logp_full = random_log_probs((4, 13), seed=11, scale=3.0)
+    assert (divergence.sampled(logp_full, logp_full) == 0).all()
+    torch.testing.assert_close(
+        divergence.exact(logp_full, logp_full), torch.zeros(4, dtype=torch.float64), atol=1e-14, rtol=0
+    )
+
+
+@parametrize_cases
+def test_sampled_clamps_log_ratio(name, params):
+    logp = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+    beyond = torch.tensor([-50.0, 50.0], dtype=torch.float64)
+    at_bound = torch.tensor([-MAX_LOG_RATIO, MAX_LOG_RATIO], dtype=torch.float64)
+    divergence = get_divergence(name, **params)
+    value = divergence.sampled(logp, beyond)
+    torch.testing.assert_close(value, divergence.sampled(logp, at_bound))
+    assert (torch.autograd.grad(value.sum(), logp)[0] == 0).all()
+
+
+@parametrize_cases
+@parametrize_dtypes
+def test_sampled_is_finite_with_finite_gradients(name, params, dtype):
+    # Every pair of log-probabilities between log(1e-30) and 0, so log-ratios reach ±69.
+    grid = torch.linspace(math.log(1e-30), 0, 61, dtype=dtype)
+    logp = grid[:, None].expand(61, 61).clone().requires_grad_()
+    ref_logp = grid[None, :].expand(61, 61).clone().requires_grad_()
+    value = get_divergence(name, **params).sampled(logp, ref_logp)
+    gradients = torch.autograd.grad(value.sum(), (logp, ref_logp))
+    assert torch.isfinite(value).all()
+    assert all(torch.isfinite(gradient).all() for gradient in gradients)
+
+
+@parametrize_cases
+@parametrize_dtypes
+def test_exact_is_finite_with_finite_gradients(name, params, dtype):
+    # Probabilities spanning 1 down to ~1e-30, ordered differently under the policy and the reference.
+    spread = torch.linspace(0, math.log(1e-30), 16, dtype=torch.float64)
+    logp_full = torch.log_softmax(spread, dim=-1).to(dtype).requires_grad_()
+    ref_logp_full = torch.log_softmax(spread.roll(5), dim=-1).to(dtype).requires_grad_()
+    value = get_divergence(name, **params).exact(logp_full, ref_logp_full)
+    gradients = torch.autograd.grad(value, (logp_full, ref_logp_full))
+    assert torch.isfinite(value)
+    assert all(torch.isfinite(gradient).all() for gradient in gradients)
+
+
+@parametrize_cases
+def test_exact_ignores_codes_impossible_under_both(name, params):
+    # Masked codes (-inf logits in both models) must act as if the codebook were smaller.
+    logp_full = random_log_probs((3, 7), seed=12)
+    ref_logp_full = random_log_probs((3, 7), seed=13)
+    masked = torch.full((3, 2), -math.inf, dtype=torch.float64)
+    logp_padded = torch.cat([logp_full, masked], dim=-1).requires_grad_()
+    ref_logp_padded = torch.cat([ref_logp_full, masked], dim=-1).requires_grad_()
+    divergence = get_divergence(name, **params)
+    value = divergence.exact(logp_padded, ref_logp_padded)
+    gradients = torch.autograd.grad(value.sum(), (logp_padded, ref_logp_padded))
+    torch.testing.assert_close(value, reference_divergence(logp_full, ref_logp_full, name, params), rtol=1e-10, atol=0)
+    assert all(torch.isfinite(gradient).all() for gradient in gradients)
+
+
+@pytest.mark.parametrize(
+    ("name", "params"),
+    [("reverse_kl", {}), ("js", {}), ("hellinger", {}), ("alpha", {"alpha": 0.5}), ("alpha", {"alpha": 2.0})],
+    ids=["reverse_kl", "js", "hellinger", "alpha-0.5", "alpha-2.0"],
+)
+def test_exact_is_finite_for_code_impossible_under_policy(name, params):
+    # These divergences stay finite when π(v) = 0 < ρ(v); the limit π(v) → 0 gives the value.
+    logp_full = torch.tensor([-0.5, -1.5, -math.inf], dtype=torch.float64)
+    logp_full = (logp_full - torch.logsumexp(logp_full, dim=-1)).requires_grad_()
+    ref_logp_full = torch.log(torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64))
+    value = get_divergence(name, **params).exact(logp_full, ref_logp_full)
+    nearly_zero = logp_full.detach().clone()
+    nearly_zero[-1] = -200.0
+    torch.testing.assert_close(value, reference_divergence(nearly_zero, ref_logp_full, name, params))
+    assert torch.isfinite(torch.autograd.grad(value, logp_full)[0]).all()
+
+
+@pytest.mark.parametrize(("alpha", "limit"), [(1 - 1e-4, "reverse_kl"), (1e-4, "forward_kl")], ids=["1", "0"])
+def test_alpha_limits(alpha, limit):
+    divergence, expected = AlphaDivergence(alpha), get_divergence(limit)
+    logp_full = random_log_probs((3, 17), seed=14)
+    ref_logp_full = random_log_probs((3, 17), seed=15)
+    torch.testing.assert_close(
+        divergence.exact(logp_full, ref_logp_full), expected.exact(logp_full, ref_logp_full), rtol=1e-3, atol=0
+    )
+    logp = torch.full((101,), -2.0, dtype=torch.float64)
+    ref_logp = logp + torch.linspace(-5, 5, 101, dtype=torch.float64)
+    torch.testing.assert_close(
+        divergence.sampled(logp, ref_logp), expected.sampled(logp, ref_logp), rtol=1e-3, atol=1e-12
+    )
+
+
+def test_alpha_half_is_twice_hellinger():
+    alpha, hellinger = AlphaDivergence(0.5), HellingerDivergence()
+    logp_full = random_log_probs((3, 17), seed=16)
+    ref_logp_full = random_log_probs((3, 17), seed=17)
+    torch.testing.assert_close(alpha.exact(logp_full, ref_logp_full), 2 * hellinger.exact(logp_full, ref_logp_full))
+    # And the convention Σ(√π − √ρ)² = 2(1 − Σ√(πρ)).
+    bhattacharyya = torch.exp(0.5 * (logp_full + ref_logp_full)).sum(-1)
+    torch.testing.assert_close(hellinger.exact(logp_full, ref_logp_full), 2 * (1 - bhattacharyya))
+    log_ratio = torch.linspace(-15, 15, 121, dtype=torch.float64)
+    logp = torch.zeros_like(log_ratio)
+    torch.testing.assert_close(alpha.sampled(logp, log_ratio), 2 * hellinger.sampled(logp, log_ratio))
+
+
+def test_get_divergence_rejects_unknown_name():
+    message = "Unknown divergence 'kl'. Valid choices: alpha, forward_kl, hellinger, jeffreys, js, reverse_kl."
+    with pytest.raises(ValueError, match=re.escape(message)):
+        get_divergence("kl")
+
+
+def test_get_divergence_rejects_unknown_parameter():
+    with pytest.raises(ValueError, match=r"'js'.*alpha.*no parameters"):
+        get_divergence("js", alpha=0.3)
+    with pytest.raises(ValueError, match=r"'alpha'.*beta.*accepts: alpha"):
+        get_divergence("alpha", beta=1.0)
+
+
+@pytest.mark.parametrize(
+    ("alpha", "match"), [(0, "forward_kl"), (1, "reverse_kl"), (math.nan, "finite"), (math.inf, "finite")]
+)
+def test_alpha_rejects_invalid_values(alpha, match):
+    with pytest.raises(ValueError, match=match):
+        get_divergence("alpha", alpha=alpha)
+
+
+def test_get_divergence_ignores_none_parameters():
+    assert isinstance(get_divergence("js", alpha=None), JensenShannonDivergence)
+    assert get_divergence("alpha", alpha=None).alpha == 0.5
+    assert get_divergence("alpha", alpha=2).alpha == 2.0
+
+
+@pytest.mark.parametrize("name", sorted(DIVERGENCES))
+def test_registry_names(name):
+    divergence = get_divergence(name)
+    assert isinstance(divergence, DIVERGENCES[name])
+    assert divergence.name == name
+
+
+@parametrize_cases
+def test_generator_is_convex_with_f_of_1_zero(name, params):
+    divergence = get_divergence(name, **params)
+    assert divergence.f(torch.tensor(1.0, dtype=torch.float64)).abs() < 1e-15
+    u = torch.linspace(0.01, 10, 1000, dtype=torch.float64)
+    values = divergence.f(u)
+    torch.testing.assert_close(values, REFERENCE_F[name](u, **params))
+    assert (values[2:] - 2 * values[1:-1] + values[:-2] >= -1e-12).all()

@@ -1,0 +1,23 @@
+"""GRPO post-training of autoregressive text-to-image models with f-divergence regularisation, on top of TRL."""
+
+from .config import T2IGRPOConfig
+from .divergences import DIVERGENCES, get_divergence
+from .models import TINY_JANUS, get_adapter, load_model, load_processor
+from .sampling import image_token_logprobs, sample_image_tokens
+from .trainer import T2IGRPOTrainer
+
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "DIVERGENCES",
+    "TINY_JANUS",
+    "T2IGRPOConfig",
+    "T2IGRPOTrainer",
+    "get_adapter",
+    "get_divergence",
+    "image_token_logprobs",
+    "load_model",
+    "load_processor",
+    "sample_image_tokens",
+]

@@ -1,0 +1,195 @@
+from dataclasses import dataclass, field
+
+from trl import GRPOConfig
+
+from .divergences import DIVERGENCES
+from .sampling import CFG_LOGPROBS
+
+
+DIVERGENCE_ESTIMATORS = ("sampled", "exact")
+BETA_SCHEDULES = ("constant", "linear", "cosine")
+
+# Text-generation settings of GRPOConfig that cannot apply to image tokens: (field, value that means "off", why).
+_TEXT_ONLY_SETTINGS = [
+    ("use_vllm", False, "vLLM does not generate Janus/LlamaGen image tokens; images are sampled by trl_t2i's sampler"),
+    ("use_transformers_continuous_batching", False, "image tokens are sampled by trl_t2i's own batched sampler"),
+    ("use_transformers_paged", False, "image tokens are sampled by trl_t2i's own batched sampler"),
+    ("mask_truncated_completions", False, "images have no EOS token, so every image would count as truncated"),
+    ("max_tool_calling_iterations", None, "there is no tool calling in image generation"),
+    ("min_p", None, "the image sampler supports temperature, top_k and top_p"),
+    ("repetition_penalty", 1.0, "the image sampler supports temperature, top_k and top_p"),
+    ("generation_kwargs", None, "set cfg_scale, temperature, top_k and top_p instead"),
+    ("cache_implementation", None, "the image sampler manages its own KV cache"),
+    ("cast_lm_head_to_fp32", False, "images are scored by the image head, never the text lm_head"),
+    ("use_liger_kernel", False, "Liger's fused loss works on the text lm_head, not the image head"),
+    ("log_completions_hub_repo", None, "completions are images: they are logged as image grids instead"),
+]
+
+
+@dataclass
+class T2IGRPOConfig(GRPOConfig):
+    r"""
+    Configuration class for [`T2IGRPOTrainer`]: GRPO on the image tokens of an autoregressive text-to-image model,
+    with an f-divergence penalty towards the reference model in place of TRL's k3 KL.
+
+    Only the parameters specific to text-to-image training are listed here; every [`~trl.GRPOConfig`] parameter
+    applies too, with these differences: `beta` (the penalty coefficient) defaults to `0.04`, `disable_dropout` to
+    `True` (sampling and scoring must see the same network), `max_completion_length` is set by the trainer to the
+    model's number of image tokens, and the text-generation settings that cannot apply to images (vLLM, tools,
+    `mask_truncated_completions`, `min_p`, `repetition_penalty`, …) are rejected with a message instead of being
+    silently ignored. `temperature`, `top_k` and `top_p` are the image sampler's.
+
+    Parameters:
+        > Parameters that control the divergence penalty
+
+        divergence (`str`, *optional*, defaults to `"reverse_kl"`):
+            f-divergence D(π‖π_ref) added to the loss as `beta · D`. One of `reverse_kl` (TRL's KL), `forward_kl`,
+            `js` (Jensen–Shannon: keeps more diversity for the same reward), `jeffreys`, `hellinger`, `alpha`.
+            Its curvature at π = π_ref differs (JS has ¼ of KL's), so tune `beta` per divergence.
+        divergence_alpha (`float` or `None`, *optional*):
+            The α of the `alpha` divergence (α → 1 is reverse KL, α → 0 forward KL). Only valid with
+            `divergence="alpha"`, where it defaults to 0.5.
+        divergence_estimator (`str`, *optional*, defaults to `"sampled"`):
+            `"sampled"`: one unbiased term per sampled token (the paper's estimators; with
+            `use_bias_correction_kl=True` its expected gradient is the divergence's gradient). `"exact"`: the
+            divergence summed over the whole codebook at every position — zero variance and the exact gradient,
+            for one extra no-grad reference forward per micro-batch.
+        beta_schedule (`str`, *optional*, defaults to `"constant"`):
+            How `beta` evolves over training: `"constant"`, or `"linear"` / `"cosine"` from `beta` to `beta_end` over
+            the run's optimizer steps.
+        beta_end (`float` or `None`, *optional*):
+            Final coefficient of a `linear` or `cosine` schedule (required for them, invalid for `constant`).
+
+        > Parameters that control generation
+
+        cfg_scale (`float`, *optional*, defaults to `5.0`):
+            Classifier-free guidance scale `s` of the sampler: logits `l_u + s·(l_c − l_u)`. `1.0` turns guidance
+            off and skips the unconditional rows (half the work).
+        cfg_logprobs (`str`, *optional*, defaults to `"guided"`):
+            Distribution that the policy gradient and the divergence use. `"guided"`: the guided distribution that
+            was sampled (exactly on-policy; scoring runs the conditional and unconditional rows). `"conditional"`:
+            the conditional branch only, as T2I-R1 and the paper's Janus code do — off-policy, hence biased, when
+            `cfg_scale != 1`; supported for reproduction.
+
+        > Parameters that control logging
+
+        image_log_steps (`int`, *optional*, defaults to `50`):
+            Every this many optimizer steps, write a grid of generated images captioned with their prompt and rewards
+            to `output_dir/samples/` and send it to the trackers in `report_to`. `0` disables it.
+        image_log_count (`int`, *optional*, defaults to `16`):
+            Number of images in each logged grid.
+    """
+
+    divergence: str = field(
+        default="reverse_kl",
+        metadata={"help": "f-divergence penalty.", "choices": sorted(DIVERGENCES)},
+    )
+    divergence_alpha: float | None = field(
+        default=None,
+        metadata={"help": "α of the `alpha` divergence (α→1: reverse KL, α→0: forward KL). Default 0.5."},
+    )
+    divergence_estimator: str = field(
+        default="sampled",
+        metadata={
+            "help": "`sampled`: one unbiased term per sampled token; `exact`: summed over the whole codebook.",
+            "choices": list(DIVERGENCE_ESTIMATORS),
+        },
+    )
+    beta_schedule: str = field(
+        default="constant",
+        metadata={"help": "Schedule of `beta` over training.", "choices": list(BETA_SCHEDULES)},
+    )
+    beta_end: float | None = field(
+        default=None,
+        metadata={"help": "Final `beta` of a `linear` or `cosine` schedule."},
+    )
+    cfg_scale: float = field(
+        default=5.0,
+        metadata={"help": "Classifier-free guidance scale of the sampler (1.0 disables guidance)."},
+    )
+    cfg_logprobs: str = field(
+        default="guided",
+        metadata={
+            "help": "Distribution used for the policy gradient and the divergence: `guided` (on-policy) or "
+            "`conditional` (cond branch only; off-policy when cfg_scale != 1).",
+            "choices": list(CFG_LOGPROBS),
+        },
+    )
+    image_log_steps: int = field(
+        default=50,
+        metadata={"help": "Log a captioned image grid every this many optimizer steps (0 disables it)."},
+    )
+    image_log_count: int = field(
+        default=16,
+        metadata={"help": "Number of images in each logged grid."},
+    )
+
+    # Overridden defaults of GRPOConfig
+    beta: float = field(
+        default=0.04,
+        metadata={
+            "help": "Coefficient of the divergence penalty (initial value when `beta_schedule` is not constant)."
+        },
+    )
+    disable_dropout: bool = field(
+        default=True,
+        metadata={"help": "Disable dropout so that sampling, old, reference and policy log-probs agree."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        self._validate_choices()
+        self._validate_divergence()
+        self._validate_generation()
+        for name, off_value, reason in _TEXT_ONLY_SETTINGS:
+            if getattr(self, name, off_value) != off_value:
+                raise ValueError(
+                    f"`{name}={getattr(self, name)!r}` is not supported by T2IGRPOTrainer: {reason}. "
+                    f"Leave it at its default ({off_value!r})."
+                )
+        if self.pad_to_multiple_of is not None:
+            raise ValueError(
+                f"`pad_to_multiple_of={self.pad_to_multiple_of!r}` is not supported: images have a fixed number of "
+                "tokens and padding them would score pad ids as image codes. Set it to None."
+            )
+
+    def _validate_choices(self):
+        for name, choices in [
+            ("divergence", sorted(DIVERGENCES)),
+            ("divergence_estimator", DIVERGENCE_ESTIMATORS),
+            ("beta_schedule", BETA_SCHEDULES),
+            ("cfg_logprobs", CFG_LOGPROBS),
+        ]:
+            if getattr(self, name) not in choices:
+                raise ValueError(f"Unknown {name} {getattr(self, name)!r}. Valid choices: {', '.join(choices)}.")
+
+    def _validate_divergence(self):
+        if self.divergence_alpha is not None and self.divergence != "alpha":
+            raise ValueError(
+                f"`divergence_alpha={self.divergence_alpha}` only applies to `divergence='alpha'`, "
+                f"not {self.divergence!r}."
+            )
+        if self.beta < 0 or (self.beta_end is not None and self.beta_end < 0):
+            raise ValueError(f"`beta` and `beta_end` must be >= 0, got beta={self.beta}, beta_end={self.beta_end}.")
+        if self.beta_schedule == "constant" and self.beta_end is not None:
+            raise ValueError(
+                f"`beta_end={self.beta_end}` has no effect with `beta_schedule='constant'`; "
+                "use beta_schedule='linear' or 'cosine', or drop beta_end."
+            )
+        if self.beta_schedule != "constant" and self.beta_end is None:
+            raise ValueError(f"`beta_schedule={self.beta_schedule!r}` needs `beta_end` (the final beta).")
+
+    def _validate_generation(self):
+        if self.cfg_scale <= 0:
+            raise ValueError(f"`cfg_scale` must be > 0 (1.0 disables guidance), got {self.cfg_scale}.")
+        if self.temperature <= 0:
+            raise ValueError(f"`temperature` must be > 0, got {self.temperature}.")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"`top_p` must be in (0, 1] (1.0 disables it), got {self.top_p}.")
+        if self.top_k is None or self.top_k < 0:
+            raise ValueError(f"`top_k` must be >= 0 (0 disables it), got {self.top_k}.")
+        if self.image_log_steps < 0 or self.image_log_count < 1:
+            raise ValueError(
+                f"`image_log_steps` must be >= 0 and `image_log_count` >= 1, got {self.image_log_steps} and "
+                f"{self.image_log_count}."
+            )

@@ -1,0 +1,302 @@
+"""
+f-divergences between the policy and the reference model, used as the per-token penalty in GRPO.
+
+For a policy π and a reference ρ over a codebook, with u = π/ρ, an f-divergence is D_f(π‖ρ) = Σ_v ρ(v) f(u(v)) for a
+convex f with f(1) = 0. The registered members are:
+
+| name         | f(u)                                  | D_f(π‖ρ)                          |
+|--------------|---------------------------------------|-----------------------------------|
+| `reverse_kl` | u log u                               | KL(π‖ρ) (TRL's default penalty)   |
+| `forward_kl` | −log u                                | KL(ρ‖π)                           |
+| `js`         | ½[u log u − (u + 1) log((u + 1)/2)]   | Jensen–Shannon, ≤ log 2           |
+| `jeffreys`   | (u − 1) log u                         | KL(π‖ρ) + KL(ρ‖π)                 |
+| `hellinger`  | (√u − 1)²                             | Σ(√π − √ρ)² = 2(1 − Σ√(πρ))       |
+| `alpha`      | (u^α − αu − (1 − α)) / (α(α − 1))     | (Σ π^α ρ^(1−α) − 1) / (α(α − 1))  |
+
+Each member has two estimators:
+
+- `exact(logp_full, ref_logp_full)`: D_f summed over the whole codebook (last dimension), computed in log space.
+- `sampled(logp, ref_logp)`: the single-sample estimator h(u) = (f(u) − f′(1)(u − 1)) / u evaluated at a token x ~ π.
+  Because Σ_x π(x)(u(x) − 1)/u(x) = Σ_x (π(x) − ρ(x)) = 0, it is unbiased, E_{x~π}[h] = D_f(π‖ρ), and it is
+  non-negative per sample since f(u) ≥ f′(1)(u − 1) for convex f. For `reverse_kl` it is TRL's k3 estimator.
+
+Gradient facts for `sampled`, with π_old = π.detach() the distribution the tokens were drawn from:
+
+- With the importance ratio, E_{x~π_old}[∇_θ (π(x)/π_old(x)) h(u(x))] = ∇_θ D_f(π‖ρ): multiplying the per-token
+  penalty by the ratio before backpropagating gives an unbiased gradient of the divergence.
+- Without it, E_{x~π_old}[∇_θ h(u(x))] misses the score-function term. For `reverse_kl` (k3 added directly to the
+  loss, as the paper's code, older TRL and TRL with `use_bias_correction_kl=False` do) it equals ∇_θ KL(ρ‖π), the
+  gradient of the *forward* KL, not of KL(π‖ρ). TRL's default `use_bias_correction_kl=True` multiplies by the ratio.
+"""
+
+import inspect
+import math
+from typing import Any
+
+import torch
+
+
+MAX_LOG_RATIO = 20.0
+"""Bound on |log(ρ/π)| in `Divergence.sampled` (the same as the paper's code): exp of the log-ratio overflows float32
+beyond ~88 and bfloat16 sooner, and the clamp only acts on tokens whose probability ratio exceeds e^20 ≈ 5e8."""
+
+_LOG_2 = math.log(2.0)
+
+
+def _xlog_ratio(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    """Element-wise a·(log a − log b), with the convention 0·log(0/b) = 0 also for its gradient."""
+    # Masking the log-ratio (not the product) keeps 0·inf out of both the value and the backward pass.
+    log_ratio = torch.where(log_a == -math.inf, 0.0, log_a - log_b)
+    return log_a.exp() * log_ratio
+
+
+def _both_zero(logp_full: torch.Tensor, ref_logp_full: torch.Tensor) -> torch.Tensor:
+    """Mask of the codes that neither distribution can produce (e.g. logits masked to -inf in both models)."""
+    return (logp_full == -math.inf) & (ref_logp_full == -math.inf)
+
+
+class Divergence:
+    """
+    Base class of the f-divergences D_f(π‖ρ) = Σ_v ρ(v) f(π(v)/ρ(v)).
+
+    Subclasses define the generator `f`, the closed-form single-sample estimator `_sampled` as a function of the
+    log-ratio r = log(ρ/π), and the full-codebook `exact` divergence.
+    """
+
+    name: str
+
+    def f(self, u: torch.Tensor) -> torch.Tensor:
+        """The convex generator f(u), with f(1) = 0, evaluated element-wise on u = π/ρ > 0."""
+        raise NotImplementedError
+
+    def sampled(self, logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+        """
+        Per-token single-sample estimate of D_f(π‖ρ) at tokens sampled from the policy.
+
+        Args:
+            logp (`torch.Tensor`):
+                Log-probabilities of the sampled tokens under the policy, of any shape.
+            ref_logp (`torch.Tensor`):
+                Log-probabilities of the same tokens under the reference, of the same shape.
+
+        Returns:
+            `torch.Tensor`: h(u) = (f(u) − f′(1)(u − 1)) / u with u = π/ρ, same shape as `logp`. Non-negative, and
+            unbiased for D_f(π‖ρ). The log-ratio log(ρ/π) is clamped to ±`MAX_LOG_RATIO`, so tokens beyond the clamp
+            get no gradient.
+        """
+        log_ratio = (ref_logp - logp).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
+        # h ≥ 0 exactly, but the cancellation near w = 1 can leave round-off negatives (~1e-14 in float32).
+        return self._sampled(log_ratio).clamp_min(0.0)
+
+    def _sampled(self, log_ratio: torch.Tensor) -> torch.Tensor:
+        """h as a function of r = log(ρ/π) = log w, already clamped."""
+        raise NotImplementedError
+
+    def exact(self, logp_full: torch.Tensor, ref_logp_full: torch.Tensor) -> torch.Tensor:
+        """
+        D_f(π‖ρ) summed over the whole codebook at every position.
+
+        Args:
+            logp_full (`torch.Tensor`):
+                Normalised policy log-probabilities of shape `(..., V)`. Entries may be `-inf`.
+            ref_logp_full (`torch.Tensor`):
+                Normalised reference log-probabilities of shape `(..., V)`.
+
+        Returns:
+            `torch.Tensor`: The divergence, of shape `(...)`. Codes with zero probability under both distributions
+            contribute 0; a code with zero probability under only one of them gives `inf` where D_f is unbounded.
+        """
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{key}={value!r}" for key, value in vars(self).items())
+        return f"{type(self).__name__}({params})"
+
+
+class ReverseKLDivergence(Divergence):
+    """
+    Reverse KL, KL(π‖ρ): f(u) = u log u.
+
+    The sampled estimator is TRL's k3, w − log w − 1 with w = ρ/π.
+    """
+
+    name = "reverse_kl"
+
+    def f(self, u: torch.Tensor) -> torch.Tensor:
+        return u * u.log()
+
+    def _sampled(self, log_ratio: torch.Tensor) -> torch.Tensor:
+        return torch.expm1(log_ratio) - log_ratio
+
+    def exact(self, logp_full: torch.Tensor, ref_logp_full: torch.Tensor) -> torch.Tensor:
+        return _xlog_ratio(logp_full, ref_logp_full).sum(-1)
+
+
+class ForwardKLDivergence(Divergence):
+    """
+    Forward KL, KL(ρ‖π): f(u) = −log u.
+
+    The sampled estimator is w log w − w + 1 with w = ρ/π.
+    """
+
+    name = "forward_kl"
+
+    def f(self, u: torch.Tensor) -> torch.Tensor:
+        return -u.log()
+
+    def _sampled(self, log_ratio: torch.Tensor) -> torch.Tensor:
+        return log_ratio * log_ratio.exp() - torch.expm1(log_ratio)
+
+    def exact(self, logp_full: torch.Tensor, ref_logp_full: torch.Tensor) -> torch.Tensor:
+        return _xlog_ratio(ref_logp_full, logp_full).sum(-1)
+
+
+class JensenShannonDivergence(Divergence):
+    """
+    Jensen–Shannon divergence, ½KL(π‖m) + ½KL(ρ‖m) with m = (π + ρ)/2: f(u) = ½[u log u − (u + 1) log((u + 1)/2)].
+
+    Bounded by log 2. The sampled estimator is ½[log(2/(1 + w)) + w log(2w/(1 + w))] with w = ρ/π.
+    """
+
+    name = "js"
+
+    def f(self, u: torch.Tensor) -> torch.Tensor:
+        return 0.5 * (u * u.log() - (u + 1) * torch.log((u + 1) / 2))
+
+    def _sampled(self, log_ratio: torch.Tensor) -> torch.Tensor:
+        # log((1 + w)/2) written as log1p((w − 1)/2) stays accurate when w is close to 1.
+        log_mean = torch.log1p(0.5 * torch.expm1(log_ratio))
+        return 0.5 * (log_ratio.exp() * (log_ratio - log_mean) - log_mean)
+
+    def exact(self, logp_full: torch.Tensor, ref_logp_full: torch.Tensor) -> torch.Tensor:
+        # logaddexp(-inf, -inf) has a NaN gradient; such codes contribute 0, so any finite stand-in will do.
+        both_zero = _both_zero(logp_full, ref_logp_full)
+        log_m = (
+            torch.logaddexp(logp_full.masked_fill(both_zero, 0.0), ref_logp_full.masked_fill(both_zero, 0.0)) - _LOG_2
+        )
+        return 0.5 * (_xlog_ratio(logp_full, log_m) + _xlog_ratio(ref_logp_full, log_m)).sum(-1)
+
+
+class JeffreysDivergence(Divergence):
+    """
+    Jeffreys divergence, KL(π‖ρ) + KL(ρ‖π): f(u) = (u − 1) log u.
+
+    The sampled estimator is (w − 1) log w with w = ρ/π.
+    """
+
+    name = "jeffreys"
+
+    def f(self, u: torch.Tensor) -> torch.Tensor:
+        return (u - 1) * u.log()
+
+    def _sampled(self, log_ratio: torch.Tensor) -> torch.Tensor:
+        return log_ratio * torch.expm1(log_ratio)
+
+    def exact(self, logp_full: torch.Tensor, ref_logp_full: torch.Tensor) -> torch.Tensor:
+        return (_xlog_ratio(logp_full, ref_logp_full) + _xlog_ratio(ref_logp_full, logp_full)).sum(-1)
+
+
+class HellingerDivergence(Divergence):
+    """
+    Squared Hellinger distance without the ½ factor, Σ(√π − √ρ)² = 2(1 − Σ√(πρ)): f(u) = (√u − 1)².
+
+    With this convention it ranges over [0, 2] and equals half the α-divergence at α = 0.5. The sampled estimator is
+    (√w − 1)² with w = ρ/π.
+    """
+
+    name = "hellinger"
+
+    def f(self, u: torch.Tensor) -> torch.Tensor:
+        return (u.sqrt() - 1) ** 2
+
+    def _sampled(self, log_ratio: torch.Tensor) -> torch.Tensor:
+        return torch.expm1(0.5 * log_ratio) ** 2
+
+    def exact(self, logp_full: torch.Tensor, ref_logp_full: torch.Tensor) -> torch.Tensor:
+        return ((0.5 * logp_full).exp() - (0.5 * ref_logp_full).exp()).pow(2).sum(-1)
+
+
+class AlphaDivergence(Divergence):
+    """
+    Amari α-divergence, (Σ π^α ρ^(1−α) − 1) / (α(α − 1)): f(u) = (u^α − αu − (1 − α)) / (α(α − 1)).
+
+    α → 1 recovers `reverse_kl` and α → 0 recovers `forward_kl`; those two values are rejected in favour of the
+    dedicated members. α = 0.5 gives twice `hellinger`. The sampled estimator is
+    (w^(1−α) − (1 − α)w − α) / (α(α − 1)) with w = ρ/π. For α outside [0, 1] it grows like w^(1−α) or w^(−α), so
+    with |1 − α| or |α| above ~4 the values at the `MAX_LOG_RATIO` bound overflow float32.
+
+    Args:
+        alpha (`float`, *optional*, defaults to `0.5`):
+            The order α, finite and different from 0 and 1.
+    """
+
+    name = "alpha"
+
+    def __init__(self, alpha: float = 0.5) -> None:
+        alpha = float(alpha)
+        if not math.isfinite(alpha):
+            raise ValueError(f"alpha must be finite, got {alpha}.")
+        if alpha in (0.0, 1.0):
+            limit = "forward_kl" if alpha == 0.0 else "reverse_kl"
+            raise ValueError(
+                f"alpha={alpha} is not allowed: as alpha → {alpha:g} the α-divergence tends to '{limit}', use that."
+            )
+        self.alpha = alpha
+
+    def f(self, u: torch.Tensor) -> torch.Tensor:
+        alpha = self.alpha
+        return (u**alpha - alpha * u - (1 - alpha)) / (alpha * (alpha - 1))
+
+    def _sampled(self, log_ratio: torch.Tensor) -> torch.Tensor:
+        alpha = self.alpha
+        # (w^(1−α) − 1) − (1 − α)(w − 1) through expm1, so that neither term loses precision near w = 1.
+        return (torch.expm1((1 - alpha) * log_ratio) - (1 - alpha) * torch.expm1(log_ratio)) / (alpha * (alpha - 1))
+
+    def exact(self, logp_full: torch.Tensor, ref_logp_full: torch.Tensor) -> torch.Tensor:
+        alpha = self.alpha
+        # Outside (0, 1), α·(-inf) + (1 − α)·(-inf) is NaN; codes that are impossible under both contribute 0.
+        log_terms = (alpha * logp_full + (1 - alpha) * ref_logp_full).masked_fill(
+            _both_zero(logp_full, ref_logp_full), -math.inf
+        )
+        return torch.expm1(torch.logsumexp(log_terms, dim=-1)) / (alpha * (alpha - 1))
+
+
+DIVERGENCES: dict[str, type[Divergence]] = {
+    cls.name: cls
+    for cls in (
+        ReverseKLDivergence,
+        ForwardKLDivergence,
+        JensenShannonDivergence,
+        JeffreysDivergence,
+        HellingerDivergence,
+        AlphaDivergence,
+    )
+}
+
+
+def get_divergence(name: str, **params: Any) -> Divergence:
+    """
+    Instantiate a registered divergence by name.
+
+    Args:
+        name (`str`):
+            Registry name, one of the keys of `DIVERGENCES`.
+        **params:
+            Parameters of the divergence (e.g. `alpha` for `"alpha"`). Parameters set to `None` are ignored, so a
+            config can pass every optional parameter for every divergence and only the relevant ones are used.
+
+    Returns:
+        `Divergence`: The divergence instance.
+    """
+    if name not in DIVERGENCES:
+        raise ValueError(f"Unknown divergence {name!r}. Valid choices: {', '.join(sorted(DIVERGENCES))}.")
+    cls = DIVERGENCES[name]
+    params = {key: value for key, value in params.items() if value is not None}
+    accepted = list(inspect.signature(cls).parameters)
+    unexpected = sorted(set(params) - set(accepted))
+    if unexpected:
+        raise ValueError(
+            f"Divergence {name!r} got unexpected parameter(s): {', '.join(unexpected)}. "
+            f"It accepts: {', '.join(accepted) if accepted else 'no parameters'}."
+        )
+    return cls(**params)
