@@ -16,7 +16,8 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: install
-	$(PYTHON) scripts/sample_t2i.py --output_dir outputs/demo
+	$(VENV)/bin/accelerate launch --config_file recipes/accelerate/cpu.yaml \
+		scripts/grpo_t2i.py --config recipes/tiny/cpu_demo.yaml --divergence js
 
 test: install
 	$(PYTHON) -m pytest -q

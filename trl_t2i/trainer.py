@@ -1,6 +1,7 @@
 import contextlib
 import copy
 import math
+import shutil
 from pathlib import Path
 
 import torch
@@ -15,9 +16,11 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.callbacks import SyncRefModelCallback
 from trl.trainer.utils import disable_dropout_in_model, use_adapter
 
+from . import hub
 from .config import T2IGRPOConfig
 from .divergences import get_divergence
 from .images import make_grid, to_pil
+from .metrics import position_entropy
 from .models import disable_bnb_cpu_repack, get_adapter, load_model, load_processor, unwrap_model
 from .sampling import image_token_logprobs, sample_image_tokens
 
@@ -98,6 +101,7 @@ class T2IGRPOTrainer(GRPOTrainer):
         peft_config: PeftConfig | None = None,
     ):
         model_id = model if isinstance(model, str) else unwrap_model(model).config._name_or_path
+        self._base_model_id = model_id
         if args is None:
             args = T2IGRPOConfig(f"{(model_id or 'model').rstrip('/').split('/')[-1]}-T2I-GRPO")
         if not isinstance(args, T2IGRPOConfig):
@@ -248,7 +252,7 @@ class T2IGRPOTrainer(GRPOTrainer):
             )
             all_logps.append(full.gather(-1, ids[:, -logits_to_keep:, None]).squeeze(-1))
             if compute_entropy:
-                all_entropies.append(entropy_from_logprobs(full))
+                all_entropies.append(position_entropy(full))
             if self._stash_policy_logprobs:
                 all_full.append(full)
         if self._stash_policy_logprobs:  # the policy forward of `_compute_loss`: keep the full distributions
@@ -424,11 +428,48 @@ class T2IGRPOTrainer(GRPOTrainer):
             completions.extend(placeholders)
         super().log(logs, start_time)
 
+    # ------------------------------------------------------------------ saving and sharing
 
-def entropy_from_logprobs(logprobs: torch.Tensor) -> torch.Tensor:
-    """Entropy over the last dimension; tokens removed by top-k/top-p (`-inf`) contribute 0, not NaN."""
-    probs = logprobs.exp()
-    return -(probs * torch.where(probs > 0, logprobs, torch.zeros_like(logprobs))).sum(-1)
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
+        # Our card: the divergence settings, rewards, final metrics, the command line and a trl_t2i usage snippet.
+        if not self.is_world_process_zero():
+            return
+        output_dir = Path(self.args.output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        grids = sorted((output_dir / "samples").glob("step_*.png"))
+        if grids:
+            shutil.copyfile(grids[-1], output_dir / hub.SAMPLE_GRID)
+        final = {}
+        for entry in self.state.log_history:
+            final.update({k: v for k, v in entry.items() if k.startswith(("reward", "divergence/", "entropy"))})
+        card = hub.model_card(
+            base_model=self._base_model_id,
+            args=self.args,
+            reward_names=list(self.reward_func_names),
+            is_adapter=is_peft_model(self.model),
+            metrics=final,
+            dataset_name=dataset_name,
+            hub_model_id=self.args.hub_model_id,
+            has_sample_grid=bool(grids),
+        )
+        (output_dir / "README.md").write_text(card)
+
+    def push_to_hub(
+        self, commit_message: str = "End of training", blocking: bool = True, token=None, revision=None, **kwargs
+    ):
+        # Upload the adapter (never the base weights), processor files, card and sample grid in one commit.
+        self.save_model(_internal_call=True)
+        if not self.is_world_process_zero():
+            return None
+        self.create_model_card(dataset_name=kwargs.get("dataset_name"))
+        return hub.push_output(
+            self.args.output_dir,
+            self.args.hub_model_id or Path(self.args.output_dir).name,
+            token=token or self.args.hub_token,
+            private=self.args.hub_private_repo,
+            revision=revision or self.args.hub_revision,
+            commit_message=commit_message,
+        )
 
 
 def _caption(prompt) -> str:

@@ -1,9 +1,100 @@
 """Reward functions with TRL's signature `f(prompts, completions, **kwargs) -> list[float | None]`.
 
-`completions` are PIL images; `prompts` are the raw captions (not chat-templated).
+`completions` are PIL images; `prompts` are the raw captions (not chat-templated). Unknown keyword arguments (other
+dataset columns, TRL's `trainer_state`, `log_metric`, ...) are accepted and ignored. Pick rewards by name with
+[`get_reward`]; rewards backed by a model load it on their first call.
 """
 
+import importlib
+from collections.abc import Callable
+
+from .base import ModelReward
+from .clip import AestheticMLP, AestheticReward, CLIPScoreReward, PickScoreReward
 from .colour import COLOUR_RGB, prompt_colour_match
+from .compressibility import jpeg_compressibility, jpeg_incompressibility
+from .hps import HPSv2Reward
 
 
-__all__ = ["COLOUR_RGB", "prompt_colour_match"]
+def _takes_no_arguments(reward: Callable) -> Callable[..., Callable]:
+    """Factory of a weight-free reward function: returns it, and refuses arguments it could not use."""
+
+    def factory(**kwargs) -> Callable:
+        if kwargs:
+            raise ValueError(f"The {reward.__name__} reward takes no arguments, got {sorted(kwargs)}.")
+        return reward
+
+    return factory
+
+
+REWARDS: dict[str, Callable[..., Callable]] = {
+    "clip_score": CLIPScoreReward,
+    "pickscore": PickScoreReward,
+    "hpsv2": HPSv2Reward,
+    "aesthetic": AestheticReward,
+    "colour_match": _takes_no_arguments(prompt_colour_match),
+    "jpeg_compressibility": _takes_no_arguments(jpeg_compressibility),
+    "jpeg_incompressibility": _takes_no_arguments(jpeg_incompressibility),
+}
+
+
+def get_reward(name: str, **kwargs) -> Callable:
+    """Build a reward from its registry name, or from the import path `package.module:attribute` of your own.
+
+    Args:
+        name (`str`):
+            A key of [`REWARDS`] (`clip_score`, `pickscore`, `hpsv2`, `aesthetic`, `colour_match`,
+            `jpeg_compressibility`, `jpeg_incompressibility`), or `package.module:attribute`. An imported class is
+            instantiated with `kwargs`; an imported function (or other callable) is returned as is.
+        **kwargs:
+            Arguments of the reward's class, e.g. `device="cuda:1"` or `batch_size=8`.
+
+    Returns:
+        A callable with TRL's reward signature.
+
+    Example:
+        >>> get_reward("pickscore", batch_size=8)  # nothing is loaded before the first call
+        <trl_t2i.rewards.clip.PickScoreReward object at 0x...>
+        >>> get_reward("trl_t2i.rewards.colour:prompt_colour_match")
+        <function prompt_colour_match at 0x...>
+    """
+    if name in REWARDS:
+        return REWARDS[name](**kwargs)
+    module_name, _, attribute = name.partition(":")
+    if not module_name or not attribute:
+        raise ValueError(
+            f"Unknown reward {name!r}. Use one of {', '.join(REWARDS)}, or the import path of your own reward as "
+            "'package.module:attribute'."
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ImportError(f"Cannot import module {module_name!r} of the reward {name!r}: {err}") from err
+    if not hasattr(module, attribute):
+        raise ImportError(f"Module {module_name!r} has no attribute {attribute!r} (from the reward {name!r}).")
+    reward = getattr(module, attribute)
+    if isinstance(reward, type):
+        return reward(**kwargs)
+    if not callable(reward):
+        raise ValueError(f"The reward {name!r} is a {type(reward).__name__}, not a function or a class.")
+    if kwargs:
+        raise ValueError(
+            f"The reward {name!r} is a function, so it takes no arguments; got {sorted(kwargs)}. Make it a class to "
+            "configure it."
+        )
+    return reward
+
+
+__all__ = [
+    "COLOUR_RGB",
+    "REWARDS",
+    "AestheticMLP",
+    "AestheticReward",
+    "CLIPScoreReward",
+    "HPSv2Reward",
+    "ModelReward",
+    "PickScoreReward",
+    "get_reward",
+    "jpeg_compressibility",
+    "jpeg_incompressibility",
+    "prompt_colour_match",
+]

@@ -1,0 +1,160 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from accelerate.commands.config.config_args import load_config_from_file
+
+from trl_t2i.cli import main as cli_main
+from trl_t2i.cli.grpo import main, make_parser
+from trl_t2i.data import PROMPT_SETS
+from trl_t2i.rewards import REWARDS
+
+
+ROOT = Path(__file__).parents[1]
+TRAINING_RECIPES = sorted(path for path in (ROOT / "recipes").rglob("*.yaml") if path.parent.name != "accelerate")
+ACCELERATE_CONFIGS = sorted((ROOT / "recipes" / "accelerate").glob("*.yaml"))
+DEMO = ROOT / "recipes" / "tiny" / "cpu_demo.yaml"
+QUICK = ["--max_steps", "2", "--per_device_train_batch_size", "8", "--num_generations", "4", "--logging_steps", "1"]
+
+
+def _parse(*argv):
+    return make_parser().parse_args_and_config(list(argv))
+
+
+@pytest.mark.parametrize("recipe", TRAINING_RECIPES, ids=lambda path: str(path.relative_to(ROOT / "recipes")))
+def test_every_training_recipe_parses_with_the_real_parser(recipe):
+    raw = yaml.safe_load(recipe.read_text())
+    assert recipe.read_text().startswith("#"), "every recipe starts with a header comment"
+    # GPU recipes ask for bf16, which transformers refuses on a CPU-only machine unless use_cpu is set
+    script_args, training_args, model_args = _parse("--config", str(recipe), "--use_cpu", "true")
+    assert training_args.divergence == raw["divergence"]
+    assert script_args.dataset_name in PROMPT_SETS or Path(script_args.dataset_name).exists()
+    assert all(name in REWARDS for name in script_args.reward_funcs)
+    assert model_args.model_name_or_path
+    if model_args.load_in_4bit:
+        assert model_args.use_peft
+
+
+@pytest.mark.parametrize("config", ACCELERATE_CONFIGS, ids=lambda path: path.name)
+def test_every_accelerate_config_loads(config):
+    assert load_config_from_file(str(config)).num_processes >= 1
+
+
+def test_cli_flags_override_the_recipe():
+    _, training_args, _ = _parse("--config", str(DEMO), "--divergence", "forward_kl", "--beta", "0.5")
+    assert training_args.divergence == "forward_kl" and training_args.beta == 0.5
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """Bad input must be caught before any model is loaded."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the bad input was reported")
+
+    monkeypatch.setattr("trl_t2i.trainer.load_model", refuse)
+    monkeypatch.setattr("trl_t2i.models.loading.load_model", refuse)
+
+
+def test_unknown_yaml_key_is_an_error(tmp_path):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(DEMO.read_text() + "\ndivergance: js\n")
+    with pytest.raises(ValueError, match="divergance"):
+        _parse("--config", str(recipe))
+
+
+def test_bad_divergence_name_is_an_error(capsys):
+    with pytest.raises(SystemExit):
+        _parse("--config", str(DEMO), "--divergence", "kl")
+    assert "invalid choice: 'kl'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--dataset_name", "no_such_prompts.txt"], "no_such_prompts.txt"),
+        (["--prompt_column", "caption"], "'caption' not found.*columns are \\['prompt'\\]"),
+        (["--reward_funcs", "pickscor"], "pickscor"),
+        (["--use_peft", "false", "--load_in_4bit", "true"], "use_peft"),
+        (["--reward_weights", "1.0", "2.0"], "2 entries but there are 1"),
+    ],
+)
+def test_bad_settings_fail_before_loading_the_model(tmp_path, no_model_loading, flags, message):
+    args = _parse("--config", str(DEMO), "--output_dir", str(tmp_path), *flags)
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        main(*args)
+
+
+def test_cli_dispatcher_lists_commands_for_an_unknown_one():
+    with pytest.raises(SystemExit, match="(?s)Unknown command 'trian'.*grpo.*sample.*push"):
+        cli_main(["trian"])
+
+
+def test_resumed_run_matches_an_uninterrupted_one(tmp_path):
+    common = ["--config", str(DEMO), *QUICK, "--max_steps", "4", "--save_steps", "2", "--image_log_steps", "0"]
+    full = main(*_parse(*common, "--output_dir", str(tmp_path / "full")))
+    checkpoint = tmp_path / "full" / "checkpoint-2"
+    assert {"adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"} <= {
+        path.name for path in checkpoint.iterdir()
+    }
+    resumed = main(
+        *_parse(*common, "--output_dir", str(tmp_path / "resumed"), "--resume_from_checkpoint", str(checkpoint))
+    )
+
+    def history(trainer):
+        keys = ("loss", "reward", "divergence/js", "entropy")
+        return {log["step"]: [log[key] for key in keys] for log in trainer.state.log_history if "loss" in log}
+
+    expected, got = history(full), history(resumed)
+    assert sorted(got) == [1, 2, 3, 4]  # 1 and 2 come from the checkpoint's state, 3 and 4 were trained again
+    for step in (3, 4):
+        assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-7), step
+
+
+PROBE = """
+import sys, torch
+import trl_t2i.trainer as trainer_module
+from trl_t2i.cli.grpo import main, make_parser
+
+seen = []
+generate = trainer_module.T2IGRPOTrainer._generate
+def recording_generate(self, prompts):
+    seen.append(list(prompts))
+    return generate(self, prompts)
+trainer_module.T2IGRPOTrainer._generate = recording_generate
+
+trainer = main(*make_parser().parse_args_and_config())
+accelerator = trainer.accelerator
+params = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+torch.save(
+    {"params": params, "prompts": seen, "world": accelerator.num_processes, "type": str(accelerator.distributed_type)},
+    f"{trainer.args.output_dir}/rank{accelerator.process_index}.pt",
+)
+"""
+
+
+def test_two_process_cpu_ddp_ends_with_identical_weights(tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text(PROBE)
+    output_dir = tmp_path / "ddp"
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "recipes/accelerate/cpu_ddp.yaml"),
+        str(probe), "--config", str(DEMO), *QUICK, "--max_steps", "3", "--output_dir", str(output_dir),
+        "--divergence", "js", "--image_log_steps", "0", "--save_strategy", "no",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    ranks = [torch.load(output_dir / f"rank{rank}.pt") for rank in (0, 1)]
+    assert all(rank["world"] == 2 and rank["type"] == "DistributedType.MULTI_CPU" for rank in ranks)
+    # each rank generated its own half of every generation batch
+    for batch_0, batch_1 in zip(ranks[0]["prompts"], ranks[1]["prompts"], strict=True):
+        assert len(batch_0) == len(batch_1) == 8 and batch_0 != batch_1
+    params_0, params_1 = ranks[0]["params"], ranks[1]["params"]
+    assert params_0.keys() == params_1.keys() and params_0
+    assert all(torch.equal(params_0[name], params_1[name]) for name in params_0)
+    assert any(param.abs().sum() > 0 for name, param in params_0.items() if "lora_B" in name)  # it trained

@@ -1,0 +1,106 @@
+from pathlib import Path
+
+import pytest
+import yaml
+from huggingface_hub import HfApi
+
+from trl_t2i import hub
+from trl_t2i.cli.grpo import main, make_parser
+
+
+DEMO = Path(__file__).parents[1] / "recipes" / "tiny" / "cpu_demo.yaml"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A finished 2-step LoRA run of the tiny recipe, with logged grids and a card."""
+    output_dir = tmp_path_factory.mktemp("run")
+    argv = ["--config", str(DEMO), "--output_dir", str(output_dir), "--max_steps", "2", "--logging_steps", "1",
+            "--per_device_train_batch_size", "8", "--num_generations", "4", "--image_log_steps", "1",
+            "--hub_model_id", "someone/tiny-janus-grpo-js"]  # fmt: skip
+    with pytest.MonkeyPatch.context() as patch:  # the card records the command line the script was started with
+        patch.setattr("sys.argv", ["scripts/grpo_t2i.py", *argv])
+        return main(*make_parser().parse_args_and_config(argv))
+
+
+class FakeHub:
+    """Records what would be sent to the Hub, at huggingface_hub's API boundary."""
+
+    def __init__(self, fail=False):
+        self.repos, self.commits, self.fail = [], [], fail
+
+    def create_repo(self, api, repo_id, **kwargs):
+        self.repos.append((repo_id, kwargs))
+
+    def create_commit(self, api, repo_id, operations, **kwargs):
+        if self.fail:
+            raise ConnectionError("no network")
+        self.commits.append((repo_id, [op.path_in_repo for op in operations], kwargs))
+        return type("Commit", (), {"commit_url": f"https://huggingface.co/{repo_id}/commit/abc"})()
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    fake = FakeHub()
+    monkeypatch.setattr(HfApi, "create_repo", lambda api, repo_id, **kw: fake.create_repo(api, repo_id, **kw))
+    monkeypatch.setattr(HfApi, "create_commit", lambda api, repo_id, operations, **kw: fake.create_commit(api, repo_id, operations, **kw))  # fmt: skip
+    return fake
+
+
+def _card(output_dir: Path) -> tuple[dict, str]:
+    text = (output_dir / "README.md").read_text()
+    _, metadata, body = text.split("---", 2)
+    return yaml.safe_load(metadata), body
+
+
+def test_model_card_metadata_and_content(trained):
+    metadata, body = _card(Path(trained.args.output_dir))
+    assert metadata["base_model"] == "trl-t2i/tiny-janus"
+    assert metadata["library_name"] == "peft" and metadata["pipeline_tag"] == "text-to-image"
+    assert {"trl-t2i", "grpo", "js", "lora"} <= set(metadata["tags"])
+    assert metadata["datasets"] == ["colour_objects"]
+    for expected in ["`js`", "`exact`", "| β | 0.04 |", "5.0 / `guided`", "`prompt_colour_match`", "`colour_objects`"]:
+        assert expected in body, expected
+    assert "divergence/js" in body and "reward" in body  # final metrics
+    assert f"python scripts/grpo_t2i.py --config {DEMO}" in body  # the command line
+    assert 'PeftModel.from_pretrained(load_model("trl-t2i/tiny-janus"' in body
+    assert f"![Samples from the end of training]({hub.SAMPLE_GRID})" in body
+    assert (Path(trained.args.output_dir) / hub.SAMPLE_GRID).is_file()
+
+
+def test_usage_snippet_in_the_card_runs(trained):
+    _, body = _card(Path(trained.args.output_dir))
+    snippet = body.split("```python\n")[1].split("```")[0]
+    snippet = snippet.replace('"someone/tiny-janus-grpo-js"', repr(trained.args.output_dir))
+    snippet = snippet.replace('.to("cuda")', "").replace(".cuda()", "").replace("torch.bfloat16", "torch.float32")
+    snippet = snippet.replace('"fox.png"', repr(str(Path(trained.args.output_dir) / "fox.png")))
+    exec(snippet, {})
+    assert (Path(trained.args.output_dir) / "fox.png").is_file()
+
+
+def test_push_uploads_only_the_adapter_processor_card_and_grid(trained, fake_hub):
+    url = trained.push_to_hub()
+    assert url.startswith("https://huggingface.co/someone/tiny-janus-grpo-js")
+    ((repo_id, files, _),) = fake_hub.commits
+    assert repo_id == "someone/tiny-janus-grpo-js"
+    assert {"adapter_model.safetensors", "adapter_config.json", "README.md", hub.SAMPLE_GRID} <= set(files)
+    assert any(name.startswith(("tokenizer", "processor")) for name in files)
+    assert "model.safetensors" not in files  # never the base weights
+    assert all("/" not in name for name in files)  # no checkpoints, logs or sample folders
+
+
+def test_failed_push_keeps_the_output_and_says_how_to_retry(trained, monkeypatch):
+    fake = FakeHub(fail=True)
+    monkeypatch.setattr(HfApi, "create_repo", lambda api, repo_id, **kw: fake.create_repo(api, repo_id, **kw))
+    monkeypatch.setattr(HfApi, "create_commit", lambda api, repo_id, operations, **kw: fake.create_commit(api, repo_id, operations, **kw))  # fmt: skip
+    before = sorted(path.name for path in Path(trained.args.output_dir).iterdir())
+    with pytest.raises(RuntimeError, match="local output is intact.*trl-t2i push"):
+        trained.push_to_hub()
+    assert sorted(path.name for path in Path(trained.args.output_dir).iterdir()) == before
+
+
+def test_push_refuses_a_directory_without_weights(tmp_path, fake_hub):
+    (tmp_path / "README.md").write_text("card")
+    with pytest.raises(FileNotFoundError, match="No weights"):
+        hub.push_output(tmp_path, "someone/empty")
+    assert not fake_hub.commits

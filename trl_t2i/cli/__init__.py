@@ -1,0 +1,23 @@
+"""`trl-t2i <command>`: the scripts of this package for installed users (no checkout needed).
+
+trl-t2i grpo --config recipe.yaml --divergence js       # train (one process)
+accelerate launch -m trl_t2i.cli grpo --config ...     # train (any accelerate set-up)
+trl-t2i sample --model_name_or_path ... --adapter ...  # sample images
+trl-t2i push --output_dir ... --hub_model_id ...       # upload a training output
+"""
+
+import importlib
+import sys
+
+
+COMMANDS = {"grpo": "Train with GRPO.", "sample": "Sample images.", "push": "Upload a training output to the Hub."}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        listing = "\n".join(f"  {name:<8}{help}" for name, help in COMMANDS.items())
+        got = f"Unknown command {argv[0]!r}.\n" if argv and argv[0] not in ("-h", "--help") else ""
+        sys.exit(f"{got}usage: trl-t2i <command> [--config file.yaml] [--flags]\n\ncommands:\n{listing}")
+    command = importlib.import_module(f"{__name__}.{argv[0]}")
+    command.main(*command.make_parser().parse_args_and_config(argv[1:]))

@@ -1,0 +1,35 @@
+"""Upload a training output directory (adapter, processor files, card, sample grid) to the Hub, e.g. to retry a
+push that failed at the end of training:
+
+    trl-t2i push --output_dir runs/janus-js --hub_model_id me/janus-pro-7b-grpo-js
+"""
+
+from dataclasses import dataclass, field
+
+from trl import TrlParser
+
+from ..hub import push_output
+
+
+@dataclass
+class PushArguments:
+    """Arguments of `trl-t2i push`."""
+
+    output_dir: str = field(metadata={"help": "Training output directory (what `save_model` wrote)."})
+    hub_model_id: str = field(metadata={"help": "Target repo id, e.g. `me/janus-pro-7b-grpo-js`."})
+    private: bool | None = field(default=None, metadata={"help": "Create the repo as private."})
+    revision: str | None = field(default=None, metadata={"help": "Branch to push to."})
+
+
+def make_parser() -> TrlParser:
+    return TrlParser(PushArguments)
+
+
+def main(args: PushArguments) -> str:
+    url = push_output(args.output_dir, args.hub_model_id, private=args.private, revision=args.revision)
+    print(f"Pushed {args.output_dir} to {url}")
+    return url
+
+
+if __name__ == "__main__":
+    main(*make_parser().parse_args_and_config())

@@ -1,0 +1,85 @@
+"""Sample images from an autoregressive text-to-image model (optionally with a trained LoRA adapter).
+
+    trl-t2i sample --model_name_or_path trl-t2i/tiny-janus --prompts "a red cat" "a blue dog"
+    trl-t2i sample --model_name_or_path deepseek-community/Janus-Pro-7B --adapter me/janus-grpo-js \
+        --prompts "a photo of an astronaut riding a horse" --num_images_per_prompt 4 --dtype bfloat16
+
+Writes one PNG per image and a captioned `grid.png` to `--output_dir`.
+"""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from trl import TrlParser
+
+from ..images import make_grid, to_pil
+from ..models import TINY_JANUS, get_adapter, load_model, load_processor
+from ..sampling import sample_image_tokens
+
+
+@dataclass
+class SampleArguments:
+    """Arguments of `trl-t2i sample`; each is also a `--flag` and a YAML key."""
+
+    model_name_or_path: str = field(default=TINY_JANUS, metadata={"help": "Hub id or local path of the base model."})
+    adapter: str | None = field(default=None, metadata={"help": "Hub id or local path of a PEFT adapter to apply."})
+    prompts: list[str] = field(
+        default_factory=lambda: ["a red cat", "a green tree", "a blue sky", "a yellow flower"],
+        metadata={"help": "Captions to generate images for."},
+    )
+    num_images_per_prompt: int = field(default=4, metadata={"help": "Images sampled per caption."})
+    batch_size: int = field(default=16, metadata={"help": "Images generated per forward batch."})
+    cfg_scale: float = field(default=5.0, metadata={"help": "Classifier-free guidance scale (1 disables it)."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
+    top_k: int = field(default=0, metadata={"help": "Top-k filtering (0 disables it)."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus filtering (1.0 disables it)."})
+    seed: int = field(default=0, metadata={"help": "Seed of the sampling generator."})
+    dtype: str = field(default="float32", metadata={"help": "Model dtype: float32, bfloat16 or float16."})
+    device: str = field(default="cuda" if torch.cuda.is_available() else "cpu", metadata={"help": "Device."})
+    output_dir: str = field(default="outputs/samples", metadata={"help": "Where images and the grid are written."})
+
+
+def main(args: SampleArguments) -> Path:
+    model = load_model(args.model_name_or_path, dtype=getattr(torch, args.dtype)).to(args.device).eval()
+    if args.adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, args.adapter)
+    adapter = get_adapter(model, load_processor(args.model_name_or_path))
+    captions = [prompt for prompt in args.prompts for _ in range(args.num_images_per_prompt)]
+    generator = torch.Generator(args.device).manual_seed(args.seed)
+
+    images = []
+    for start in range(0, len(captions), args.batch_size):
+        input_ids, attention_mask = adapter.prepare_prompts(captions[start : start + args.batch_size])
+        sample = sample_image_tokens(
+            adapter,
+            model,
+            input_ids.to(args.device),
+            attention_mask.to(args.device),
+            cfg_scale=args.cfg_scale,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            generator=generator,
+            show_progress=True,
+        )
+        images += to_pil(adapter.decode(model, sample.image_tokens))
+
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for index, image in enumerate(images):
+        image.save(output_dir / f"{index:04d}.png")
+    grid_path = output_dir / "grid.png"
+    make_grid(images, captions, columns=args.num_images_per_prompt).save(grid_path)
+    print(f"Wrote {len(images)} images and {grid_path}")
+    return grid_path
+
+
+def make_parser() -> TrlParser:
+    return TrlParser(SampleArguments)
+
+
+if __name__ == "__main__":
+    main(*make_parser().parse_args_and_config())
