@@ -67,7 +67,7 @@ def model_card(
 ) -> str:
     """The README.md of a training output: metadata, settings, final metrics, command line and a usage snippet."""
     command = command or " ".join(shlex.quote(arg) for arg in ["python", *sys.argv])
-    repo = hub_model_id or "path/to/this/output"
+    repo = hub_model_id or f"path/to/{Path(args.output_dir).name}"
     tags = ["trl", "trl-t2i", "grpo", "text-to-image", args.divergence] + (["lora"] if is_adapter else [])
     metadata = [
         "---",
@@ -106,8 +106,7 @@ def model_card(
         "",
         f"# {repo.split('/')[-1]}",
         "",
-        f"{'A LoRA adapter for' if is_adapter else 'A fine-tune of'} [`{base_model}`](https://huggingface.co/{base_model}),"
-        f" post-trained with GRPO and a `{args.divergence}` divergence penalty using trl_t2i "
+        f"{'A LoRA adapter for' if is_adapter else 'A fine-tune of'} {_model_link(base_model)}, post-trained with GRPO and a `{args.divergence}` divergence penalty using trl_t2i "
         f"(method: [arXiv 2606.21498]({PAPER})).",
         "",
     ]
@@ -134,6 +133,13 @@ def model_card(
         "",
     ]
     return "\n".join(lines)
+
+
+def _model_link(model_id: str) -> str:
+    """A Hub link for Hub ids; local paths and the locally built tiny models have no page to link to."""
+    if model_id.startswith("trl-t2i/tiny-") or Path(model_id).exists() or model_id.count("/") != 1:
+        return f"`{model_id}`"
+    return f"[`{model_id}`](https://huggingface.co/{model_id})"
 
 
 def _usage(base_model: str, repo: str, is_adapter: bool) -> str:

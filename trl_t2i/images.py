@@ -15,7 +15,7 @@ def make_grid(
     images: list[Image.Image], captions: list[str] | None = None, columns: int = 4, cell_size: int = 128
 ) -> Image.Image:
     """Lay `images` out in a grid, each scaled to `cell_size` pixels (nearest: tiny images stay crisp), with an
-    optional caption of up to three lines under each."""
+    optional caption of up to three lines under each (each line of a caption wraps on its own)."""
     if not images:
         raise ValueError("make_grid needs at least one image.")
     columns = min(columns, len(images))
@@ -29,6 +29,9 @@ def make_grid(
         x, y = (index % columns) * cell_size, (index // columns) * (cell_size + caption_height)
         grid.paste(image.convert("RGB").resize((cell_size, cell_size), Image.NEAREST), (x, y))
         if captions:
-            lines = textwrap.wrap(captions[index], characters_per_line)[:3]
+            lines = [
+                part for line in captions[index].splitlines() for part in textwrap.wrap(line, characters_per_line)
+            ]
+            lines = lines[:3]
             draw.multiline_text((x + 2, y + cell_size + 2), "\n".join(lines), fill="black", font=font, spacing=1)
     return grid

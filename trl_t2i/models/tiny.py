@@ -39,6 +39,9 @@ from transformers import (
 TINY_JANUS = "trl-t2i/tiny-janus"
 """Name under which recipes and scripts refer to the tiny Janus; resolved to a local directory by `resolve_tiny`."""
 
+TINY_REVISION = 2
+"""Bump whenever `build_tiny_janus` changes, so that copies cached by older versions are not reused."""
+
 BOS, EOS, PAD, UNK = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>", "<unk>"
 IMAGE, BOI, EOI = "<image_placeholder>", "<begin_of_image>", "<end_of_image>"
 USER, ASSISTANT = "<|User|>", "<|Assistant|>"
@@ -245,7 +248,7 @@ def resolve_tiny(name_or_path: str) -> str:
     """Return a local directory for `trl-t2i/tiny-janus` (built and saved on first use); other names pass through."""
     if name_or_path != TINY_JANUS:
         return name_or_path
-    directory = tiny_cache_dir() / "tiny-janus"
+    directory = tiny_cache_dir() / f"tiny-janus-r{TINY_REVISION}"
     if not (directory / "config.json").exists():
         model, processor = build_tiny_janus()
         staging = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")
