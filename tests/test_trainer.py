@@ -259,6 +259,20 @@ def test_image_grids_are_written_and_log_completions_works(tmp_path):
     assert sorted((tmp_path / "completions").glob("*.parquet"))
 
 
+def test_image_grids_reach_tensorboard(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    trainer = _trainer(tmp_path, image_log_steps=1, report_to=["tensorboard"])
+    trainer.train()
+    (events_dir,) = {path.parent for path in tmp_path.rglob("events.out.tfevents.*")}
+    accumulator = EventAccumulator(str(events_dir))
+    accumulator.Reload()
+    assert "samples" in accumulator.Tags()["images"]
+    assert [event.step for event in accumulator.Images("samples")] == [0, 1]
+    assert {"train/divergence/reverse_kl", "train/divergence/js", "train/beta"} <= set(accumulator.Tags()["scalars"])
+
+
 def test_learning_raises_the_colour_reward(tmp_path):
     """Deterministic short run on the tiny model: the reward of samples on held-out seeds rises clearly."""
     from trl_t2i.images import to_pil

@@ -47,7 +47,8 @@ def push_output(
     except Exception as error:
         raise RuntimeError(
             f"Pushing {str(output_dir)!r} to the Hub repo {repo_id!r} failed: {error}. The local output is intact; "
-            f"retry with `trl-t2i push {shlex.quote(str(output_dir))} {repo_id}` once the problem is fixed "
+            f"retry with `trl-t2i push --output_dir {shlex.quote(str(output_dir))} --hub_model_id {repo_id}` once the "
+            "problem is fixed "
             "(e.g. `huggingface-cli login`)."
         ) from error
     return commit.commit_url

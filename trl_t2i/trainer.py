@@ -207,14 +207,7 @@ class T2IGRPOTrainer(GRPOTrainer):
             self.accelerator.autocast(),  # the same numerics as the scoring forward
         ):
             sample = sample_image_tokens(
-                self.adapter,
-                unwrapped_model,
-                input_ids,
-                attention_mask,
-                cfg_scale=self.args.cfg_scale,
-                temperature=self.args.temperature,
-                top_k=self.args.top_k,
-                top_p=self.args.top_p,
+                self.adapter, unwrapped_model, input_ids, attention_mask, **self._distribution_kwargs
             )
             images = to_pil(self.adapter.decode(unwrap_model(unwrapped_model), sample.image_tokens))
 
@@ -268,12 +261,15 @@ class T2IGRPOTrainer(GRPOTrainer):
                 prompt_ids,
                 prompt_mask,
                 image_tokens,
-                cfg_scale=self.args.cfg_scale,
                 cfg_logprobs=self.args.cfg_logprobs,
-                temperature=self.args.temperature,
-                top_k=self.args.top_k,
-                top_p=self.args.top_p,
+                **self._distribution_kwargs,
             )
+
+    @property
+    def _distribution_kwargs(self) -> dict:
+        """The guidance and warping that define the sampled distribution, shared by sampling and scoring."""
+        args = self.args
+        return {"cfg_scale": args.cfg_scale, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
 
     @torch.no_grad()
     def _reference_logprobs(self, inputs) -> torch.Tensor:
