@@ -158,3 +158,15 @@ def test_two_process_cpu_ddp_ends_with_identical_weights(tmp_path):
     assert params_0.keys() == params_1.keys() and params_0
     assert all(torch.equal(params_0[name], params_1[name]) for name in params_0)
     assert any(param.abs().sum() > 0 for name, param in params_0.items() if "lora_B" in name)  # it trained
+
+
+def test_installed_cli_samples_images_with_a_trained_adapter(tmp_path):
+    run = main(*_parse("--config", str(DEMO), *QUICK, "--output_dir", str(tmp_path / "run"), "--save_strategy", "no"))
+    command = [
+        sys.executable, "-m", "trl_t2i.cli", "sample", "--adapter", run.args.output_dir, "--prompts", "a red cat",
+        "a blue car", "--num_images_per_prompt", "3", "--output_dir", str(tmp_path / "samples"),
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    written = sorted(path.name for path in (tmp_path / "samples").iterdir())
+    assert written == ["0000.png", "0001.png", "0002.png", "0003.png", "0004.png", "0005.png", "grid.png"]

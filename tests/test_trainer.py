@@ -308,6 +308,21 @@ def test_learning_raises_the_colour_reward(tmp_path):
     assert after - before > 2.0 * std, (before, after, std)
 
 
+def test_evaluation_generates_scores_and_logs(tmp_path):
+    trainer = T2IGRPOTrainer(
+        model=TINY_JANUS,
+        reward_funcs=prompt_colour_match,
+        args=_config(tmp_path, eval_strategy="steps", eval_steps=1, per_device_eval_batch_size=8),
+        train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
+        eval_dataset=Dataset.from_dict({"prompt": PROMPTS[:4]}),
+        peft_config=LoraConfig(r=4, lora_alpha=8),
+    )
+    trainer.train()
+    evaluations = [log for log in trainer.state.log_history if "eval_reward" in log]
+    assert len(evaluations) == 2
+    assert all(math.isfinite(log["eval_divergence/reverse_kl"]) for log in evaluations)
+
+
 def test_bad_inputs_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="'kl'.*reverse_kl"):
         _config(tmp_path, divergence="kl")
