@@ -71,6 +71,15 @@ def test_lora_run_changes_only_adapter_weights(tmp_path):
     assert all(name in changed for name in before if "lora_B" in name)
 
 
+def test_gradient_checkpointing_gives_the_same_run(tmp_path):
+    def history(checkpointing):
+        trainer = _trainer(tmp_path / str(checkpointing), gradient_checkpointing=checkpointing)
+        trainer.train()
+        return [(log["loss"], log["grad_norm"]) for log in trainer.state.log_history if "loss" in log]
+
+    assert history(True) == pytest.approx(history(False), rel=1e-5)
+
+
 def test_reference_is_the_disabled_adapter(tmp_path, prompts):
     trainer = _trainer(tmp_path)
     assert trainer.ref_model is None  # no second copy of the model
