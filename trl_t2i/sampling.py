@@ -1,6 +1,6 @@
 """Classifier-free-guidance sampling of image tokens, and the matching teacher-forced log-probs.
 
-Both paths build the token distribution with the same function, `token_logprobs`: the guided logits
+Both paths build the token distribution with the same function, `token_logits`: the guided logits
 `l_u + s·(l_c − l_u)` (or the conditional logits alone) in fp32, then temperature, top-k and top-p, in the order
 `transformers`' `generate` applies them. So the log-prob the sampler records for a token equals the log-prob that
 teacher forcing computes for it (to float round-off), which is what makes GRPO's importance ratios exactly 1 on the
@@ -83,18 +83,6 @@ def token_logits(
     return warp_logits(logits, temperature, top_k, top_p)
 
 
-def token_logprobs(
-    conditional: torch.Tensor,
-    unconditional: torch.Tensor | None,
-    cfg_scale: float,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-) -> torch.Tensor:
-    """Log-probs (fp32) of the distribution built by `token_logits`, over the last (codebook) dimension."""
-    return token_logits(conditional, unconditional, cfg_scale, temperature, top_k, top_p).log_softmax(dim=-1)
-
-
 @torch.no_grad()
 def sample_image_tokens(
     adapter: T2IAdapter,
@@ -145,7 +133,7 @@ def sample_image_tokens(
         tokens.append(token)
         logprobs.append(warped.log_softmax(dim=-1).gather(-1, token[:, None]).squeeze(-1))
         if return_conditional_logprobs:
-            conditional_dist = token_logprobs(conditional, None, cfg_scale, temperature)
+            conditional_dist = token_logits(conditional, None, cfg_scale, temperature).log_softmax(dim=-1)
             conditional_logprobs.append(conditional_dist.gather(-1, token[:, None]).squeeze(-1))
         if position + 1 < adapter.num_image_tokens:
             logits = adapter.step(model, token.repeat(2) if guided else token, state)
@@ -185,7 +173,9 @@ def image_token_logprobs(
         image_tokens = image_tokens.repeat(2, 1)
     logits = adapter.image_logits(model, input_ids, attention_mask, image_tokens)
     if guided:
-        return token_logprobs(logits[:batch_size], logits[batch_size:], cfg_scale, temperature, top_k, top_p)
-    if cfg_scale == 1.0:  # the conditional distribution is the sampled one: warp it like the sampler did
-        return token_logprobs(logits, None, cfg_scale, temperature, top_k, top_p)
-    return token_logprobs(logits, None, cfg_scale, temperature)
+        warped = token_logits(logits[:batch_size], logits[batch_size:], cfg_scale, temperature, top_k, top_p)
+    elif cfg_scale == 1.0:  # the conditional distribution is the sampled one: warp it like the sampler did
+        warped = token_logits(logits, None, cfg_scale, temperature, top_k, top_p)
+    else:
+        warped = token_logits(logits, None, cfg_scale, temperature)
+    return warped.log_softmax(dim=-1)

@@ -10,7 +10,13 @@ import importlib
 import sys
 
 
-COMMANDS = {"grpo": "Train with GRPO.", "sample": "Sample images.", "push": "Upload a training output to the Hub."}
+COMMANDS = {
+    "grpo": "Train with GRPO.",
+    "sample": "Sample images.",
+    "evaluate": "Evaluate runs on reward and diversity; draw the frontier.",
+    "frontier": "Sweep divergences × beta, then evaluate.",
+    "push": "Upload a training output to the Hub.",
+}
 
 
 def main(argv: list[str] | None = None) -> None:

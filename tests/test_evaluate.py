@@ -1,0 +1,283 @@
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from PIL import Image
+
+from trl_t2i.cli import evaluate, frontier, grpo
+from trl_t2i.data import load_prompt_dataset
+from trl_t2i.images import to_pil
+from trl_t2i.metrics import diversity_summary, pixel_features
+from trl_t2i.models import TINY_JANUS, build_tiny_janus, get_adapter, load_model, load_processor
+from trl_t2i.rewards import prompt_colour_match
+from trl_t2i.sampling import image_token_logprobs, sample_image_tokens
+
+
+ROOT = Path(__file__).parents[1]
+DEMO = ROOT / "recipes" / "tiny" / "cpu_demo.yaml"
+# A few large steps: the trained adapter must visibly differ from the base model, in seconds.
+QUICK = {
+    "max_steps": "2",
+    "per_device_train_batch_size": "8",
+    "num_generations": "4",
+    "learning_rate": "1e-2",
+    "logging_steps": "1",
+    "image_log_steps": "0",
+    "save_strategy": "no",
+    "disable_tqdm": "true",
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_cache(tmp_path_factory):
+    """The session's tiny-model cache of `conftest._isolated_tiny_cache`, for module-scoped fixtures too."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setenv("TRL_T2I_CACHE", str(tmp_path_factory.getbasetemp() / "trl_t2i_cache"))
+        yield
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, tiny_cache):
+    """A training output directory of `trl-t2i grpo`: a LoRA adapter trained for two steps with JS, β = 0.25."""
+    output_dir = tmp_path_factory.mktemp("js-run")
+    flags = [item for key, value in QUICK.items() for item in (f"--{key}", value)]
+    argv = ["--config", str(DEMO), *flags, "--divergence", "js", "--beta", "0.25", "--output_dir", str(output_dir)]
+    grpo.main(*grpo.make_parser().parse_args_and_config(argv))
+    return output_dir
+
+
+@pytest.fixture(scope="module")
+def zero_adapter(tmp_path_factory, tiny_cache):
+    """A LoRA adapter whose B matrices are zero (PEFT's default init): exactly the base model's weights.
+
+    It adapts the query projections only, so that where it is attached over a trained adapter that was not detached,
+    the trained adapter's other layers still act.
+    """
+    model, _ = build_tiny_janus()
+    peft_model = get_peft_model(
+        model, LoraConfig(r=4, target_modules=r".*language_model\.layers\.\d+\.self_attn\.q_proj")
+    )
+    assert all(not param.any() for name, param in peft_model.named_parameters() if "lora_B" in name)
+    assert any(param.any() for name, param in peft_model.named_parameters() if "lora_A" in name)
+    output_dir = tmp_path_factory.mktemp("zero-adapter")
+    peft_model.save_pretrained(output_dir)
+    return output_dir
+
+
+def _evaluate(output_dir, runs, **overrides) -> list[dict]:
+    settings = {
+        "runs": [str(run) for run in runs],
+        "num_prompts": 3,
+        "num_images_per_prompt": 3,
+        "grid_prompts": 3,
+        "device": "cpu",
+        "output_dir": str(output_dir),
+    }
+    return evaluate.main(evaluate.EvaluateArguments(**{**settings, **overrides}))
+
+
+def _read_csv(path) -> list[dict]:
+    with open(path, newline="") as file:
+        return list(csv.DictReader(file))
+
+
+def _floats(rows, column) -> np.ndarray:
+    return np.array([float(row[column]) for row in rows])
+
+
+def test_evaluation_writes_consistent_tables_grids_and_frontier(tmp_path, trained_run):
+    _evaluate(tmp_path, [f"js={trained_run}"])
+    reward, k, num_prompts, labels = "prompt_colour_match", 3, 3, ["base", "js"]
+    metrics = [f"{reward}_mean", f"{reward}_std", *evaluate.DIVERSITY_METRICS]
+
+    per_image = _read_csv(tmp_path / "per_image.csv")
+    assert list(per_image[0]) == ["run", "prompt_index", "prompt", "image_index", reward]
+    assert len(per_image) == len(labels) * num_prompts * k
+    per_prompt = _read_csv(tmp_path / "per_prompt.csv")
+    assert list(per_prompt[0]) == ["run", "prompt_index", "prompt", *metrics]
+    assert len(per_prompt) == len(labels) * num_prompts
+    assert [row["prompt"] for row in per_prompt[:num_prompts]] == load_prompt_dataset("colour_objects")["prompt"][:3]
+    summary = _read_csv(tmp_path / "summary.csv")
+    assert [row["run"] for row in summary] == labels
+    assert {*metrics, *(f"{metric}_sem" for metric in metrics), "divergence", "beta"} <= set(summary[0])
+    assert json.loads((tmp_path / "summary.json").read_text())["runs"][1]["divergence"] == "js"
+
+    for label, row in zip(labels, summary, strict=True):
+        prompt_rows = [r for r in per_prompt if r["run"] == label]
+        for metric in metrics:
+            values = _floats(prompt_rows, metric)
+            assert float(row[metric]) == pytest.approx(values.mean(), rel=1e-12)
+            assert float(row[f"{metric}_sem"]) == pytest.approx(values.std(ddof=1) / math.sqrt(len(values)))
+        for prompt_row in prompt_rows:
+            images = [r for r in per_image if r["run"] == label and r["prompt_index"] == prompt_row["prompt_index"]]
+            assert len(images) == k
+            assert float(prompt_row[f"{reward}_mean"]) == pytest.approx(_floats(images, reward).mean(), rel=1e-12)
+            assert float(prompt_row[f"{reward}_std"]) == pytest.approx(_floats(images, reward).std(ddof=1))
+    # Not vacuous: the two steps at a large learning rate changed the images.
+    assert not np.array_equal(
+        _floats(per_image[: num_prompts * k], reward), _floats(per_image[num_prompts * k :], reward)
+    )
+
+    for name in ("grid_base.png", "grid_js.png", "frontier.png"):
+        with Image.open(tmp_path / name) as image:
+            image.verify()
+            assert image.format == "PNG"
+    with Image.open(tmp_path / "grid_base.png") as grid:
+        assert grid.width == k * 128 and grid.height >= num_prompts * 128  # one row of k images per prompt
+
+
+def test_same_seed_same_images_and_runs_differ_only_by_weights(tmp_path, trained_run, zero_adapter):
+    full_copy = tmp_path / "full-copy"  # a full model directory holding the base weights
+    model, processor = build_tiny_janus()
+    model.save_pretrained(full_copy)
+    processor.save_pretrained(full_copy)
+    # The trained run goes first, so the zero adapter also checks that detaching it restored the base model.
+    _evaluate(tmp_path / "first", [f"trained={trained_run}", f"zero={zero_adapter}", f"full={full_copy}"])
+    _evaluate(tmp_path / "second", [])
+
+    def pixels(name):
+        return np.asarray(Image.open(name).convert("RGB"))
+
+    base = pixels(tmp_path / "first" / "grid_base.png")
+    assert np.array_equal(base, pixels(tmp_path / "second" / "grid_base.png"))
+    assert np.array_equal(base, pixels(tmp_path / "first" / "grid_zero.png"))
+    assert np.array_equal(base, pixels(tmp_path / "first" / "grid_full.png"))
+    assert not np.array_equal(base, pixels(tmp_path / "first" / "grid_trained.png"))
+
+    rows = _read_csv(tmp_path / "first" / "per_prompt.csv")
+    by_run = {
+        label: [{k: v for k, v in r.items() if k != "run"} for r in rows if r["run"] == label]
+        for label in ("base", "zero", "full")
+    }
+    assert by_run["zero"] == by_run["base"]  # every reward and diversity metric, to the last digit
+    for column in ("prompt_colour_match_mean", *evaluate.DIVERSITY_METRICS):  # another load, same numbers
+        assert _floats(by_run["full"], column) == pytest.approx(_floats(by_run["base"], column), rel=1e-6)
+
+
+def test_per_prompt_metrics_match_a_direct_computation(tmp_path):
+    _evaluate(tmp_path, [], seed=7)
+    row = _read_csv(tmp_path / "per_prompt.csv")[1]
+    prompt, k = load_prompt_dataset("colour_objects")["prompt"][1], 3
+    assert row["prompt"] == prompt
+
+    model = load_model(TINY_JANUS).eval()
+    adapter = get_adapter(model, load_processor(TINY_JANUS))
+    adapter.patch_forward(model)
+    input_ids, attention_mask = adapter.prepare_prompts([prompt] * k)
+    generator = evaluate.prompt_generator(7, 1, "cpu")
+    with torch.no_grad():
+        tokens = sample_image_tokens(adapter, model, input_ids, attention_mask, generator=generator).image_tokens
+        logprobs = image_token_logprobs(adapter, model, input_ids, attention_mask, tokens)
+    images = to_pil(adapter.decode(model, tokens))
+    expected = diversity_summary(pixel_features(images), tokens, adapter.codebook_size, logprobs)
+    assert float(row["prompt_colour_match_mean"]) == pytest.approx(np.mean(prompt_colour_match([prompt] * k, images)))
+    for name, value in expected.items():
+        assert float(row[name]) == pytest.approx(value, rel=1e-5), name
+
+
+def test_labels_read_divergence_and_beta_from_training_args(trained_run, zero_adapter):
+    run = evaluate.read_run(str(trained_run))
+    assert (run.label, run.kind, run.divergence, run.beta) == (trained_run.name, "peft", "js", 0.25)
+    assert run.beta_schedule == "constant" and run.divergence_estimator == "exact"
+    assert evaluate.read_run(f"mine={trained_run}").label == "mine"
+    row = {"run": "mine", "path": str(trained_run), "divergence": "js", "beta": 0.25, "beta_schedule": "constant"}
+    assert evaluate.point_label(row) == "js β=0.25"
+    assert evaluate.point_label({**row, "beta": 0.0}) == "β=0"
+    assert evaluate.point_label({"run": "base", "path": "", "divergence": None, "beta": None}) == "base"
+
+    plain = evaluate.read_run(str(zero_adapter))  # an adapter saved without training: no training_args.bin
+    assert (plain.label, plain.divergence, plain.beta) == (zero_adapter.name, None, None)
+    assert evaluate.point_label({"run": plain.label, "path": str(zero_adapter), "divergence": None, "beta": None}) == (
+        zero_adapter.name
+    )
+
+
+def test_frontier_sweep_trains_evaluates_and_skips_finished_runs(tmp_path, tiny_cache, monkeypatch):
+    args = frontier.FrontierArguments(
+        divergences=["reverse_kl", "js"],
+        betas=[0.5],
+        max_steps=2,
+        training_overrides=[f"{key}={value}" for key, value in QUICK.items() if key != "max_steps"],
+        num_prompts=2,
+        num_images_per_prompt=2,
+        device="cpu",
+        output_dir=str(tmp_path),
+    )
+    frontier.main(args)
+    runs = sorted(path.name for path in (tmp_path / "runs").iterdir())
+    assert runs == ["js-beta2", "reverse_kl-beta0.5"]  # JS's β is scaled by 1/f''(1) = 4
+    summary = _read_csv(tmp_path / "eval" / "summary.csv")
+    assert sorted((row["run"], row["divergence"], row["beta"]) for row in summary) == [
+        (
+            "base",
+            "",
+            "",
+        ),
+        ("js-beta2", "js", "2.0"),
+        ("reverse_kl-beta0.5", "reverse_kl", "0.5"),
+    ]
+    assert (tmp_path / "eval" / "frontier.png").stat().st_size > 0
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(frontier.grpo, "main", refuse)
+    summary = frontier.main(args)
+    assert len(summary) == 3
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """Bad input must be caught before any model is loaded."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the bad input was reported")
+
+    monkeypatch.setattr(evaluate, "load_model", refuse)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "error", "message"),
+    [
+        ({"runs": ["/no/such/run"]}, FileNotFoundError, "'/no/such/run' is not a directory"),
+        ({"runs": ["js=/no/such/run"]}, FileNotFoundError, "'/no/such/run' is not a directory"),
+        ({"reward_funcs": ["colour_matc"]}, ValueError, "Unknown reward 'colour_matc'.*colour_match"),
+        ({"num_images_per_prompt": 1}, ValueError, "num_images_per_prompt must be >= 2.*got 1"),
+        ({"frontier_y": "diversity"}, ValueError, "Unknown frontier_y column 'diversity'.*pairwise_distance, vendi"),
+        ({"skip_base": True}, ValueError, "Nothing to evaluate"),
+    ],
+)
+def test_bad_input_fails_clearly_before_loading_the_model(tmp_path, no_model_loading, overrides, error, message):
+    with pytest.raises(error, match=message):
+        overrides = dict(overrides)
+        _evaluate(tmp_path, overrides.pop("runs", []), **overrides)
+
+
+def test_run_directory_without_a_model_and_clashing_labels_are_errors(tmp_path, no_model_loading, zero_adapter):
+    with pytest.raises(FileNotFoundError, match="neither a PEFT adapter"):
+        _evaluate(tmp_path, [str(tmp_path)])
+    with pytest.raises(ValueError, match="share the labels \\['a'\\]"):
+        _evaluate(tmp_path, [f"a={zero_adapter}", f"a={zero_adapter}"])
+    with pytest.raises(ValueError, match="'base' is reserved"):
+        _evaluate(tmp_path, [f"base={zero_adapter}"])
+
+
+def test_frontier_rejects_unknown_divergences_before_training(tmp_path, monkeypatch):
+    monkeypatch.setattr(frontier.grpo, "main", lambda *args: pytest.fail("trained despite bad input"))
+    with pytest.raises(ValueError, match="Unknown divergences \\['kl'\\].*js.*reverse_kl"):
+        frontier.main(frontier.FrontierArguments(divergences=["kl", "js"], output_dir=str(tmp_path)))
+    with pytest.raises(ValueError, match="not `key=value`"):
+        frontier.main(frontier.FrontierArguments(training_overrides=["--learning_rate"], output_dir=str(tmp_path)))
+
+
+def test_prompt_generators_depend_only_on_seed_and_prompt_index():
+    def draw(seed, index):
+        return torch.rand(4, generator=evaluate.prompt_generator(seed, index, "cpu"))
+
+    assert torch.equal(draw(0, 3), draw(0, 3))
+    assert not torch.equal(draw(0, 3), draw(0, 4)) and not torch.equal(draw(0, 3), draw(1, 3))
