@@ -107,14 +107,16 @@ def test_sampling_logprobs_equal_old_logprobs_at_the_first_step(tmp_path):
     torch.testing.assert_close(inputs["old_per_token_logps"], inputs["sampling_per_token_logps"], atol=1e-5, rtol=0)
 
 
-def test_full_finetuning_uses_a_frozen_reference_copy(tmp_path):
-    model, _ = build_tiny_janus()  # an in-memory model: TRL could not reload it by architecture
+@pytest.mark.parametrize("given_as", ["name", "in-memory model"])
+def test_full_finetuning_uses_a_frozen_reference_copy(tmp_path, given_as):
+    # an in-memory model has no checkpoint TRL could reload the reference from: it is deep-copied instead
+    model, processor = (TINY_JANUS, None) if given_as == "name" else build_tiny_janus()
     trainer = T2IGRPOTrainer(
         model=model,
         reward_funcs=prompt_colour_match,
         args=_config(tmp_path, learning_rate=1e-3, divergence_estimator="exact"),
         train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
-        processing_class=build_tiny_janus()[1],
+        processing_class=processor,
     )
     reference = trainer.accelerator.unwrap_model(trainer.ref_model)
     assert reference is not trainer.model
@@ -355,6 +357,8 @@ def test_bad_inputs_are_clear_errors(tmp_path):
         _trainer(tmp_path, dataset=Dataset.from_dict({"caption": PROMPTS}))
     with pytest.raises(TypeError, match="callables"):
         _trainer(tmp_path, reward="pickscore")
+    with pytest.raises(ValueError, match="processing_class"):
+        _trainer(tmp_path, model=build_tiny_janus()[0])
 
 
 def test_a_reward_of_the_wrong_length_is_an_error(tmp_path):

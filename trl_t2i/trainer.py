@@ -110,9 +110,12 @@ class T2IGRPOTrainer(GRPOTrainer):
         for dataset in (train_dataset, eval_dataset):
             _check_prompt_dataset(dataset)
 
+        model_init_kwargs = self._model_init_kwargs(args, quantization_config) if isinstance(model, str) else None
         if isinstance(model, str):
-            model = self._load_policy(model, args, quantization_config)
+            model = load_model(model, **model_init_kwargs)
         disable_bnb_cpu_repack(model)
+        if processing_class is None and not model_id:
+            raise ValueError("The model was built in memory (no checkpoint path): pass its `processing_class` too.")
         processing_class = processing_class or load_processor(model_id, padding_side="left")
         self.adapter = get_adapter(model, processing_class)
         args.max_completion_length = self.adapter.num_image_tokens
@@ -122,7 +125,7 @@ class T2IGRPOTrainer(GRPOTrainer):
 
         uses_adapters = peft_config is not None or is_peft_model(model)
         wants_penalty = args.beta > 0 or (args.beta_end or 0) > 0
-        reference = None if uses_adapters or not wants_penalty else self._copy_reference(model)
+        reference = None if uses_adapters or not wants_penalty else self._build_reference(model, model_init_kwargs)
         # TRL would rebuild the reference from `config.architectures[0]`, which fails for in-memory models; ours is
         # attached below. TRL's `self.beta` keeps its meaning "compute reference log-probs" (the penalty coefficient
         # is `current_beta()`): with adapters the reference is free, so the divergences are always logged.
@@ -154,7 +157,8 @@ class T2IGRPOTrainer(GRPOTrainer):
     # ------------------------------------------------------------------ set-up
 
     @staticmethod
-    def _load_policy(model_id: str, args: T2IGRPOConfig, quantization_config) -> PreTrainedModel:
+    def _model_init_kwargs(args: T2IGRPOConfig, quantization_config) -> dict:
+        """`from_pretrained` kwargs for a model given by name, as TRL builds them."""
         model_init_kwargs = dict(args.model_init_kwargs or {})
         if quantization_config is not None:
             model_init_kwargs["quantization_config"] = quantization_config
@@ -162,7 +166,7 @@ class T2IGRPOTrainer(GRPOTrainer):
         if args.distributed_state.distributed_type in ["MULTI_GPU", "DEEPSPEED", "FSDP"]:
             model_init_kwargs["device_map"] = None
         model_init_kwargs.setdefault("trust_remote_code", args.trust_remote_code)
-        return load_model(model_id, **model_init_kwargs)
+        return model_init_kwargs
 
     def _with_default_lora_targets(self, peft_config: PeftConfig | None) -> PeftConfig | None:
         if isinstance(peft_config, LoraConfig) and not peft_config.target_modules:
@@ -170,12 +174,14 @@ class T2IGRPOTrainer(GRPOTrainer):
             peft_config.target_modules = self.adapter.lora_target_modules
         return peft_config
 
-    @staticmethod
-    def _copy_reference(model: PreTrainedModel) -> PreTrainedModel:
-        """A frozen copy of the policy at its initial weights (full fine-tuning)."""
-        reference = copy.deepcopy(unwrap_model(model)).eval()
-        reference.requires_grad_(False)
-        return reference
+    def _build_reference(self, model: PreTrainedModel, model_init_kwargs: dict | None) -> PreTrainedModel:
+        """A frozen copy of the policy at its initial weights (full fine-tuning): loaded again when the policy was
+        given by name (so DeepSpeed ZeRO-3 partitions it at load, as it did the policy), else a deep copy."""
+        if model_init_kwargs is not None:
+            reference = load_model(self._base_model_id, **model_init_kwargs)
+        else:
+            reference = copy.deepcopy(unwrap_model(model))
+        return reference.eval().requires_grad_(False)
 
     def _prepare_reference(self, reference: PreTrainedModel) -> torch.nn.Module:
         if self.args.disable_dropout:
