@@ -129,6 +129,22 @@ def test_full_finetuning_uses_a_frozen_reference_copy(tmp_path, given_as):
     assert divergences[0] == pytest.approx(0.0, abs=1e-6) and divergences[-1] > 0
 
 
+def test_sync_ref_model_updates_our_reference_copy(tmp_path):
+    trainer = _trainer(
+        tmp_path,
+        lora=False,
+        learning_rate=1e-3,
+        sync_ref_model=True,
+        ref_model_sync_steps=1,
+        ref_model_mixup_alpha=1.0,
+    )
+    before = _params(trainer.accelerator.unwrap_model(trainer.ref_model))
+    trainer.train()
+    reference, policy = _params(trainer.accelerator.unwrap_model(trainer.ref_model)), _params(trainer.model)
+    assert any(not torch.equal(before[name], reference[name]) for name in before)
+    assert all(torch.equal(reference[name], policy[name]) for name in reference)  # mixup α = 1: a full copy
+
+
 def test_qlora_gradients_match_the_dequantised_model(tmp_path):
     bnb = pytest.importorskip("bitsandbytes")
     from transformers import BitsAndBytesConfig
