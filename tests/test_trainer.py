@@ -264,6 +264,26 @@ def test_reverse_kl_sampled_penalty_equals_trls_k3(tmp_path, loss_type, importan
         torch.testing.assert_close(ours_grad, trl_grad)
 
 
+def test_exact_js_penalty_equals_an_independent_full_codebook_sum(tmp_path):
+    beta = 0.5
+    trainer = _trainer(tmp_path, beta=beta, divergence="js", divergence_estimator="exact", loss_type="bnpo")
+    _perturb_adapters(trainer.model)
+    inputs = _first_batch(trainer)
+    trainer.current_gradient_accumulation_steps = 1  # set by the train loop
+    ours = trainer._compute_loss(trainer.model, inputs)
+    trainer.beta = 0.0
+    without_penalty = GRPOTrainer._compute_loss(trainer, trainer.model, inputs)
+    trainer.beta = 1.0
+    with torch.no_grad():
+        ids, mask, tokens = inputs["prompt_ids"], inputs["prompt_mask"], inputs["completion_ids"]
+        policy = trainer._image_logprobs(trainer.model, ids, mask, tokens).double().exp()
+        reference = trainer._reference_logprobs(inputs).double().exp()
+    middle = (policy + reference) / 2
+    js = 0.5 * (policy * (policy / middle).log()).sum(-1) + 0.5 * (reference * (reference / middle).log()).sum(-1)
+    assert js.mean() > 1e-3  # policy ≠ reference: the comparison is not trivially zero
+    torch.testing.assert_close(ours.double(), without_penalty.double() + beta * js.mean(), rtol=1e-4, atol=1e-6)
+
+
 def test_beta_schedules(tmp_path):
     trainer = _trainer(tmp_path, beta=0.1, beta_schedule="linear", beta_end=0.3, max_steps=10)
     trainer.state.max_steps = 10
