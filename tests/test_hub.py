@@ -39,12 +39,15 @@ class FakeHub:
         return type("Commit", (), {"commit_url": f"https://huggingface.co/{repo_id}/commit/abc"})()
 
 
-@pytest.fixture
-def fake_hub(monkeypatch):
-    fake = FakeHub()
+def _install(monkeypatch, fake: FakeHub) -> FakeHub:
     monkeypatch.setattr(HfApi, "create_repo", lambda api, repo_id, **kw: fake.create_repo(api, repo_id, **kw))
     monkeypatch.setattr(HfApi, "create_commit", lambda api, repo_id, operations, **kw: fake.create_commit(api, repo_id, operations, **kw))  # fmt: skip
     return fake
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    return _install(monkeypatch, FakeHub())
 
 
 def _card(output_dir: Path) -> tuple[dict, str]:
@@ -90,9 +93,7 @@ def test_push_uploads_only_the_adapter_processor_card_and_grid(trained, fake_hub
 
 
 def test_failed_push_keeps_the_output_and_says_how_to_retry(trained, monkeypatch):
-    fake = FakeHub(fail=True)
-    monkeypatch.setattr(HfApi, "create_repo", lambda api, repo_id, **kw: fake.create_repo(api, repo_id, **kw))
-    monkeypatch.setattr(HfApi, "create_commit", lambda api, repo_id, operations, **kw: fake.create_commit(api, repo_id, operations, **kw))  # fmt: skip
+    _install(monkeypatch, FakeHub(fail=True))
     before = sorted(path.name for path in Path(trained.args.output_dir).iterdir())
     with pytest.raises(RuntimeError, match="local output is intact.*trl-t2i push"):
         trained.push_to_hub()

@@ -64,10 +64,9 @@ def model_card(
     dataset_name: str | None = None,
     hub_model_id: str | None = None,
     has_sample_grid: bool = False,
-    command: str | None = None,
 ) -> str:
     """The README.md of a training output: metadata, settings, final metrics, command line and a usage snippet."""
-    command = command or " ".join(shlex.quote(arg) for arg in ["python", *sys.argv])
+    command = " ".join(shlex.quote(arg) for arg in ["python", *sys.argv])
     repo = hub_model_id or f"path/to/{Path(args.output_dir).name}"
     tags = ["trl", "trl-t2i", "grpo", "text-to-image", args.divergence] + (["lora"] if is_adapter else [])
     metadata = [

@@ -365,20 +365,22 @@ class T2IGRPOTrainer(GRPOTrainer):
     # ------------------------------------------------------------------ logging
 
     def _global_mean(self, values: torch.Tensor, mask: torch.Tensor) -> float:
-        values = values.detach().expand_as(mask) if values.dim() == mask.dim() else values.detach()
-        totals = self.accelerator.reduce(torch.stack([(values * mask).sum(), mask.sum().float()]), reduction="sum")
+        totals = self.accelerator.reduce(
+            torch.stack([(values.detach() * mask).sum(), mask.sum().float()]), reduction="sum"
+        )
         return (totals[0] / totals[1].clamp(min=1.0)).item()
 
     def _log_divergences(self, mode, mask, policy_full, reference_full, policy_logps, reference_logps):
         """Reverse KL, forward KL and JS to the reference: exact when the full distributions are at hand."""
+        exact = reference_full is not None
         with torch.no_grad():
             for name, divergence in self.metric_divergences.items():
-                if reference_full is not None:
-                    value, kind = divergence.exact(policy_full, reference_full), "exact"
+                if exact:
+                    value = divergence.exact(policy_full, reference_full)
                 else:
-                    value, kind = divergence.sampled(policy_logps, reference_logps), "sampled"
+                    value = divergence.sampled(policy_logps, reference_logps)
                 self._metrics[mode][f"divergence/{name}"].append(self._global_mean(value, mask))
-            self._metrics[mode]["divergence/exact"].append(float(kind == "exact"))
+        self._metrics[mode]["divergence/exact"].append(float(exact))
 
     def _maybe_log_image_grid(self):
         step, every = self.state.global_step, self.args.image_log_steps

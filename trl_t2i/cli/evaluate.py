@@ -232,11 +232,7 @@ def check_arguments(
     args: EvaluateArguments, runs: list[Run], reward_names: list[str], columns: list[str]
 ) -> tuple[str, str]:
     """Catch bad settings before any model is loaded; returns the frontier's x and y columns."""
-    if args.num_images_per_prompt < 2:
-        raise ValueError(
-            f"num_images_per_prompt must be >= 2 (diversity compares the images of one prompt), got "
-            f"{args.num_images_per_prompt}."
-        )
+    check_images_per_prompt(args.num_images_per_prompt)
     if args.num_prompts is not None and args.num_prompts < 1:
         raise ValueError(f"num_prompts must be >= 1 (or unset for all prompts), got {args.num_prompts}.")
     if args.cfg_scale <= 0 or args.temperature <= 0:
@@ -265,6 +261,11 @@ def check_arguments(
         if value not in columns:
             raise ValueError(f"Unknown {name} column {value!r}. Valid choices: {', '.join(columns)}.")
     return frontier_x, args.frontier_y
+
+
+def check_images_per_prompt(k: int) -> None:
+    if k < 2:
+        raise ValueError(f"num_images_per_prompt must be >= 2 (diversity compares the images of one prompt), got {k}.")
 
 
 def attach_run(base_model: torch.nn.Module, adapter, run: Run, args: EvaluateArguments) -> torch.nn.Module:

@@ -157,11 +157,7 @@ def check_arguments(args: FrontierArguments) -> None:
         raise ValueError("The sweep needs at least one divergence and one beta.")
     if any(beta < 0 for beta in args.betas):
         raise ValueError(f"betas must be >= 0, got {args.betas}.")
-    if args.num_images_per_prompt < 2:
-        raise ValueError(
-            f"num_images_per_prompt must be >= 2 (diversity compares the images of one prompt), got "
-            f"{args.num_images_per_prompt}."
-        )
+    evaluate.check_images_per_prompt(args.num_images_per_prompt)
     if args.frontier_y not in evaluate.DIVERSITY_METRICS:
         raise ValueError(
             f"Unknown frontier_y {args.frontier_y!r}. Valid choices: {', '.join(evaluate.DIVERSITY_METRICS)}."

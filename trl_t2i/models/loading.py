@@ -55,9 +55,7 @@ def load_model(name_or_path: str, **model_kwargs) -> PreTrainedModel:
     adapter = adapter_class(config)
     if isinstance(model_kwargs.get("quantization_config"), BitsAndBytesConfig):
         model_kwargs["quantization_config"] = with_skip_modules(model_kwargs["quantization_config"], adapter)
-    model = adapter.model_class.from_pretrained(path, **model_kwargs)
-    disable_bnb_cpu_repack(model)
-    return model
+    return adapter.model_class.from_pretrained(path, **model_kwargs)
 
 
 def load_processor(name_or_path: str, **kwargs):
