@@ -1,4 +1,5 @@
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -8,6 +9,7 @@ import torch
 import yaml
 from accelerate.commands.config.config_args import load_config_from_file
 
+from trl_t2i.cli import COMMANDS
 from trl_t2i.cli import main as cli_main
 from trl_t2i.cli.grpo import main, make_parser
 from trl_t2i.data import PROMPT_SETS
@@ -89,9 +91,21 @@ def test_bad_settings_fail_before_loading_the_model(tmp_path, no_model_loading, 
         main(*args)
 
 
-def test_cli_dispatcher_lists_commands_for_an_unknown_one():
-    with pytest.raises(SystemExit, match="(?s)Unknown command 'trian'.*grpo.*sample.*push"):
-        cli_main(["trian"])
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_cli_help_lists_every_command_and_succeeds(flag, capsys):
+    cli_main([flag])  # returns normally: the console script exits with 0
+    out = capsys.readouterr().out
+    for name, help in COMMANDS.items():
+        assert re.search(rf"^  {name} +{re.escape(help)}$", out, re.MULTILINE), name
+
+
+@pytest.mark.parametrize(("argv", "problem"), [(["trian"], "Unknown command 'trian'"), ([], "No command given")])
+def test_cli_without_a_valid_command_fails_with_the_listing(argv, problem):
+    with pytest.raises(SystemExit) as failure:
+        cli_main(argv)
+    message = str(failure.value.code)  # a message as exit code: printed to stderr, exit status 1
+    assert message.startswith(f"{problem}. Valid commands: {', '.join(COMMANDS)}.")
+    assert all(help in message for help in COMMANDS.values())
 
 
 def test_resumed_run_matches_an_uninterrupted_one(tmp_path):

@@ -19,11 +19,24 @@ COMMANDS = {
 }
 
 
+def usage() -> str:
+    listing = "\n".join(f"  {name:<10}{help}" for name, help in COMMANDS.items())
+    return (
+        "usage: trl-t2i <command> [--config recipe.yaml] [--option value ...]\n\n"
+        f"commands:\n{listing}\n\n"
+        "Run `trl-t2i <command> --help` for the options of a command."
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["-h"], ["--help"]):
+        print(usage())
+        return
     if not argv or argv[0] not in COMMANDS:
-        listing = "\n".join(f"  {name:<8}{help}" for name, help in COMMANDS.items())
-        got = f"Unknown command {argv[0]!r}.\n" if argv and argv[0] not in ("-h", "--help") else ""
-        sys.exit(f"{got}usage: trl-t2i <command> [--config file.yaml] [--flags]\n\ncommands:\n{listing}")
+        problem = f"Unknown command {argv[0]!r}." if argv else "No command given."
+        sys.exit(f"{problem} Valid commands: {', '.join(COMMANDS)}.\n\n{usage()}")
     command = importlib.import_module(f"{__name__}.{argv[0]}")
-    command.main(*command.make_parser().parse_args_and_config(argv[1:]))
+    parser = command.make_parser()
+    parser.prog = f"trl-t2i {argv[0]}"
+    command.main(*parser.parse_args_and_config(argv[1:]))
