@@ -11,15 +11,18 @@ from accelerate.commands.config.config_args import load_config_from_file
 
 from trl_t2i.cli import COMMANDS
 from trl_t2i.cli import main as cli_main
-from trl_t2i.cli.grpo import main, make_parser
+from trl_t2i.cli.frontier import FrontierArguments
+from trl_t2i.cli.grpo import UNSUPPORTED_SETTINGS, main, make_parser
+from trl_t2i.cli.parsing import RECIPES, field_names, find_recipe
+from trl_t2i.config import T2IGRPOConfig
 from trl_t2i.data import PROMPT_SETS
 from trl_t2i.rewards import REWARDS
 
 
 ROOT = Path(__file__).parents[1]
-TRAINING_RECIPES = sorted(path for path in (ROOT / "recipes").rglob("*.yaml") if path.parent.name != "accelerate")
-ACCELERATE_CONFIGS = sorted((ROOT / "recipes" / "accelerate").glob("*.yaml"))
-DEMO = ROOT / "recipes" / "tiny" / "cpu_demo.yaml"
+TRAINING_RECIPES = sorted(path for path in RECIPES.rglob("*.yaml") if path.parent.name != "accelerate")
+ACCELERATE_CONFIGS = sorted((RECIPES / "accelerate").glob("*.yaml"))
+DEMO = RECIPES / "tiny" / "cpu_demo.yaml"
 QUICK = ["--max_steps", "2", "--per_device_train_batch_size", "8", "--num_generations", "4", "--logging_steps", "1"]
 
 
@@ -27,7 +30,7 @@ def _parse(*argv):
     return make_parser().parse_args_and_config(list(argv))
 
 
-@pytest.mark.parametrize("recipe", TRAINING_RECIPES, ids=lambda path: str(path.relative_to(ROOT / "recipes")))
+@pytest.mark.parametrize("recipe", TRAINING_RECIPES, ids=lambda path: str(path.relative_to(RECIPES)))
 def test_every_training_recipe_parses_with_the_real_parser(recipe):
     raw = yaml.safe_load(recipe.read_text())
     assert recipe.read_text().startswith("#"), "every recipe starts with a header comment"
@@ -44,6 +47,67 @@ def test_every_training_recipe_parses_with_the_real_parser(recipe):
 @pytest.mark.parametrize("config", ACCELERATE_CONFIGS, ids=lambda path: path.name)
 def test_every_accelerate_config_loads(config):
     assert load_config_from_file(str(config)).num_processes >= 1
+
+
+def _help_sections(parser) -> dict[str, list[str]]:
+    """The options that `--help` shows, by section title, in order."""
+    sections, title = {}, None
+    for line in parser.format_help().splitlines():
+        if re.fullmatch(r"\S.*:", line):
+            title = line[:-1]
+            sections[title] = []
+        elif title and (option := re.match(r"  (--\w+)", line)):
+            sections[title].append(option.group(1))
+    return sections
+
+
+def test_grpo_help_shows_trl_t2i_options_first_and_hides_rejected_settings():
+    sections = _help_sections(make_parser())
+    assert list(sections) == [
+        "options",
+        "trl_t2i options",
+        "script options",
+        "TRL/transformers training options",
+        "model options (TRL's ModelConfig)",
+    ]
+    assert "--config" in sections["options"]
+    own = [f"--{name}" for name in field_names(T2IGRPOConfig, own=True)]
+    assert [option for option in sections["trl_t2i options"] if not option.startswith("--no_")] == own
+    assert {"--divergence", "--cfg_scale", "--image_log_count", "--beta"} <= set(own)
+    assert (
+        "--reward_funcs" in sections["script options"] and "--lora_r" in sections["model options (TRL's ModelConfig)"]
+    )
+    shown = {option for options in sections.values() for option in options}
+    assert "--learning_rate" in shown
+    assert not shown & {f"--{name}" for name in UNSUPPORTED_SETTINGS}
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"), [(["--use_vllm", "true"], "vLLM"), (["--pad_to_multiple_of", "8"], "pad")]
+)
+def test_hidden_settings_still_parse_and_are_rejected_by_the_config(flags, message):
+    with pytest.raises(ValueError, match=message):
+        _parse("--config", str(DEMO), *flags)
+
+
+@pytest.mark.parametrize(
+    "config_flag", [["--config", "recipes/tiny/cpu_demo.yaml"], ["--config=recipes/tiny/cpu_demo.yaml"]]
+)
+def test_recipe_paths_resolve_to_the_packaged_recipes_from_any_directory(tmp_path, monkeypatch, config_flag):
+    monkeypatch.chdir(tmp_path)  # no `recipes/` here: an installed user's working directory
+    _, training_args, model_args = _parse(*config_flag, "--max_steps", "0", "--output_dir", "out")
+    assert training_args.divergence == "js" and model_args.model_name_or_path == "trl-t2i/tiny-janus"
+    assert find_recipe(FrontierArguments().recipe) == RECIPES / "tiny" / "frontier.yaml"
+    with pytest.raises(FileNotFoundError, match="recipes/no_such.yaml.*recipes/tiny/cpu_demo.yaml"):
+        _parse("--config", "recipes/no_such.yaml")
+
+
+def test_recipes_ship_in_the_package_and_the_checkout_links_to_them():
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    package_data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    shipped = {path for pattern in package_data["trl_t2i"] for path in (ROOT / "trl_t2i").glob(pattern)}
+    assert set(RECIPES.rglob("*.yaml")) <= shipped and RECIPES / "tiny" / "cpu_demo.yaml" in shipped
+    assert (ROOT / "recipes").resolve() == RECIPES  # `--config recipes/...` from a checkout, as in the README
 
 
 def test_cli_flags_override_the_recipe():
@@ -132,7 +196,10 @@ def test_resumed_run_matches_an_uninterrupted_one(tmp_path):
 PROBE = """
 import sys, torch
 import trl_t2i.trainer as trainer_module
-from trl_t2i.cli.grpo import main, make_parser
+from trl_t2i.cli.frontier import FrontierArguments
+from trl_t2i.cli.grpo import UNSUPPORTED_SETTINGS, main, make_parser
+from trl_t2i.cli.parsing import RECIPES, field_names, find_recipe
+from trl_t2i.config import T2IGRPOConfig
 
 seen = []
 generate = trainer_module.T2IGRPOTrainer._generate

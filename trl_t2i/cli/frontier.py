@@ -25,6 +25,7 @@ from trl import TrlParser
 
 from ..divergences import DIVERGENCES, get_divergence
 from . import evaluate, grpo
+from .parsing import find_recipe
 
 
 @dataclass
@@ -138,14 +139,6 @@ def main(args: FrontierArguments) -> list[dict]:
     print("\nTimes (s): " + ", ".join(f"{name} {seconds:.0f}" for name, seconds in timings.items()))
     print(f"Frontier: {(output_dir / 'eval' / 'frontier.png').resolve()}")
     return summary
-
-
-def find_recipe(recipe: str) -> Path:
-    """The recipe path as given, or relative to this checkout's root (for the default, run from elsewhere)."""
-    for path in (Path(recipe), Path(__file__).parents[2] / recipe):
-        if path.is_file():
-            return path
-    raise FileNotFoundError(f"Recipe {recipe!r} not found (pass --recipe path/to/recipe.yaml).")
 
 
 def check_arguments(args: FrontierArguments) -> None:
