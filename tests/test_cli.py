@@ -2,6 +2,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -35,7 +36,9 @@ def test_every_training_recipe_parses_with_the_real_parser(recipe):
     raw = yaml.safe_load(recipe.read_text())
     assert recipe.read_text().startswith("#"), "every recipe starts with a header comment"
     # GPU recipes ask for bf16, which transformers refuses on a CPU-only machine unless use_cpu is set
-    script_args, training_args, model_args = _parse("--config", str(recipe), "--use_cpu", "true")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # e.g. a deprecated key (`gradient_checkpointing`)
+        script_args, training_args, model_args = _parse("--config", str(recipe), "--use_cpu", "true")
     assert training_args.divergence == raw["divergence"]
     assert script_args.dataset_name in PROMPT_SETS or Path(script_args.dataset_name).exists()
     assert all(name in REWARDS for name in script_args.reward_funcs)
@@ -249,5 +252,6 @@ def test_installed_cli_samples_images_with_a_trained_adapter(tmp_path):
     ]  # fmt: skip
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "Warning" not in result.stderr, result.stderr
     written = sorted(path.name for path in (tmp_path / "samples").iterdir())
     assert written == ["0000.png", "0001.png", "0002.png", "0003.png", "0004.png", "0005.png", "grid.png"]

@@ -8,7 +8,18 @@ trl-t2i push --output_dir ... --hub_model_id ...       # upload a training outpu
 
 import importlib
 import sys
+import warnings
 
+
+# PEFT 0.21 (`PeftModel.__init__`) and TRL 1.16 (`unwrap_model_for_generation`, `disable_gradient_checkpointing`) call
+# transformers' deprecated `*gradient_checkpointing*` aliases on every run: nothing a user of these commands can act on
+# (both are pinned in pyproject.toml). Remove once they call the `activation_checkpointing` names.
+warnings.filterwarnings(
+    "ignore",
+    message=r"`(is_gradient_checkpointing|gradient_checkpointing_enable|gradient_checkpointing_disable)` is deprecated",
+    category=FutureWarning,
+    module="transformers.modeling_utils",
+)
 
 COMMANDS = {
     "grpo": "Train with GRPO.",
