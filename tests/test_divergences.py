@@ -42,10 +42,10 @@ parametrize_cases = pytest.mark.parametrize(("name", "params"), CASES, ids=CASE_
 parametrize_dtypes = pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 
 
-def reference_divergence(logp_full, ref_logp_full, name, params):
+def reference_divergence(logp_table, ref_logp_table, name, params):
     """Σ_v ρ f(π/ρ) by direct summation (differentiable)."""
-    u = torch.exp(logp_full - ref_logp_full)
-    return (torch.exp(ref_logp_full) * REFERENCE_F[name](u, **params)).sum(-1)
+    u = torch.exp(logp_table - ref_logp_table)
+    return (torch.exp(ref_logp_table) * REFERENCE_F[name](u, **params)).sum(-1)
 
 
 def reference_h(logp, ref_logp, name, params):
@@ -63,11 +63,13 @@ def random_log_probs(shape, seed, scale=1.0, dtype=torch.float64):
 @parametrize_cases
 @pytest.mark.parametrize("shape", [(17,), (3, 5, 17), (2, 1, 4, 9)])
 def test_exact_matches_direct_sum(name, params, shape):
-    logp_full = random_log_probs(shape, seed=0)
-    ref_logp_full = random_log_probs(shape, seed=1)
-    value = get_divergence(name, **params).exact(logp_full, ref_logp_full)
+    logp_table = random_log_probs(shape, seed=0)
+    ref_logp_table = random_log_probs(shape, seed=1)
+    value = get_divergence(name, **params).exact(logp_table, ref_logp_table)
     assert value.shape == shape[:-1]
-    torch.testing.assert_close(value, reference_divergence(logp_full, ref_logp_full, name, params), rtol=1e-10, atol=0)
+    torch.testing.assert_close(
+        value, reference_divergence(logp_table, ref_logp_table, name, params), rtol=1e-10, atol=0
+    )
 
 
 @parametrize_cases
@@ -82,13 +84,13 @@ def test_sampled_matches_definition(name, params):
 
 @parametrize_cases
 def test_sampled_is_unbiased(name, params):
-    logp_full = random_log_probs(6, seed=2, scale=0.7)
-    ref_logp_full = random_log_probs(6, seed=3, scale=0.7)
+    logp_table = random_log_probs(6, seed=2, scale=0.7)
+    ref_logp_table = random_log_probs(6, seed=3, scale=0.7)
     generator = torch.Generator().manual_seed(4)
-    tokens = torch.multinomial(logp_full.exp(), 200_000, replacement=True, generator=generator)
-    values = get_divergence(name, **params).sampled(logp_full[tokens], ref_logp_full[tokens])
+    tokens = torch.multinomial(logp_table.exp(), 200_000, replacement=True, generator=generator)
+    values = get_divergence(name, **params).sampled(logp_table[tokens], ref_logp_table[tokens])
     standard_error = values.std() / math.sqrt(len(values))
-    expected = reference_divergence(logp_full, ref_logp_full, name, params)
+    expected = reference_divergence(logp_table, ref_logp_table, name, params)
     assert abs(values.mean() - expected) < 3 * standard_error
 
 
@@ -113,58 +115,58 @@ def policy_and_reference(vocab_size=6):
     """Policy logits θ (requiring grad) and a fixed reference, moderately different."""
     generator = torch.Generator().manual_seed(5)
     logits = torch.randn(vocab_size, generator=generator, dtype=torch.float64).requires_grad_()
-    ref_logp_full = torch.log_softmax(torch.randn(vocab_size, generator=generator, dtype=torch.float64), dim=-1)
-    return logits, ref_logp_full
+    ref_logp_table = torch.log_softmax(torch.randn(vocab_size, generator=generator, dtype=torch.float64), dim=-1)
+    return logits, ref_logp_table
 
 
-def ratio_weighted_penalty(divergence, logits, ref_logp_full):
+def ratio_weighted_penalty(divergence, logits, ref_logp_table):
     """Per-token (π/π_old)·h at every code of the vocabulary, with π_old = π.detach()."""
-    logp_full = torch.log_softmax(logits, dim=-1)
-    ratio = torch.exp(logp_full - logp_full.detach())
-    return ratio * divergence.sampled(logp_full, ref_logp_full)
+    logp_table = torch.log_softmax(logits, dim=-1)
+    ratio = torch.exp(logp_table - logp_table.detach())
+    return ratio * divergence.sampled(logp_table, ref_logp_table)
 
 
-def divergence_gradient(logits, ref_logp_full, name, params):
-    logp_full = torch.log_softmax(logits, dim=-1)
-    return torch.autograd.grad(reference_divergence(logp_full, ref_logp_full, name, params), logits)[0]
+def divergence_gradient(logits, ref_logp_table, name, params):
+    logp_table = torch.log_softmax(logits, dim=-1)
+    return torch.autograd.grad(reference_divergence(logp_table, ref_logp_table, name, params), logits)[0]
 
 
 @parametrize_cases
 def test_ratio_weighted_sampled_gradient_is_divergence_gradient(name, params):
-    logits, ref_logp_full = policy_and_reference()
-    penalty = ratio_weighted_penalty(get_divergence(name, **params), logits, ref_logp_full)
+    logits, ref_logp_table = policy_and_reference()
+    penalty = ratio_weighted_penalty(get_divergence(name, **params), logits, ref_logp_table)
     # Exact expectation over x ~ π_old: weight each code's penalty by its (detached) probability.
     expectation = (torch.softmax(logits, dim=-1).detach() * penalty).sum()
     gradient = torch.autograd.grad(expectation, logits)[0]
     torch.testing.assert_close(
-        gradient, divergence_gradient(logits, ref_logp_full, name, params), rtol=1e-10, atol=1e-12
+        gradient, divergence_gradient(logits, ref_logp_table, name, params), rtol=1e-10, atol=1e-12
     )
 
 
 @pytest.mark.parametrize("name", ["reverse_kl", "js"])
 def test_ratio_weighted_sampled_gradient_monte_carlo(name):
-    logits, ref_logp_full = policy_and_reference()
+    logits, ref_logp_table = policy_and_reference()
     divergence = get_divergence(name)
     generator = torch.Generator().manual_seed(6)
     tokens = torch.multinomial(torch.softmax(logits, dim=-1).detach(), 200_000, replacement=True, generator=generator)
-    penalty = ratio_weighted_penalty(divergence, logits, ref_logp_full)
+    penalty = ratio_weighted_penalty(divergence, logits, ref_logp_table)
     monte_carlo = torch.autograd.grad(penalty[tokens].mean(), logits)[0]
     # The gradient of a single draw only depends on the token, so the per-draw spread comes from a per-code table.
     per_code = torch.autograd.functional.jacobian(
-        lambda x: ratio_weighted_penalty(divergence, x, ref_logp_full), logits
+        lambda x: ratio_weighted_penalty(divergence, x, ref_logp_table), logits
     )
     standard_error = per_code[tokens].std(dim=0) / math.sqrt(len(tokens))
-    error = (monte_carlo - divergence_gradient(logits, ref_logp_full, name, {})).abs()
+    error = (monte_carlo - divergence_gradient(logits, ref_logp_table, name, {})).abs()
     assert (error < 4 * standard_error).all()
 
 
 def test_k3_without_ratio_gives_forward_kl_gradient():
-    logits, ref_logp_full = policy_and_reference()
-    logp_full = torch.log_softmax(logits, dim=-1)
-    k3 = get_divergence("reverse_kl").sampled(logp_full, ref_logp_full)
-    gradient = torch.autograd.grad((logp_full.exp().detach() * k3).sum(), logits)[0]
-    forward_kl_gradient = divergence_gradient(logits, ref_logp_full, "forward_kl", {})
-    reverse_kl_gradient = divergence_gradient(logits, ref_logp_full, "reverse_kl", {})
+    logits, ref_logp_table = policy_and_reference()
+    logp_table = torch.log_softmax(logits, dim=-1)
+    k3 = get_divergence("reverse_kl").sampled(logp_table, ref_logp_table)
+    gradient = torch.autograd.grad((logp_table.exp().detach() * k3).sum(), logits)[0]
+    forward_kl_gradient = divergence_gradient(logits, ref_logp_table, "forward_kl", {})
+    reverse_kl_gradient = divergence_gradient(logits, ref_logp_table, "reverse_kl", {})
     torch.testing.assert_close(gradient, forward_kl_gradient, rtol=1e-10, atol=1e-12)
     assert (gradient - reverse_kl_gradient).norm() > 0.1 * reverse_kl_gradient.norm()
 
@@ -182,9 +184,9 @@ def test_sampled_is_non_negative(name, params, dtype):
 
 @parametrize_cases
 def test_exact_is_non_negative(name, params):
-    logp_full = random_log_probs((200, 11), seed=7, scale=3.0)
-    ref_logp_full = random_log_probs((200, 11), seed=8, scale=3.0)
-    assert (get_divergence(name, **params).exact(logp_full, ref_logp_full) >= 0).all()
+    logp_table = random_log_probs((200, 11), seed=7, scale=3.0)
+    ref_logp_table = random_log_probs((200, 11), seed=8, scale=3.0)
+    assert (get_divergence(name, **params).exact(logp_table, ref_logp_table) >= 0).all()
 
 
 def test_js_is_bounded_by_log_2():
@@ -192,23 +194,23 @@ def test_js_is_bounded_by_log_2():
     sharp = js.exact(random_log_probs((500, 8), seed=9, scale=10.0), random_log_probs((500, 8), seed=10, scale=10.0))
     assert (sharp <= math.log(2)).all()
     # Nearly one-hot on different codes: just below the bound.
-    logp_full = torch.log_softmax(torch.tensor([40.0, 0, 0, 0, 0], dtype=torch.float64), dim=-1)
-    ref_logp_full = torch.log_softmax(torch.tensor([0, 40.0, 0, 0, 0], dtype=torch.float64), dim=-1)
-    nearly_disjoint = js.exact(logp_full, ref_logp_full)
+    logp_table = torch.log_softmax(torch.tensor([40.0, 0, 0, 0, 0], dtype=torch.float64), dim=-1)
+    ref_logp_table = torch.log_softmax(torch.tensor([0, 40.0, 0, 0, 0], dtype=torch.float64), dim=-1)
+    nearly_disjoint = js.exact(logp_table, ref_logp_table)
     assert math.log(2) - 1e-12 < nearly_disjoint <= math.log(2)
     # Exactly disjoint supports reach it.
-    logp_full = torch.tensor([0.0, -math.inf, -math.inf], dtype=torch.float64)
-    ref_logp_full = torch.tensor([-math.inf, 0.0, -math.inf], dtype=torch.float64)
-    torch.testing.assert_close(js.exact(logp_full, ref_logp_full), torch.tensor(math.log(2), dtype=torch.float64))
+    logp_table = torch.tensor([0.0, -math.inf, -math.inf], dtype=torch.float64)
+    ref_logp_table = torch.tensor([-math.inf, 0.0, -math.inf], dtype=torch.float64)
+    torch.testing.assert_close(js.exact(logp_table, ref_logp_table), torch.tensor(math.log(2), dtype=torch.float64))
 
 
 @parametrize_cases
 def test_zero_when_distributions_match(name, params):
     divergence = get_divergence(name, **params)
-    logp_full = random_log_probs((4, 13), seed=11, scale=3.0)
-    assert (divergence.sampled(logp_full, logp_full) == 0).all()
+    logp_table = random_log_probs((4, 13), seed=11, scale=3.0)
+    assert (divergence.sampled(logp_table, logp_table) == 0).all()
     torch.testing.assert_close(
-        divergence.exact(logp_full, logp_full), torch.zeros(4, dtype=torch.float64), atol=1e-14, rtol=0
+        divergence.exact(logp_table, logp_table), torch.zeros(4, dtype=torch.float64), atol=1e-14, rtol=0
     )
 
 
@@ -241,10 +243,10 @@ def test_sampled_is_finite_with_finite_gradients(name, params, dtype):
 def test_exact_is_finite_with_finite_gradients(name, params, dtype):
     # Probabilities spanning 1 down to ~1e-30, ordered differently under the policy and the reference.
     spread = torch.linspace(0, math.log(1e-30), 16, dtype=torch.float64)
-    logp_full = torch.log_softmax(spread, dim=-1).to(dtype).requires_grad_()
-    ref_logp_full = torch.log_softmax(spread.roll(5), dim=-1).to(dtype).requires_grad_()
-    value = get_divergence(name, **params).exact(logp_full, ref_logp_full)
-    gradients = torch.autograd.grad(value, (logp_full, ref_logp_full))
+    logp_table = torch.log_softmax(spread, dim=-1).to(dtype).requires_grad_()
+    ref_logp_table = torch.log_softmax(spread.roll(5), dim=-1).to(dtype).requires_grad_()
+    value = get_divergence(name, **params).exact(logp_table, ref_logp_table)
+    gradients = torch.autograd.grad(value, (logp_table, ref_logp_table))
     assert torch.isfinite(value)
     assert all(torch.isfinite(gradient).all() for gradient in gradients)
 
@@ -252,15 +254,17 @@ def test_exact_is_finite_with_finite_gradients(name, params, dtype):
 @parametrize_cases
 def test_exact_ignores_codes_impossible_under_both(name, params):
     # Masked codes (-inf logits in both models) must act as if the codebook were smaller.
-    logp_full = random_log_probs((3, 7), seed=12)
-    ref_logp_full = random_log_probs((3, 7), seed=13)
+    logp_table = random_log_probs((3, 7), seed=12)
+    ref_logp_table = random_log_probs((3, 7), seed=13)
     masked = torch.full((3, 2), -math.inf, dtype=torch.float64)
-    logp_padded = torch.cat([logp_full, masked], dim=-1).requires_grad_()
-    ref_logp_padded = torch.cat([ref_logp_full, masked], dim=-1).requires_grad_()
+    logp_padded = torch.cat([logp_table, masked], dim=-1).requires_grad_()
+    ref_logp_padded = torch.cat([ref_logp_table, masked], dim=-1).requires_grad_()
     divergence = get_divergence(name, **params)
     value = divergence.exact(logp_padded, ref_logp_padded)
     gradients = torch.autograd.grad(value.sum(), (logp_padded, ref_logp_padded))
-    torch.testing.assert_close(value, reference_divergence(logp_full, ref_logp_full, name, params), rtol=1e-10, atol=0)
+    torch.testing.assert_close(
+        value, reference_divergence(logp_table, ref_logp_table, name, params), rtol=1e-10, atol=0
+    )
     assert all(torch.isfinite(gradient).all() for gradient in gradients)
 
 
@@ -271,23 +275,23 @@ def test_exact_ignores_codes_impossible_under_both(name, params):
 )
 def test_exact_is_finite_for_code_impossible_under_policy(name, params):
     # These divergences stay finite when π(v) = 0 < ρ(v); the limit π(v) → 0 gives the value.
-    logp_full = torch.tensor([-0.5, -1.5, -math.inf], dtype=torch.float64)
-    logp_full = (logp_full - torch.logsumexp(logp_full, dim=-1)).requires_grad_()
-    ref_logp_full = torch.log(torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64))
-    value = get_divergence(name, **params).exact(logp_full, ref_logp_full)
-    nearly_zero = logp_full.detach().clone()
+    logp_table = torch.tensor([-0.5, -1.5, -math.inf], dtype=torch.float64)
+    logp_table = (logp_table - torch.logsumexp(logp_table, dim=-1)).requires_grad_()
+    ref_logp_table = torch.log(torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64))
+    value = get_divergence(name, **params).exact(logp_table, ref_logp_table)
+    nearly_zero = logp_table.detach().clone()
     nearly_zero[-1] = -200.0
-    torch.testing.assert_close(value, reference_divergence(nearly_zero, ref_logp_full, name, params))
-    assert torch.isfinite(torch.autograd.grad(value, logp_full)[0]).all()
+    torch.testing.assert_close(value, reference_divergence(nearly_zero, ref_logp_table, name, params))
+    assert torch.isfinite(torch.autograd.grad(value, logp_table)[0]).all()
 
 
 @pytest.mark.parametrize(("alpha", "limit"), [(1 - 1e-4, "reverse_kl"), (1e-4, "forward_kl")], ids=["1", "0"])
 def test_alpha_limits(alpha, limit):
     divergence, expected = AlphaDivergence(alpha), get_divergence(limit)
-    logp_full = random_log_probs((3, 17), seed=14)
-    ref_logp_full = random_log_probs((3, 17), seed=15)
+    logp_table = random_log_probs((3, 17), seed=14)
+    ref_logp_table = random_log_probs((3, 17), seed=15)
     torch.testing.assert_close(
-        divergence.exact(logp_full, ref_logp_full), expected.exact(logp_full, ref_logp_full), rtol=1e-3, atol=0
+        divergence.exact(logp_table, ref_logp_table), expected.exact(logp_table, ref_logp_table), rtol=1e-3, atol=0
     )
     logp = torch.full((101,), -2.0, dtype=torch.float64)
     ref_logp = logp + torch.linspace(-5, 5, 101, dtype=torch.float64)
@@ -298,12 +302,14 @@ def test_alpha_limits(alpha, limit):
 
 def test_alpha_half_is_twice_hellinger():
     alpha, hellinger = AlphaDivergence(0.5), HellingerDivergence()
-    logp_full = random_log_probs((3, 17), seed=16)
-    ref_logp_full = random_log_probs((3, 17), seed=17)
-    torch.testing.assert_close(alpha.exact(logp_full, ref_logp_full), 2 * hellinger.exact(logp_full, ref_logp_full))
+    logp_table = random_log_probs((3, 17), seed=16)
+    ref_logp_table = random_log_probs((3, 17), seed=17)
+    torch.testing.assert_close(
+        alpha.exact(logp_table, ref_logp_table), 2 * hellinger.exact(logp_table, ref_logp_table)
+    )
     # And the convention Σ(√π − √ρ)² = 2(1 − Σ√(πρ)).
-    bhattacharyya = torch.exp(0.5 * (logp_full + ref_logp_full)).sum(-1)
-    torch.testing.assert_close(hellinger.exact(logp_full, ref_logp_full), 2 * (1 - bhattacharyya))
+    bhattacharyya = torch.exp(0.5 * (logp_table + ref_logp_table)).sum(-1)
+    torch.testing.assert_close(hellinger.exact(logp_table, ref_logp_table), 2 * (1 - bhattacharyya))
     log_ratio = torch.linspace(-15, 15, 121, dtype=torch.float64)
     logp = torch.zeros_like(log_ratio)
     torch.testing.assert_close(alpha.sampled(logp, log_ratio), 2 * hellinger.sampled(logp, log_ratio))

@@ -13,9 +13,9 @@ from trl_t2i.cli import evaluate, frontier, grpo
 from trl_t2i.data import load_prompt_dataset
 from trl_t2i.images import to_pil
 from trl_t2i.metrics import diversity_summary, pixel_features
-from trl_t2i.models import TINY_JANUS, build_tiny_janus, get_adapter, load_model, load_processor
-from trl_t2i.rewards import prompt_colour_match
-from trl_t2i.sampling import image_token_logprobs, sample_image_tokens
+from trl_t2i.models import TINY_JANUS, build_tiny_janus, get_family, load_model, load_processor
+from trl_t2i.rewards import colour_match
+from trl_t2i.sampling import image_logp_table, sample_image_tokens
 
 
 ROOT = Path(__file__).parents[1]
@@ -92,7 +92,7 @@ def _floats(rows, column) -> np.ndarray:
 
 def test_evaluation_writes_consistent_tables_grids_and_frontier(tmp_path, trained_run):
     _evaluate(tmp_path, [f"js={trained_run}"])
-    reward, k, num_prompts, labels = "prompt_colour_match", 3, 3, ["base", "js"]
+    reward, k, num_prompts, labels = "colour_match", 3, 3, ["base", "js"]
     metrics = [f"{reward}_mean", f"{reward}_std", *evaluate.DIVERSITY_METRICS]
 
     per_image = _read_csv(tmp_path / "per_image.csv")
@@ -155,7 +155,7 @@ def test_same_seed_same_images_and_runs_differ_only_by_weights(tmp_path, trained
         for label in ("base", "zero", "full")
     }
     assert by_run["zero"] == by_run["base"]  # every reward and diversity metric, to the last digit
-    for column in ("prompt_colour_match_mean", *evaluate.DIVERSITY_METRICS):  # another load, same numbers
+    for column in ("colour_match_mean", *evaluate.DIVERSITY_METRICS):  # another load, same numbers
         assert _floats(by_run["full"], column) == pytest.approx(_floats(by_run["base"], column), rel=1e-6)
 
 
@@ -166,16 +166,16 @@ def test_per_prompt_metrics_match_a_direct_computation(tmp_path):
     assert row["prompt"] == prompt
 
     model = load_model(TINY_JANUS).eval()
-    adapter = get_adapter(model, load_processor(TINY_JANUS))
-    adapter.patch_forward(model)
-    input_ids, attention_mask = adapter.prepare_prompts([prompt] * k)
+    family = get_family(model, load_processor(TINY_JANUS))
+    family.patch_forward(model)
+    conditioning = family.encode_prompts([prompt] * k)
     generator = evaluate.prompt_generator(7, 1, "cpu")
     with torch.no_grad():
-        tokens = sample_image_tokens(adapter, model, input_ids, attention_mask, generator=generator).image_tokens
-        logprobs = image_token_logprobs(adapter, model, input_ids, attention_mask, tokens)
-    images = to_pil(adapter.decode(model, tokens))
-    expected = diversity_summary(pixel_features(images), tokens, adapter.codebook_size, logprobs)
-    assert float(row["prompt_colour_match_mean"]) == pytest.approx(np.mean(prompt_colour_match([prompt] * k, images)))
+        tokens = sample_image_tokens(family, model, conditioning, generator=generator).image_tokens
+        logp_table = image_logp_table(family, model, conditioning, tokens)
+    images = to_pil(family.decode(model, tokens))
+    expected = diversity_summary(pixel_features(images), tokens, family.codebook_size, logp_table)
+    assert float(row["colour_match_mean"]) == pytest.approx(np.mean(colour_match([prompt] * k, images)))
     for name, value in expected.items():
         assert float(row[name]) == pytest.approx(value, rel=1e-5), name
 

@@ -62,7 +62,7 @@ def test_model_card_metadata_and_content(trained):
     assert metadata["library_name"] == "peft" and metadata["pipeline_tag"] == "text-to-image"
     assert {"trl-t2i", "grpo", "js", "lora"} <= set(metadata["tags"])
     assert metadata["datasets"] == ["colour_objects"]
-    for expected in ["`js`", "`exact`", "| β | 0.04 |", "5.0 / `guided`", "`prompt_colour_match`", "`colour_objects`"]:
+    for expected in ["`js`", "`exact`", "| β | 0.04 |", "5.0 / `guided`", "`colour_match`", "`colour_objects`"]:
         assert expected in body, expected
     assert "divergence/js" in body and "reward" in body  # final metrics
     assert f"python scripts/grpo_t2i.py --config {DEMO}" in body  # the command line

@@ -324,14 +324,14 @@ def test_missing_feature_model_names_the_model(tmp_path):
 def test_diversity_summary_matches_the_individual_metrics():
     features = torch.randn(4, 6)
     tokens = torch.tensor([[0, 1, 2], [0, 1, 3], [4, 5, 6], [0, 1, 2]])
-    logprobs = torch.randn(4, 3, 8).log_softmax(-1)
-    summary = diversity_summary(features, image_tokens=tokens, codebook_size=8, logprobs=logprobs)
+    logp_table = torch.randn(4, 3, 8).log_softmax(-1)
+    summary = diversity_summary(features, image_tokens=tokens, codebook_size=8, logp_table=logp_table)
     assert summary == {
         "pairwise_distance": pairwise_cosine_distance(features),
         "vendi": vendi_score(features),
         "codebook_usage": 7 / 8,
         "token_hamming": token_hamming_diversity(tokens),
-        "token_entropy": pytest.approx(token_entropy(logprobs).mean().item()),
+        "token_entropy": pytest.approx(token_entropy(logp_table).mean().item()),
     }
     assert set(diversity_summary(features)) == {"pairwise_distance", "vendi"}
     assert set(diversity_summary(features, image_tokens=tokens)) == {"pairwise_distance", "vendi", "token_hamming"}
@@ -340,5 +340,5 @@ def test_diversity_summary_matches_the_individual_metrics():
 def test_diversity_summary_rejects_inputs_of_another_group():
     with pytest.raises(ValueError, match="image_tokens has 3 rows but features has 4"):
         diversity_summary(torch.randn(4, 6), image_tokens=torch.zeros(3, 5, dtype=torch.long))
-    with pytest.raises(ValueError, match="logprobs has 2 rows but features has 4"):
-        diversity_summary(torch.randn(4, 6), logprobs=torch.zeros(2, 5, 8))
+    with pytest.raises(ValueError, match="logp_table has 2 rows but features has 4"):
+        diversity_summary(torch.randn(4, 6), logp_table=torch.zeros(2, 5, 8))

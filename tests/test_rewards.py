@@ -17,10 +17,10 @@ from trl_t2i.rewards import (
     AestheticMLP,
     AestheticReward,
     CLIPScoreReward,
+    colour_match,
     get_reward,
     jpeg_compressibility,
     jpeg_incompressibility,
-    prompt_colour_match,
 )
 
 
@@ -300,13 +300,13 @@ def test_registry_holds_every_builtin_reward():
 @pytest.mark.parametrize(
     ("name", "function"),
     [
-        ("colour_match", prompt_colour_match),
+        ("colour_match", colour_match),
         ("jpeg_compressibility", jpeg_compressibility),
         ("jpeg_incompressibility", jpeg_incompressibility),
     ],
 )
 def test_weight_free_rewards_are_their_functions(name, function):
-    assert get_reward(name) is function  # TRL names the metric after the function: rewards/prompt_colour_match/mean
+    assert get_reward(name) is function  # TRL names the metric after the function: rewards/colour_match/mean
 
 
 def test_unknown_reward_lists_the_valid_names():
@@ -317,7 +317,7 @@ def test_unknown_reward_lists_the_valid_names():
 
 
 def test_reward_by_import_path():
-    assert get_reward("trl_t2i.rewards.colour:prompt_colour_match") is prompt_colour_match
+    assert get_reward("trl_t2i.rewards.colour:colour_match") is colour_match
     reward = get_reward("trl_t2i.rewards.clip:CLIPScoreReward", model_id="some/clip", batch_size=3)
     assert isinstance(reward, CLIPScoreReward)
     assert (reward.model_id, reward.batch_size) == ("some/clip", 3)
@@ -335,7 +335,7 @@ def test_import_path_names_what_is_missing(name, missing):
         get_reward(name)
 
 
-@pytest.mark.parametrize("name", ["colour_match", "trl_t2i.rewards.colour:prompt_colour_match"])
+@pytest.mark.parametrize("name", ["colour_match", "trl_t2i.rewards.colour:colour_match"])
 def test_reward_functions_refuse_arguments(name):
     with pytest.raises(ValueError, match="takes no arguments"):
         get_reward(name, quality=90)

@@ -1,124 +1,9 @@
+"""Warping and the sampling settings; the sampler itself is tested per family in `test_family_contract.py`."""
+
 import pytest
 import torch
 
-from trl_t2i.sampling import image_token_logprobs, sample_image_tokens, warp_logits
-
-
-WARPS = [{}, {"top_k": 5}, {"top_p": 0.8, "temperature": 0.7}, {"temperature": 1.3, "top_k": 10, "top_p": 0.9}]
-
-
-def _generate(model, input_ids, attention_mask, **kwargs):
-    return model.generate(
-        input_ids=input_ids, attention_mask=attention_mask, generation_mode="image", guidance_scale=5.0, **kwargs
-    )
-
-
-def test_greedy_reproduces_generate(tiny_janus, prompts):
-    model, _, adapter = tiny_janus
-    input_ids, attention_mask = adapter.prepare_prompts(prompts)
-    expected = _generate(model, input_ids, attention_mask, do_sample=False)
-    ours = sample_image_tokens(adapter, model, input_ids, attention_mask, cfg_scale=5.0, do_sample=False)
-    assert torch.equal(ours.image_tokens, expected)
-
-
-@pytest.mark.parametrize("warp", WARPS)
-def test_sampling_reproduces_generate_under_the_same_global_seed(tiny_janus, prompts, warp):
-    model, _, adapter = tiny_janus
-    input_ids, attention_mask = adapter.prepare_prompts(prompts)
-    torch.manual_seed(3)
-    # generate's own default top_k is 50; TRL's (and ours) is 0 = disabled
-    expected = _generate(model, input_ids, attention_mask, do_sample=True, **{"top_k": 0, **warp})
-    torch.manual_seed(3)
-    ours = sample_image_tokens(adapter, model, input_ids, attention_mask, cfg_scale=5.0, **warp)
-    assert torch.equal(ours.image_tokens, expected)
-
-
-def test_generator_seeds_the_sampler(tiny_janus, prompts):
-    model, _, adapter = tiny_janus
-    input_ids, attention_mask = adapter.prepare_prompts(prompts * 4)
-
-    def sample(seed):
-        generator = torch.Generator().manual_seed(seed)
-        return sample_image_tokens(adapter, model, input_ids, attention_mask, generator=generator).image_tokens
-
-    assert torch.equal(sample(0), sample(0))
-    assert not torch.equal(sample(0), sample(1))
-
-
-@pytest.mark.parametrize("warp", WARPS)
-@pytest.mark.parametrize("cfg_scale", [5.0, 1.0])
-def test_teacher_forced_logprobs_equal_the_samplers(tiny_janus, prompts, warp, cfg_scale):
-    model, _, adapter = tiny_janus
-    input_ids, attention_mask = adapter.prepare_prompts(prompts)
-    guided = cfg_scale != 1.0
-    sample = sample_image_tokens(
-        adapter, model, input_ids, attention_mask, cfg_scale=cfg_scale, return_conditional_logprobs=guided, **warp
-    )
-    for mode, recorded in [("guided", sample.logprobs), ("conditional", sample.conditional_logprobs)]:
-        if recorded is None:  # cfg_scale == 1: conditional is the sampled distribution
-            recorded = sample.logprobs
-        full = image_token_logprobs(
-            adapter,
-            model,
-            input_ids,
-            attention_mask,
-            sample.image_tokens,
-            cfg_scale=cfg_scale,
-            cfg_logprobs=mode,
-            **warp,
-        )
-        assert full.shape == (*sample.image_tokens.shape, adapter.codebook_size)
-        scored = full.gather(-1, sample.image_tokens[..., None]).squeeze(-1)
-        torch.testing.assert_close(scored, recorded, atol=1e-5, rtol=0)
-        assert torch.isfinite(scored).all()
-
-
-def test_guided_and_conditional_logprobs_differ_when_guidance_is_on(tiny_janus, prompts):
-    model, _, adapter = tiny_janus
-    input_ids, attention_mask = adapter.prepare_prompts(prompts)
-    sample = sample_image_tokens(
-        adapter, model, input_ids, attention_mask, cfg_scale=5.0, return_conditional_logprobs=True
-    )
-    assert (sample.logprobs - sample.conditional_logprobs).abs().max() > 1e-2
-
-
-def test_cfg_scale_one_skips_the_unconditional_rows(tiny_janus, prompts):
-    model, _, adapter = tiny_janus
-    input_ids, attention_mask = adapter.prepare_prompts(prompts)
-    rows = []
-    hook = model.model.generation_head.register_forward_hook(lambda module, args, out: rows.append(out.shape[0]))
-    try:
-        sample_image_tokens(adapter, model, input_ids, attention_mask, cfg_scale=1.0)
-        image_token_logprobs(
-            adapter, model, input_ids, attention_mask, torch.zeros(4, 16, dtype=torch.long), cfg_scale=1.0
-        )
-        assert set(rows) == {len(prompts)}
-        rows.clear()
-        sample_image_tokens(adapter, model, input_ids, attention_mask, cfg_scale=5.0)
-        assert set(rows) == {2 * len(prompts)}
-    finally:
-        hook.remove()
-
-
-def test_teacher_forced_logprobs_are_differentiable(tiny_janus, prompts):
-    model, _, adapter = tiny_janus
-    input_ids, attention_mask = adapter.prepare_prompts(prompts)
-    tokens = sample_image_tokens(adapter, model, input_ids, attention_mask).image_tokens
-    full = image_token_logprobs(adapter, model, input_ids, attention_mask, tokens)
-    full.gather(-1, tokens[..., None]).sum().backward()
-    grads = {name for name, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
-    assert any("language_model" in name for name in grads)
-    assert any("generation_head" in name for name in grads)
-    assert not any("vqmodel" in name or "vision_model" in name for name in grads)
-
-
-def test_bad_cfg_logprobs_is_rejected(tiny_janus, prompts):
-    model, _, adapter = tiny_janus
-    input_ids, attention_mask = adapter.prepare_prompts(prompts)
-    with pytest.raises(ValueError, match="'cond'.*guided, conditional"):
-        image_token_logprobs(
-            adapter, model, input_ids, attention_mask, torch.zeros(4, 16, dtype=torch.long), cfg_logprobs="cond"
-        )
+from trl_t2i.sampling import SamplingConfig, warp_logits
 
 
 @pytest.mark.parametrize("top_k", [1, 3, 7])
@@ -144,3 +29,22 @@ def test_top_p_keeps_the_smallest_nucleus(top_p):
 def test_temperature_divides_the_logits():
     logits = torch.randn(3, 8)
     torch.testing.assert_close(warp_logits(logits, temperature=0.5), logits * 2)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"cfg_scale": 0.0}, "`cfg_scale` must be > 0"),
+        ({"temperature": -1.0}, "`temperature` must be > 0"),
+        ({"top_k": -2}, "`top_k` must be >= 0"),
+        ({"top_p": 1.5}, r"`top_p` must be in \(0, 1\]"),
+        ({"top_p": 0.0}, r"`top_p` must be in \(0, 1\]"),
+    ],
+)
+def test_bad_sampling_settings_are_named(settings, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingConfig(**settings)
+
+
+def test_guidance_is_off_exactly_at_scale_one():
+    assert not SamplingConfig(cfg_scale=1.0).guided and SamplingConfig(cfg_scale=1.01).guided

@@ -1,6 +1,6 @@
 import torch
 
-from trl_t2i.models import TINY_JANUS, build_tiny_janus, get_adapter, load_model, load_processor
+from trl_t2i.models import TINY_JANUS, build_tiny_janus, get_family, load_model, load_processor
 from trl_t2i.models.tiny import resolve_tiny
 
 
@@ -33,8 +33,8 @@ def test_name_resolves_to_a_saved_model_that_reloads_identically():
     assert all(torch.equal(loaded_state[k], built_state[k]) for k in built_state)
 
     processor = load_processor(TINY_JANUS)
-    adapter = get_adapter(reloaded, processor)
-    input_ids, _ = adapter.prepare_prompts(["a red cat"])
+    family = get_family(reloaded, processor)
+    input_ids, _ = family.tokenize_prompts(["a red cat"])
     tokens = processor.tokenizer.convert_ids_to_tokens(input_ids[0])
     assert tokens[:2] == ["<｜begin▁of▁sentence｜>", "<|User|>"]
     assert tokens[-3:] == ["<|Assistant|>", ":", "<begin_of_image>"]
@@ -42,16 +42,16 @@ def test_name_resolves_to_a_saved_model_that_reloads_identically():
 
 
 def test_codes_decode_to_distinct_colours_spread_over_rgb(tiny_janus):
-    model, _, adapter = tiny_janus
-    codes = torch.arange(adapter.codebook_size)[:, None].repeat(1, adapter.num_image_tokens)
-    colours = adapter.decode(model, codes).float().mean(dim=(1, 2))  # (K, 3) mean colour of each code
+    model, _, family = tiny_janus
+    codes = torch.arange(family.codebook_size)[:, None].repeat(1, family.num_image_tokens)
+    colours = family.decode(model, codes).float().mean(dim=(1, 2))  # (K, 3) mean colour of each code
     assert (colours.std(dim=0) >= 40).all(), colours.std(dim=0)
     # every channel spans most of the range, so "red" and "blue" images exist
     assert (colours.amin(dim=0) < 40).all() and (colours.amax(dim=0) > 215).all()
 
 
 def test_a_pixel_depends_only_on_its_own_code(tiny_janus):
-    model, _, adapter = tiny_janus
-    mosaic = torch.randint(0, adapter.codebook_size, (4, adapter.num_image_tokens))
-    flat = mosaic[:, :1].repeat(1, adapter.num_image_tokens)
-    assert torch.equal(adapter.decode(model, mosaic)[:, :2, :2], adapter.decode(model, flat)[:, :2, :2])
+    model, _, family = tiny_janus
+    mosaic = torch.randint(0, family.codebook_size, (4, family.num_image_tokens))
+    flat = mosaic[:, :1].repeat(1, family.num_image_tokens)
+    assert torch.equal(family.decode(model, mosaic)[:, :2, :2], family.decode(model, flat)[:, :2, :2])

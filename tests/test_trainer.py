@@ -9,7 +9,7 @@ from trl import GRPOTrainer
 from trl_t2i import TINY_JANUS, T2IGRPOConfig, T2IGRPOTrainer
 from trl_t2i.divergences import DIVERGENCES
 from trl_t2i.models import build_tiny_janus, load_model
-from trl_t2i.rewards import prompt_colour_match
+from trl_t2i.rewards import colour_match
 
 
 PROMPTS = ["a red cat", "a blue car", "a green bird", "a yellow hat", "a pink ball", "a white house"]
@@ -35,7 +35,7 @@ def _config(tmp_path, **overrides) -> T2IGRPOConfig:
     return T2IGRPOConfig(**{**settings, **overrides})
 
 
-def _trainer(tmp_path, model=TINY_JANUS, lora=True, reward=prompt_colour_match, dataset=None, **overrides):
+def _trainer(tmp_path, model=TINY_JANUS, lora=True, reward=colour_match, dataset=None, **overrides):
     return T2IGRPOTrainer(
         model=model,
         reward_funcs=reward,
@@ -87,15 +87,15 @@ def test_reference_is_the_disabled_adapter(tmp_path, prompts):
     assert trainer.ref_model is None  # no second copy of the model
     _perturb_adapters(trainer.model)
     inputs = _first_batch(trainer)
-    reference = trainer._reference_logprobs(inputs)
+    reference = trainer._reference_logp_table(inputs["prompt_ids"], inputs["prompt_mask"], inputs["completion_ids"])
     base = load_model(TINY_JANUS)
-    trainer.adapter.patch_forward(base)
-    expected = trainer._image_logprobs(base, inputs["prompt_ids"], inputs["prompt_mask"], inputs["completion_ids"])
+    trainer.family.patch_forward(base)
+    expected = trainer._logp_table(base, inputs["prompt_ids"], inputs["prompt_mask"], inputs["completion_ids"])
     torch.testing.assert_close(reference, expected)
     tokens = inputs["completion_ids"][..., None]
     torch.testing.assert_close(inputs["ref_per_token_logps"], expected.gather(-1, tokens).squeeze(-1))
     with torch.no_grad():
-        policy = trainer._image_logprobs(
+        policy = trainer._logp_table(
             trainer.model, inputs["prompt_ids"], inputs["prompt_mask"], inputs["completion_ids"]
         )
     assert (policy - reference).abs().max() > 1e-2
@@ -113,7 +113,7 @@ def test_full_finetuning_uses_a_frozen_reference_copy(tmp_path, given_as):
     model, processor = (TINY_JANUS, None) if given_as == "name" else build_tiny_janus()
     trainer = T2IGRPOTrainer(
         model=model,
-        reward_funcs=prompt_colour_match,
+        reward_funcs=colour_match,
         args=_config(tmp_path, learning_rate=1e-3, divergence_estimator="exact"),
         train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
         processing_class=processor,
@@ -151,7 +151,7 @@ def test_qlora_gradients_match_the_dequantised_model(tmp_path):
 
     trainer = T2IGRPOTrainer(
         model=TINY_JANUS,
-        reward_funcs=prompt_colour_match,
+        reward_funcs=colour_match,
         args=_config(tmp_path),
         train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
         peft_config=LoraConfig(r=4, lora_alpha=8),
@@ -165,7 +165,7 @@ def test_qlora_gradients_match_the_dequantised_model(tmp_path):
 
     def lora_gradients():
         trainer.model.zero_grad()
-        full = trainer._image_logprobs(
+        full = trainer._logp_table(
             trainer.model, inputs["prompt_ids"], inputs["prompt_mask"], inputs["completion_ids"]
         )
         full.gather(-1, inputs["completion_ids"][..., None]).sum().backward()
@@ -173,7 +173,7 @@ def test_qlora_gradients_match_the_dequantised_model(tmp_path):
 
     trainer.model.eval()
     with torch.no_grad():  # an eval forward without grad: what repacks bnb's CPU weights when the fix is missing
-        trainer._image_logprobs(trainer.model, inputs["prompt_ids"], inputs["prompt_mask"], inputs["completion_ids"])
+        trainer._logp_table(trainer.model, inputs["prompt_ids"], inputs["prompt_mask"], inputs["completion_ids"])
     trainer.model.train()
     quantized_grads = lora_gradients()
     for lora_layer in [
@@ -203,9 +203,9 @@ def test_every_divergence_estimator_and_cfg_mode_trains_and_logs(tmp_path, diver
     )
     trainer.train()
     logs = trainer.state.log_history[0]
-    for key in [*METRICS, f"divergence/{divergence}_penalty", "rewards/prompt_colour_match/mean"]:
+    for key in [*METRICS, f"divergence/{divergence}_penalty", "rewards/colour_match/mean"]:
         assert key in logs and math.isfinite(logs[key]), key
-    assert "rewards/prompt_colour_match/std" in logs
+    assert "rewards/colour_match/std" in logs
     assert logs["divergence/exact"] == float(estimator == "exact")
 
 
@@ -253,10 +253,8 @@ def test_reverse_kl_sampled_penalty_equals_trls_k3(tmp_path, loss_type, importan
     trainer.beta = beta  # TRL's own k3 path, with TRL's beta
     trls = GRPOTrainer._compute_loss(trainer, trainer.model, inputs)
     trl_grads = torch.autograd.grad(trls, parameters)
-    penalty_free = trainer.beta
-    trainer.beta = 0.0
+    trainer.beta = 0.0  # back to ours: TRL's k3 KL off
     without_penalty = GRPOTrainer._compute_loss(trainer, trainer.model, inputs)
-    trainer.beta = penalty_free
 
     torch.testing.assert_close(ours, trls)
     assert (trls - without_penalty).abs() > 1e-3  # the penalty is really part of what was compared
@@ -271,13 +269,15 @@ def test_exact_js_penalty_equals_an_independent_full_codebook_sum(tmp_path):
     inputs = _first_batch(trainer)
     trainer.current_gradient_accumulation_steps = 1  # set by the train loop
     ours = trainer._compute_loss(trainer.model, inputs)
-    trainer.beta = 0.0
-    without_penalty = GRPOTrainer._compute_loss(trainer, trainer.model, inputs)
-    trainer.beta = 1.0
+    without_penalty = GRPOTrainer._compute_loss(trainer, trainer.model, inputs)  # TRL's loss: its k3 KL is off
     with torch.no_grad():
         ids, mask, tokens = inputs["prompt_ids"], inputs["prompt_mask"], inputs["completion_ids"]
-        policy = trainer._image_logprobs(trainer.model, ids, mask, tokens).double().exp()
-        reference = trainer._reference_logprobs(inputs).double().exp()
+        policy = trainer._logp_table(trainer.model, ids, mask, tokens).double().exp()
+        reference = (
+            trainer._reference_logp_table(inputs["prompt_ids"], inputs["prompt_mask"], inputs["completion_ids"])
+            .double()
+            .exp()
+        )
     middle = (policy + reference) / 2
     js = 0.5 * (policy * (policy / middle).log()).sum(-1) + 0.5 * (reference * (reference / middle).log()).sum(-1)
     assert js.mean() > 1e-3  # policy ≠ reference: the comparison is not trivially zero
@@ -304,7 +304,7 @@ def test_image_grids_are_written_and_log_completions_works(tmp_path):
     trainer = _trainer(tmp_path, image_log_steps=1, image_log_count=8, log_completions=True)
     trainer.train()
     grids = sorted((tmp_path / "samples").glob("step_*.png"))
-    assert [grid.name for grid in grids] == ["step_000000.png", "step_000001.png"]
+    assert [grid.name for grid in grids] == ["step_000001.png", "step_000002.png"]
     assert sorted((tmp_path / "completions").glob("*.parquet"))
 
 
@@ -318,7 +318,7 @@ def test_image_grids_reach_tensorboard(tmp_path):
     accumulator = EventAccumulator(str(events_dir))
     accumulator.Reload()
     assert "samples" in accumulator.Tags()["images"]
-    assert [event.step for event in accumulator.Images("samples")] == [0, 1]
+    assert [event.step for event in accumulator.Images("samples")] == [1, 2]
     assert {"train/divergence/reverse_kl", "train/divergence/js", "train/beta"} <= set(accumulator.Tags()["scalars"])
 
 
@@ -333,12 +333,12 @@ def test_learning_raises_the_colour_reward(tmp_path):
 
     def mean_reward(trainer):
         model = trainer.model.eval()
-        input_ids, attention_mask = trainer.adapter.prepare_prompts(held_out * 8)
+        conditioning = trainer.family.encode_prompts(held_out * 8)
         generator = torch.Generator().manual_seed(1234)
-        tokens = sample_image_tokens(trainer.adapter, model, input_ids, attention_mask, generator=generator)
-        images = to_pil(trainer.adapter.decode(trainer.accelerator.unwrap_model(model), tokens.image_tokens))
+        tokens = sample_image_tokens(trainer.family, model, conditioning, trainer.args.sampling, generator=generator)
+        images = to_pil(trainer.family.decode(trainer.accelerator.unwrap_model(model), tokens.image_tokens))
         model.train()
-        rewards = torch.tensor(prompt_colour_match(held_out * 8, images))
+        rewards = torch.tensor(colour_match(held_out * 8, images))
         return rewards.mean().item(), rewards.std().item()
 
     trainer = _trainer(
@@ -360,7 +360,7 @@ def test_learning_raises_the_colour_reward(tmp_path):
 def test_evaluation_generates_scores_and_logs(tmp_path):
     trainer = T2IGRPOTrainer(
         model=TINY_JANUS,
-        reward_funcs=prompt_colour_match,
+        reward_funcs=colour_match,
         args=_config(tmp_path, eval_strategy="steps", eval_steps=1, per_device_eval_batch_size=8),
         train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
         eval_dataset=Dataset.from_dict({"prompt": PROMPTS[:4]}),

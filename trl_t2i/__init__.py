@@ -2,8 +2,8 @@
 
 from .config import T2IGRPOConfig
 from .divergences import DIVERGENCES, get_divergence
-from .models import TINY_JANUS, get_adapter, load_model, load_processor
-from .sampling import image_token_logprobs, sample_image_tokens
+from .models import TINY_JANUS, get_family, load_model, load_processor
+from .sampling import SamplingConfig, image_logp_table, sample_image_tokens
 from .trainer import T2IGRPOTrainer
 
 
@@ -12,11 +12,12 @@ __version__ = "0.1.0.dev0"
 __all__ = [
     "DIVERGENCES",
     "TINY_JANUS",
+    "SamplingConfig",
     "T2IGRPOConfig",
     "T2IGRPOTrainer",
-    "get_adapter",
     "get_divergence",
-    "image_token_logprobs",
+    "get_family",
+    "image_logp_table",
     "load_model",
     "load_processor",
     "sample_image_tokens",

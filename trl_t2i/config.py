@@ -3,7 +3,7 @@ from dataclasses import dataclass, field
 from trl import GRPOConfig
 
 from .divergences import DIVERGENCES
-from .sampling import CFG_LOGPROBS
+from .sampling import CFG_LOGPROBS, SamplingConfig
 
 
 DIVERGENCE_ESTIMATORS = ("sampled", "exact")
@@ -34,10 +34,11 @@ class T2IGRPOConfig(GRPOConfig):
 
     Only the parameters specific to text-to-image training are listed here; every [`~trl.GRPOConfig`] parameter
     applies too, with these differences: `beta` (the penalty coefficient) defaults to `0.04`, `disable_dropout` to
-    `True` (sampling and scoring must see the same network), `max_completion_length` is set by the trainer to the
-    model's number of image tokens, and the text-generation settings that cannot apply to images (vLLM, tools,
+    `True` (sampling and scoring must see the same network), `max_completion_length` defaults to `None`, which the
+    trainer sets to the model's number of image tokens (any other value is rejected), and the text-generation settings that cannot apply to images (vLLM, tools,
     `mask_truncated_completions`, `min_p`, `repetition_penalty`, …) are rejected with a message instead of being
-    silently ignored. `temperature`, `top_k` and `top_p` are the image sampler's.
+    silently ignored. `temperature`, `top_k` and `top_p` are the image sampler's; with `cfg_scale` they make up
+    `sampling`, the `SamplingConfig` that the trainer samples and scores with.
 
     Parameters:
         > Parameters that control the divergence penalty
@@ -135,6 +136,10 @@ class T2IGRPOConfig(GRPOConfig):
         default=True,
         metadata={"help": "Disable dropout so that sampling, old, reference and policy log-probs agree."},
     )
+    max_completion_length: int | None = field(
+        default=None,
+        metadata={"help": "Image tokens per image: leave unset, the trainer takes it from the model."},
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -179,15 +184,13 @@ class T2IGRPOConfig(GRPOConfig):
         if self.beta_schedule != "constant" and self.beta_end is None:
             raise ValueError(f"`beta_schedule={self.beta_schedule!r}` needs `beta_end` (the final beta).")
 
+    @property
+    def sampling(self) -> SamplingConfig:
+        """The distribution images are sampled from and scored under: guidance, temperature, top-k, top-p."""
+        return SamplingConfig(self.cfg_scale, self.temperature, self.top_k, self.top_p)
+
     def _validate_generation(self):
-        if self.cfg_scale <= 0:
-            raise ValueError(f"`cfg_scale` must be > 0 (1.0 disables guidance), got {self.cfg_scale}.")
-        if self.temperature <= 0:
-            raise ValueError(f"`temperature` must be > 0, got {self.temperature}.")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"`top_p` must be in (0, 1] (1.0 disables it), got {self.top_p}.")
-        if self.top_k is None or self.top_k < 0:
-            raise ValueError(f"`top_k` must be >= 0 (0 disables it), got {self.top_k}.")
+        self.sampling  # noqa: B018 -- validates the four fields with SamplingConfig's messages
         if self.image_log_steps < 0 or self.image_log_count < 1:
             raise ValueError(
                 f"`image_log_steps` must be >= 0 and `image_log_count` >= 1, got {self.image_log_steps} and "

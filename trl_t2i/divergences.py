@@ -15,8 +15,8 @@ convex f with f(1) = 0. The registered members are:
 
 Each member has two estimators:
 
-- `exact(logp_full, ref_logp_full)`: D_f summed over the whole codebook (last dimension), computed in log space.
-- `sampled(logp, ref_logp)`: the single-sample estimator h(u) = (f(u) − f′(1)(u − 1)) / u evaluated at a token x ~ π.
+- `exact(logp_table, ref_logp_table)`: D_f summed over the whole codebook (last dimension), computed in log space.
+- `sampled(logps, ref_logps)`: the single-sample estimator h(u) = (f(u) − f′(1)(u − 1)) / u evaluated at a token x ~ π.
   Because Σ_x π(x)(u(x) − 1)/u(x) = Σ_x (π(x) − ρ(x)) = 0, it is unbiased, E_{x~π}[h] = D_f(π‖ρ), and it is
   non-negative per sample since f(u) ≥ f′(1)(u − 1) for convex f. For `reverse_kl` it is TRL's k3 estimator.
 
@@ -50,9 +50,9 @@ def _xlog_ratio(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
     return log_a.exp() * log_ratio
 
 
-def _both_zero(logp_full: torch.Tensor, ref_logp_full: torch.Tensor) -> torch.Tensor:
+def _both_zero(logp_table: torch.Tensor, ref_logp_table: torch.Tensor) -> torch.Tensor:
     """Mask of the codes that neither distribution can produce (e.g. logits masked to -inf in both models)."""
-    return (logp_full == -math.inf) & (ref_logp_full == -math.inf)
+    return (logp_table == -math.inf) & (ref_logp_table == -math.inf)
 
 
 class Divergence:
@@ -69,22 +69,22 @@ class Divergence:
         """The convex generator f(u), with f(1) = 0, evaluated element-wise on u = π/ρ > 0."""
         raise NotImplementedError
 
-    def sampled(self, logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    def sampled(self, logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
         """
         Per-token single-sample estimate of D_f(π‖ρ) at tokens sampled from the policy.
 
         Args:
-            logp (`torch.Tensor`):
+            logps (`torch.Tensor`):
                 Log-probabilities of the sampled tokens under the policy, of any shape.
-            ref_logp (`torch.Tensor`):
+            ref_logps (`torch.Tensor`):
                 Log-probabilities of the same tokens under the reference, of the same shape.
 
         Returns:
-            `torch.Tensor`: h(u) = (f(u) − f′(1)(u − 1)) / u with u = π/ρ, same shape as `logp`. Non-negative, and
+            `torch.Tensor`: h(u) = (f(u) − f′(1)(u − 1)) / u with u = π/ρ, same shape as `logps`. Non-negative, and
             unbiased for D_f(π‖ρ). The log-ratio log(ρ/π) is clamped to ±`MAX_LOG_RATIO`, so tokens beyond the clamp
             get no gradient.
         """
-        log_ratio = (ref_logp - logp).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
+        log_ratio = (ref_logps - logps).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
         # h ≥ 0 exactly, but the cancellation near w = 1 can leave round-off negatives (~1e-14 in float32).
         return self._sampled(log_ratio).clamp_min(0.0)
 
@@ -92,14 +92,14 @@ class Divergence:
         """h as a function of r = log(ρ/π) = log w, already clamped."""
         raise NotImplementedError
 
-    def exact(self, logp_full: torch.Tensor, ref_logp_full: torch.Tensor) -> torch.Tensor:
+    def exact(self, logp_table: torch.Tensor, ref_logp_table: torch.Tensor) -> torch.Tensor:
         """
         D_f(π‖ρ) summed over the whole codebook at every position.
 
         Args:
-            logp_full (`torch.Tensor`):
+            logp_table (`torch.Tensor`):
                 Normalised policy log-probabilities of shape `(..., V)`. Entries may be `-inf`.
-            ref_logp_full (`torch.Tensor`):
+            ref_logp_table (`torch.Tensor`):
                 Normalised reference log-probabilities of shape `(..., V)`.
 
         Returns:
@@ -128,8 +128,8 @@ class ReverseKLDivergence(Divergence):
     def _sampled(self, log_ratio: torch.Tensor) -> torch.Tensor:
         return torch.expm1(log_ratio) - log_ratio
 
-    def exact(self, logp_full: torch.Tensor, ref_logp_full: torch.Tensor) -> torch.Tensor:
-        return _xlog_ratio(logp_full, ref_logp_full).sum(-1)
+    def exact(self, logp_table: torch.Tensor, ref_logp_table: torch.Tensor) -> torch.Tensor:
+        return _xlog_ratio(logp_table, ref_logp_table).sum(-1)
 
 
 class ForwardKLDivergence(Divergence):
@@ -147,8 +147,8 @@ class ForwardKLDivergence(Divergence):
     def _sampled(self, log_ratio: torch.Tensor) -> torch.Tensor:
         return log_ratio * log_ratio.exp() - torch.expm1(log_ratio)
 
-    def exact(self, logp_full: torch.Tensor, ref_logp_full: torch.Tensor) -> torch.Tensor:
-        return _xlog_ratio(ref_logp_full, logp_full).sum(-1)
+    def exact(self, logp_table: torch.Tensor, ref_logp_table: torch.Tensor) -> torch.Tensor:
+        return _xlog_ratio(ref_logp_table, logp_table).sum(-1)
 
 
 class JensenShannonDivergence(Divergence):
@@ -168,13 +168,14 @@ class JensenShannonDivergence(Divergence):
         log_mean = torch.log1p(0.5 * torch.expm1(log_ratio))
         return 0.5 * (log_ratio.exp() * (log_ratio - log_mean) - log_mean)
 
-    def exact(self, logp_full: torch.Tensor, ref_logp_full: torch.Tensor) -> torch.Tensor:
+    def exact(self, logp_table: torch.Tensor, ref_logp_table: torch.Tensor) -> torch.Tensor:
         # logaddexp(-inf, -inf) has a NaN gradient; such codes contribute 0, so any finite stand-in will do.
-        both_zero = _both_zero(logp_full, ref_logp_full)
+        both_zero = _both_zero(logp_table, ref_logp_table)
         log_m = (
-            torch.logaddexp(logp_full.masked_fill(both_zero, 0.0), ref_logp_full.masked_fill(both_zero, 0.0)) - _LOG_2
+            torch.logaddexp(logp_table.masked_fill(both_zero, 0.0), ref_logp_table.masked_fill(both_zero, 0.0))
+            - _LOG_2
         )
-        return 0.5 * (_xlog_ratio(logp_full, log_m) + _xlog_ratio(ref_logp_full, log_m)).sum(-1)
+        return 0.5 * (_xlog_ratio(logp_table, log_m) + _xlog_ratio(ref_logp_table, log_m)).sum(-1)
 
 
 class JeffreysDivergence(Divergence):
@@ -192,8 +193,8 @@ class JeffreysDivergence(Divergence):
     def _sampled(self, log_ratio: torch.Tensor) -> torch.Tensor:
         return log_ratio * torch.expm1(log_ratio)
 
-    def exact(self, logp_full: torch.Tensor, ref_logp_full: torch.Tensor) -> torch.Tensor:
-        return (_xlog_ratio(logp_full, ref_logp_full) + _xlog_ratio(ref_logp_full, logp_full)).sum(-1)
+    def exact(self, logp_table: torch.Tensor, ref_logp_table: torch.Tensor) -> torch.Tensor:
+        return (_xlog_ratio(logp_table, ref_logp_table) + _xlog_ratio(ref_logp_table, logp_table)).sum(-1)
 
 
 class HellingerDivergence(Divergence):
@@ -212,8 +213,8 @@ class HellingerDivergence(Divergence):
     def _sampled(self, log_ratio: torch.Tensor) -> torch.Tensor:
         return torch.expm1(0.5 * log_ratio) ** 2
 
-    def exact(self, logp_full: torch.Tensor, ref_logp_full: torch.Tensor) -> torch.Tensor:
-        return ((0.5 * logp_full).exp() - (0.5 * ref_logp_full).exp()).pow(2).sum(-1)
+    def exact(self, logp_table: torch.Tensor, ref_logp_table: torch.Tensor) -> torch.Tensor:
+        return ((0.5 * logp_table).exp() - (0.5 * ref_logp_table).exp()).pow(2).sum(-1)
 
 
 class AlphaDivergence(Divergence):
@@ -252,11 +253,11 @@ class AlphaDivergence(Divergence):
         # (w^(1−α) − 1) − (1 − α)(w − 1) through expm1, so that neither term loses precision near w = 1.
         return (torch.expm1((1 - alpha) * log_ratio) - (1 - alpha) * torch.expm1(log_ratio)) / (alpha * (alpha - 1))
 
-    def exact(self, logp_full: torch.Tensor, ref_logp_full: torch.Tensor) -> torch.Tensor:
+    def exact(self, logp_table: torch.Tensor, ref_logp_table: torch.Tensor) -> torch.Tensor:
         alpha = self.alpha
         # Outside (0, 1), α·(-inf) + (1 − α)·(-inf) is NaN; codes that are impossible under both contribute 0.
-        log_terms = (alpha * logp_full + (1 - alpha) * ref_logp_full).masked_fill(
-            _both_zero(logp_full, ref_logp_full), -math.inf
+        log_terms = (alpha * logp_table + (1 - alpha) * ref_logp_table).masked_fill(
+            _both_zero(logp_table, ref_logp_table), -math.inf
         )
         return torch.expm1(torch.logsumexp(log_terms, dim=-1)) / (alpha * (alpha - 1))
 

@@ -42,7 +42,7 @@ MIN_CONTRAST = 0.05
 normalising it to unit length, so that sensor-like noise on a flat image does not count as a layout."""
 
 
-def position_entropy(logprobs: torch.Tensor) -> torch.Tensor:
+def position_entropy(logp_table: torch.Tensor) -> torch.Tensor:
     """
     Entropy (nats) at every image position, differentiable: `(..., N, V)` → `(..., N)`.
 
@@ -54,18 +54,18 @@ def position_entropy(logprobs: torch.Tensor) -> torch.Tensor:
         tensor([[1.3863, 1.3863]])
     """
     # Half-precision log-probs lose several digits in p·log p; compute in at least float32.
-    logprobs = torch.log_softmax(logprobs, dim=-1, dtype=torch.promote_types(logprobs.dtype, torch.float32))
-    probs = logprobs.exp()
+    logp_table = torch.log_softmax(logp_table, dim=-1, dtype=torch.promote_types(logp_table.dtype, torch.float32))
+    probs = logp_table.exp()
     # A removed code has p = 0 and log p = -inf; 0·(-inf) would be NaN, and its true contribution is 0.
-    return -(probs * torch.where(probs > 0, logprobs, 0.0)).sum(-1)
+    return -(probs * torch.where(probs > 0, logp_table, 0.0)).sum(-1)
 
 
-def token_entropy(logprobs: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+def token_entropy(logp_table: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """
     Mean per-position entropy (nats) of the distribution the image tokens were sampled from.
 
     Args:
-        logprobs (`torch.Tensor`):
+        logp_table (`torch.Tensor`):
             Log-probabilities (or logits) over the whole codebook, shape `(..., N, V)`; see `position_entropy`.
         mask (`torch.Tensor` or `None`, *optional*):
             `(..., N)`, true (or 1) for the positions to average over. Rows with no position selected give 0.
@@ -77,11 +77,13 @@ def token_entropy(logprobs: torch.Tensor, mask: torch.Tensor | None = None) -> t
         >>> token_entropy(torch.zeros(2, 3, 4))  # uniform over 4 codes
         tensor([1.3863, 1.3863])
     """
-    entropy = position_entropy(logprobs)
+    entropy = position_entropy(logp_table)
     if mask is None:
         return entropy.mean(-1)
     if mask.shape != entropy.shape:
-        raise ValueError(f"mask must have shape {tuple(entropy.shape)} (logprobs without V), got {tuple(mask.shape)}.")
+        raise ValueError(
+            f"mask must have shape {tuple(entropy.shape)} (logp_table without V), got {tuple(mask.shape)}."
+        )
     mask = mask.to(entropy.dtype)
     return (entropy * mask).sum(-1) / mask.sum(-1).clamp(min=1)
 
@@ -286,7 +288,7 @@ def diversity_summary(
     features: torch.Tensor,
     image_tokens: torch.Tensor | None = None,
     codebook_size: int | None = None,
-    logprobs: torch.Tensor | None = None,
+    logp_table: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """
     Every diversity metric of one prompt group: the row the evaluation script writes per prompt.
@@ -298,7 +300,7 @@ def diversity_summary(
             `(k, N)` image tokens of the same images; adds `token_hamming`, and `codebook_usage` with `codebook_size`.
         codebook_size (`int` or `None`, *optional*):
             Number of codes V, for `codebook_usage`.
-        logprobs (`torch.Tensor` or `None`, *optional*):
+        logp_table (`torch.Tensor` or `None`, *optional*):
             `(k, N, V)` full log-probs the tokens were sampled from; adds `token_entropy` (mean over the k images).
 
     Returns:
@@ -312,9 +314,9 @@ def diversity_summary(
         if codebook_size is not None:
             summary["codebook_usage"] = codebook_usage(image_tokens, codebook_size)
         summary["token_hamming"] = token_hamming_diversity(image_tokens)
-    if logprobs is not None:
-        _check_group_size(logprobs, k, "logprobs")
-        summary["token_entropy"] = token_entropy(logprobs).mean().item()
+    if logp_table is not None:
+        _check_group_size(logp_table, k, "logp_table")
+        summary["token_entropy"] = token_entropy(logp_table).mean().item()
     return summary
 
 

@@ -1,10 +1,10 @@
 """Classifier-free-guidance sampling of image tokens, and the matching teacher-forced log-probs.
 
-Both paths build the token distribution with the same function, `token_logits`: the guided logits
-`l_u + s·(l_c − l_u)` (or the conditional logits alone) in fp32, then temperature, top-k and top-p, in the order
-`transformers`' `generate` applies them. So the log-prob the sampler records for a token equals the log-prob that
-teacher forcing computes for it (to float round-off), which is what makes GRPO's importance ratios exactly 1 on the
-first update.
+`SamplingConfig` names that distribution (guidance scale, temperature, top-k, top-p) once, for the trainer and every
+command. Both paths build it with the same function, `token_logits`: the guided logits `l_u + s·(l_c − l_u)` (or the
+conditional logits alone) in fp32, then temperature, top-k and top-p, in the order `transformers`' `generate` applies
+them. So the log-prob the sampler records for a token equals the log-prob that teacher forcing computes for it (to
+float round-off), which is what makes GRPO's importance ratios exactly 1 on the first update.
 
 `cfg_logprobs` chooses the distribution that training scores:
 
@@ -16,6 +16,9 @@ first update.
   optimised.
 
 With top-k/top-p the guided distribution is the truncated one, for the sampler and for training alike.
+
+Names: `*_logps` are per-token log-probs `(B, N)` (TRL's word); `*_logp_table` are the log-probs of the whole
+codebook at every image position `(B, N, V)`.
 """
 
 from dataclasses import dataclass
@@ -24,10 +27,47 @@ import torch
 from torch import nn
 from tqdm.auto import trange
 
-from .models.base import T2IAdapter, unwrap_model
+from .models.base import Conditioning, ModelFamily, unwrap_model
 
 
 CFG_LOGPROBS = ("guided", "conditional")
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """The distribution image tokens are sampled from, shared by training, `sample`, `evaluate` and `frontier`.
+
+    Args:
+        cfg_scale (`float`, *optional*, defaults to `5.0`):
+            Classifier-free guidance scale `s`: logits `l_u + s·(l_c − l_u)`. `1.0` turns guidance off and skips the
+            unconditional rows.
+        temperature (`float`, *optional*, defaults to `1.0`):
+            Divides the guided logits.
+        top_k (`int`, *optional*, defaults to `0`):
+            Keep only the `top_k` most likely codes (`0` disables it).
+        top_p (`float`, *optional*, defaults to `1.0`):
+            Keep the smallest set of most likely codes whose probability reaches `top_p` (`1.0` disables it).
+    """
+
+    cfg_scale: float = 5.0
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        if self.cfg_scale <= 0:
+            raise ValueError(f"`cfg_scale` must be > 0 (1.0 disables guidance), got {self.cfg_scale}.")
+        if self.temperature <= 0:
+            raise ValueError(f"`temperature` must be > 0, got {self.temperature}.")
+        if self.top_k is None or self.top_k < 0:
+            raise ValueError(f"`top_k` must be >= 0 (0 disables it), got {self.top_k}.")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"`top_p` must be in (0, 1] (1.0 disables it), got {self.top_p}.")
+
+    @property
+    def guided(self) -> bool:
+        """Whether the unconditional rows run at all."""
+        return self.cfg_scale != 1.0
 
 
 @dataclass
@@ -36,14 +76,14 @@ class SampleOutput:
 
     Attributes:
         image_tokens: `(B, N)` sampled image tokens.
-        logprobs: `(B, N)` log-prob of each token under the distribution it was sampled from.
-        conditional_logprobs: `(B, N)` log-prob of each token under the conditional branch alone (same temperature,
+        logps: `(B, N)` log-prob of each token under the distribution it was sampled from.
+        conditional_logps: `(B, N)` log-prob of each token under the conditional branch alone (same temperature,
             no top-k/top-p), when asked for; else `None`.
     """
 
     image_tokens: torch.LongTensor
-    logprobs: torch.Tensor
-    conditional_logprobs: torch.Tensor | None = None
+    logps: torch.Tensor
+    conditional_logps: torch.Tensor | None = None
 
 
 def warp_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -70,93 +110,85 @@ def warp_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, 
 def token_logits(
     conditional: torch.Tensor,
     unconditional: torch.Tensor | None,
-    cfg_scale: float,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
+    sampling: SamplingConfig,
+    *,
+    truncate: bool = True,
 ) -> torch.Tensor:
-    """Warped fp32 logits of the guided distribution (or of the conditional one when `unconditional` is `None`)."""
+    """Warped fp32 logits of the guided distribution (or of the conditional one when `unconditional` is `None`).
+
+    `truncate=False` applies the temperature only (no top-k/top-p).
+    """
     logits = conditional.float()
     if unconditional is not None:
         unconditional = unconditional.float()
-        logits = unconditional + (logits - unconditional) * cfg_scale
-    return warp_logits(logits, temperature, top_k, top_p)
+        logits = unconditional + (logits - unconditional) * sampling.cfg_scale
+    if not truncate:
+        return warp_logits(logits, sampling.temperature)
+    return warp_logits(logits, sampling.temperature, sampling.top_k, sampling.top_p)
 
 
 @torch.no_grad()
 def sample_image_tokens(
-    adapter: T2IAdapter,
+    family: ModelFamily,
     model: nn.Module,
-    input_ids: torch.LongTensor,
-    attention_mask: torch.LongTensor,
+    conditioning: Conditioning,
+    sampling: SamplingConfig = SamplingConfig(),
     *,
-    cfg_scale: float = 5.0,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
     do_sample: bool = True,
     generator: torch.Generator | None = None,
-    return_conditional_logprobs: bool = False,
+    return_conditional_logps: bool = False,
     show_progress: bool = False,
 ) -> SampleOutput:
-    """Sample one image per prompt row with a KV cache, all rows in one batch.
+    """Sample one image per conditional row with a KV cache, all rows in one batch.
 
     Args:
-        adapter: the model family's adapter.
+        family: the model family.
         model: the model; DDP/PEFT wrappers are stripped (LoRA layers stay active in the bare model).
-        input_ids, attention_mask: `(B, P)` left-padded prompts from `adapter.prepare_prompts`.
-        cfg_scale: guidance scale `s`; the unconditional rows run only when `s != 1`.
-        temperature, top_k, top_p: applied to the guided logits (`top_k=0`/`top_p=1.0` disable them).
+        conditioning: the conditional rows, from `family.encode_prompts` (or `build_conditioning`).
+        sampling: guidance and warping; the unconditional rows run only when `sampling.cfg_scale != 1`.
         do_sample: sample (`True`) or take the most likely token (greedy).
         generator: RNG for `torch.multinomial`; `None` uses the global RNG (as `generate` does).
-        return_conditional_logprobs: also record the conditional-branch log-prob of each token.
+        return_conditional_logps: also record the conditional-branch log-prob of each token.
         show_progress: show a progress bar over image positions.
     """
     model = unwrap_model(model)
-    batch_size = input_ids.size(0)
-    guided = cfg_scale != 1.0
-    if guided:
-        uncond_ids, uncond_mask = adapter.cfg_inputs(input_ids, attention_mask)
-        input_ids, attention_mask = torch.cat([input_ids, uncond_ids]), torch.cat([attention_mask, uncond_mask])
-    elif return_conditional_logprobs:
-        raise ValueError("With cfg_scale=1 the sampled distribution is the conditional one; use `logprobs`.")
+    batch_size = len(conditioning)
+    if sampling.guided:
+        conditioning = family.guided_rows(conditioning)
+    elif return_conditional_logps:
+        raise ValueError("With cfg_scale=1 the sampled distribution is the conditional one; use `logps`.")
 
-    logits, state = adapter.prefill(model, input_ids, attention_mask)
-    tokens, logprobs, conditional_logprobs = [], [], []
-    for position in trange(adapter.num_image_tokens, desc="Sampling image tokens", disable=not show_progress):
-        conditional, unconditional = (logits[:batch_size], logits[batch_size:]) if guided else (logits, None)
-        warped = token_logits(conditional, unconditional, cfg_scale, temperature, top_k, top_p)
+    logits, state = family.prefill(model, conditioning)
+    tokens, logps, conditional_logps = [], [], []
+    for position in trange(family.num_image_tokens, desc="Sampling image tokens", disable=not show_progress):
+        conditional, unconditional = (logits[:batch_size], logits[batch_size:]) if sampling.guided else (logits, None)
+        warped = token_logits(conditional, unconditional, sampling)
         if do_sample:
             token = torch.multinomial(warped.softmax(dim=-1), num_samples=1, generator=generator).squeeze(-1)
         else:
             token = warped.argmax(dim=-1)
         tokens.append(token)
-        logprobs.append(warped.log_softmax(dim=-1).gather(-1, token[:, None]).squeeze(-1))
-        if return_conditional_logprobs:
-            conditional_dist = token_logits(conditional, None, cfg_scale, temperature).log_softmax(dim=-1)
-            conditional_logprobs.append(conditional_dist.gather(-1, token[:, None]).squeeze(-1))
-        if position + 1 < adapter.num_image_tokens:
-            logits = adapter.step(model, token.repeat(2) if guided else token, state)
+        logps.append(warped.log_softmax(dim=-1).gather(-1, token[:, None]).squeeze(-1))
+        if return_conditional_logps:
+            conditional_table = token_logits(conditional, None, sampling, truncate=False).log_softmax(dim=-1)
+            conditional_logps.append(conditional_table.gather(-1, token[:, None]).squeeze(-1))
+        if position + 1 < family.num_image_tokens:
+            logits = family.step(model, token.repeat(2) if sampling.guided else token, state)
 
     return SampleOutput(
         image_tokens=torch.stack(tokens, dim=1),
-        logprobs=torch.stack(logprobs, dim=1),
-        conditional_logprobs=torch.stack(conditional_logprobs, dim=1) if return_conditional_logprobs else None,
+        logps=torch.stack(logps, dim=1),
+        conditional_logps=torch.stack(conditional_logps, dim=1) if return_conditional_logps else None,
     )
 
 
-def image_token_logprobs(
-    adapter: T2IAdapter,
+def image_logp_table(
+    family: ModelFamily,
     model: nn.Module,
-    input_ids: torch.LongTensor,
-    attention_mask: torch.LongTensor,
+    conditioning: Conditioning,
     image_tokens: torch.LongTensor,
-    *,
-    cfg_scale: float = 5.0,
+    sampling: SamplingConfig = SamplingConfig(),
     cfg_logprobs: str = "guided",
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
 ) -> torch.Tensor:
     """Teacher-forced log-probs `(B, N, V)` over the codebook at every image position, differentiable.
 
@@ -165,17 +197,13 @@ def image_token_logprobs(
     """
     if cfg_logprobs not in CFG_LOGPROBS:
         raise ValueError(f"Unknown cfg_logprobs {cfg_logprobs!r}. Valid choices: {', '.join(CFG_LOGPROBS)}.")
-    batch_size = input_ids.size(0)
-    guided = cfg_logprobs == "guided" and cfg_scale != 1.0
+    batch_size = len(conditioning)
+    guided = cfg_logprobs == "guided" and sampling.guided
     if guided:
-        uncond_ids, uncond_mask = adapter.cfg_inputs(input_ids, attention_mask)
-        input_ids, attention_mask = torch.cat([input_ids, uncond_ids]), torch.cat([attention_mask, uncond_mask])
-        image_tokens = image_tokens.repeat(2, 1)
-    logits = adapter.image_logits(model, input_ids, attention_mask, image_tokens)
+        conditioning, image_tokens = family.guided_rows(conditioning), image_tokens.repeat(2, 1)
+    logits = family.image_logits(model, conditioning, image_tokens)
     if guided:
-        warped = token_logits(logits[:batch_size], logits[batch_size:], cfg_scale, temperature, top_k, top_p)
-    elif cfg_scale == 1.0:  # the conditional distribution is the sampled one: warp it like the sampler did
-        warped = token_logits(logits, None, cfg_scale, temperature, top_k, top_p)
-    else:
-        warped = token_logits(logits, None, cfg_scale, temperature)
+        warped = token_logits(logits[:batch_size], logits[batch_size:], sampling)
+    else:  # unguided sampling draws from the conditional distribution: warp it like the sampler did
+        warped = token_logits(logits, None, sampling, truncate=not sampling.guided)
     return warped.log_softmax(dim=-1)

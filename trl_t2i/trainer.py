@@ -2,13 +2,13 @@ import contextlib
 import copy
 import math
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from accelerate.utils import is_peft_model
 from datasets import Dataset, IterableDataset
 from peft import LoraConfig, PeftConfig
-from PIL import Image
 from transformers import BitsAndBytesConfig, PreTrainedModel, TrainerCallback
 from trl import GRPOTrainer
 from trl.models import prepare_deepspeed, prepare_fsdp, unwrap_model_for_generation
@@ -17,16 +17,38 @@ from trl.trainer.callbacks import SyncRefModelCallback
 from trl.trainer.utils import disable_dropout_in_model, use_adapter
 
 from . import hub
+from . import trl_boundary as trl
 from .config import T2IGRPOConfig
 from .divergences import get_divergence
-from .images import make_grid, to_pil
+from .image_logging import ImageGridCallback
+from .images import to_pil
 from .metrics import position_entropy
-from .models import disable_bnb_cpu_repack, get_adapter, load_model, load_processor, unwrap_model
-from .sampling import image_token_logprobs, sample_image_tokens
+from .models import disable_bnb_cpu_repack, get_family, load_model, load_processor, unwrap_model
+from .sampling import image_logp_table, sample_image_tokens
 
 
 METRIC_DIVERGENCES = ("reverse_kl", "forward_kl", "js")
 """Divergences logged at every step whatever is optimised."""
+
+
+@dataclass
+class PolicyScores:
+    """What the policy forward inside TRL's `_compute_loss` computed, kept for the divergence penalty.
+
+    Attributes:
+        keep_tables: whether to keep the full tables (the exact estimator needs them).
+        logps: differentiable per-token log-probs `(B, N)` of the sampled tokens, one tensor per scored chunk.
+        logp_tables: differentiable `(B, N, V)` log-prob tables, one per scored chunk, when `keep_tables`.
+    """
+
+    keep_tables: bool
+    logps: list[torch.Tensor] = field(default_factory=list)
+    logp_tables: list[torch.Tensor] = field(default_factory=list)
+
+    def add(self, logps: torch.Tensor, logp_table: torch.Tensor) -> None:
+        self.logps.append(logps)
+        if self.keep_tables:
+            self.logp_tables.append(logp_table)
 
 
 class T2IGRPOTrainer(GRPOTrainer):
@@ -39,12 +61,12 @@ class T2IGRPOTrainer(GRPOTrainer):
     from peft import LoraConfig
 
     from trl_t2i import T2IGRPOConfig, T2IGRPOTrainer
-    from trl_t2i.rewards import prompt_colour_match
+    from trl_t2i.rewards import colour_match
 
     dataset = Dataset.from_dict({"prompt": ["a red cat", "a blue car", "a green bird", "a yellow hat"]})
     trainer = T2IGRPOTrainer(
         model="trl-t2i/tiny-janus",  # or "deepseek-community/Janus-Pro-7B"
-        reward_funcs=prompt_colour_match,
+        reward_funcs=colour_match,
         args=T2IGRPOConfig(output_dir="tiny-grpo-js", divergence="js", beta=0.04, use_cpu=True),
         train_dataset=dataset,
         peft_config=LoraConfig(r=8, lora_alpha=16),  # LoRA targets default to the language-model linears
@@ -57,10 +79,15 @@ class T2IGRPOTrainer(GRPOTrainer):
 
     * `_generate`: KV-cached classifier-free-guidance sampling of image tokens, VQ decoding, PIL images to the
       reward functions;
+    * `_calculate_rewards`: TRL's, plus the images and rewards kept for the logged image grids;
+    * `_generate_and_score_completions`: TRL's, plus the per-token reference log-probs when the sampled estimator
+      needs them (TRL's own KL, and so its reference pass, is always off: `self.beta == 0`);
     * `_get_per_token_logps_and_entropies`: teacher-forced image-token log-probs through the (wrapped) model's
       forward — TRL's own scorer would run image ids through the text head;
-    * `_compute_loss`: TRL's loss with its k3 KL switched off, plus `beta · D` with TRL's normalisation;
-    * `log`: images in `log_completions`, and the divergence metrics.
+    * `_compute_loss`: TRL's loss, plus `current_beta() · D` normalised like TRL's loss;
+    * `log`: images in `log_completions`.
+
+    Every use of TRL's private surface goes through `trl_t2i.trl_boundary`.
 
     Args:
         model (`str` or `PreTrainedModel`):
@@ -117,22 +144,20 @@ class T2IGRPOTrainer(GRPOTrainer):
         if processing_class is None and not model_id:
             raise ValueError("The model was built in memory (no checkpoint path): pass its `processing_class` too.")
         processing_class = processing_class or load_processor(model_id, padding_side="left")
-        self.adapter = get_adapter(model, processing_class)
-        args.max_completion_length = self.adapter.num_image_tokens
+        self.family = get_family(model, processing_class)
+        _set_completion_length(args, self.family.num_image_tokens)
         peft_config = self._with_default_lora_targets(peft_config)
         self.divergence = get_divergence(args.divergence, alpha=args.divergence_alpha)
         self.metric_divergences = {name: get_divergence(name) for name in METRIC_DIVERGENCES}
 
+        # The reference: with adapters, the same model with its adapters disabled (free, so it is always there and
+        # the divergences are logged even at β = 0); without, a frozen copy of the initial model, only for a penalty.
         uses_adapters = peft_config is not None or is_peft_model(model)
-        wants_penalty = args.beta > 0 or (args.beta_end or 0) > 0
-        reference = None if uses_adapters or not wants_penalty else self._build_reference(model, model_init_kwargs)
-        # TRL would rebuild the reference from `config.architectures[0]`, which fails for in-memory models; ours is
-        # attached below. TRL's `self.beta` keeps its meaning "compute reference log-probs" (the penalty coefficient
-        # is `current_beta()`): with adapters the reference is free, so the divergences are always logged.
-        hidden = {"model_init_kwargs": None}  # already used above; TRL would warn that they are ignored
-        if reference is not None:  # keep TRL from building (and syncing) a reference of its own
-            hidden.update(beta=0.0, sync_ref_model=False)
-        with _temporarily(args, **hidden):
+        self.has_reference = uses_adapters or args.beta > 0 or (args.beta_end or 0) > 0
+        reference = None
+        if self.has_reference and not uses_adapters:
+            reference = self._build_reference(model, model_init_kwargs)
+        with trl.init_settings(args, uses_adapters=uses_adapters, own_reference=reference is not None):
             super().__init__(
                 model=model,
                 reward_funcs=reward_funcs,
@@ -144,15 +169,26 @@ class T2IGRPOTrainer(GRPOTrainer):
                 optimizers=optimizers,
                 peft_config=peft_config,
             )
-        self.beta = 1.0 if uses_adapters or wants_penalty else 0.0
+        # `self.beta` is the coefficient of TRL's own k3 KL, which stays off: TRL then computes no reference
+        # log-probs either. Our penalty is `current_beta() · D`, added in `_compute_loss`, and
+        # `_generate_and_score_completions` adds the reference log-probs that the sampled estimator needs.
+        self.beta = 0.0
         if reference is not None:
             self.ref_model = self._prepare_reference(reference)
             if args.sync_ref_model:
                 self.add_callback(SyncRefModelCallback(ref_model=self.ref_model, accelerator=self.accelerator))
-        self.adapter.patch_forward(self.model)
-        self._stash_policy_logprobs = False
-        self._policy_logprobs = None
-        self._last_image_log_step = None
+        self.family.patch_forward(self.model)
+        self.image_grids = ImageGridCallback(
+            every=args.image_log_steps,
+            count=args.image_log_count,
+            columns=min(self.num_generations, 8),
+            output_dir=args.output_dir,
+            report_to=args.report_to,
+            callback_handler=self.callback_handler,
+        )
+        self.add_callback(self.image_grids)
+        # Set by `_compute_loss` for the duration of TRL's loss, filled by the policy forward inside it, else `None`.
+        self._policy_scores: PolicyScores | None = None
 
     # ------------------------------------------------------------------ set-up
 
@@ -171,7 +207,7 @@ class T2IGRPOTrainer(GRPOTrainer):
     def _with_default_lora_targets(self, peft_config: PeftConfig | None) -> PeftConfig | None:
         if isinstance(peft_config, LoraConfig) and not peft_config.target_modules:
             peft_config = copy.deepcopy(peft_config)
-            peft_config.target_modules = self.adapter.lora_target_modules
+            peft_config.target_modules = self.family.lora_target_modules
         return peft_config
 
     def _build_reference(self, model: PreTrainedModel, model_init_kwargs: dict | None) -> PreTrainedModel:
@@ -186,7 +222,7 @@ class T2IGRPOTrainer(GRPOTrainer):
     def _prepare_reference(self, reference: PreTrainedModel) -> torch.nn.Module:
         if self.args.disable_dropout:
             disable_dropout_in_model(reference)
-        self.adapter.patch_forward(reference)
+        self.family.patch_forward(reference)
         if self.is_deepspeed_enabled:
             return prepare_deepspeed(reference, self.accelerator)
         if self.is_fsdp_enabled:
@@ -197,10 +233,9 @@ class T2IGRPOTrainer(GRPOTrainer):
 
     def _generate(self, prompts: list):
         # Image tokens come from our CFG sampler, not `model.generate` (text mode for Janus).
-        mode = "train" if self.model.training else "eval"
         device = self.accelerator.device
-        input_ids, attention_mask = self.adapter.prepare_prompts([_caption(prompt) for prompt in prompts])
-        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        prompt_ids, prompt_mask = self.family.tokenize_prompts([_caption(prompt) for prompt in prompts])
+        conditioning = self.family.build_conditioning(prompt_ids, prompt_mask).to(device)
         with (
             unwrap_model_for_generation(
                 self.model_wrapped,
@@ -209,24 +244,39 @@ class T2IGRPOTrainer(GRPOTrainer):
                 gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
             ) as unwrapped_model,
             torch.no_grad(),
-            self._dist.summon_full_params(self.model_wrapped, recurse=False),
+            trl.gathered_parameters(self),
             self.accelerator.autocast(),  # the same numerics as the scoring forward
         ):
-            sample = sample_image_tokens(
-                self.adapter, unwrapped_model, input_ids, attention_mask, **self._distribution_kwargs
-            )
-            images = to_pil(self.adapter.decode(unwrap_model(unwrapped_model), sample.image_tokens))
+            sample = sample_image_tokens(self.family, unwrapped_model, conditioning, self.args.sampling)
+            images = to_pil(self.family.decode(unwrap_model(unwrapped_model), sample.image_tokens))
 
-        prompt_ids = [ids[mask.bool()].tolist() for ids, mask in zip(input_ids, attention_mask, strict=True)]
-        if mode == "train":
-            self.state.num_input_tokens_seen += self.accelerator.gather(attention_mask.sum()).sum().item()
-        self._metrics[mode]["num_tokens"] = [self.state.num_input_tokens_seen]
-        return prompt_ids, sample.image_tokens.tolist(), None, images, sample.logprobs.tolist(), {}, None, []
+        if self.model.training:
+            self.state.num_input_tokens_seen += self.accelerator.gather(prompt_mask.sum().to(device)).sum().item()
+        trl.set_metric(self, "num_tokens", self.state.num_input_tokens_seen)
+        rollout = trl.Rollout(
+            prompt_ids=[ids[mask.bool()].tolist() for ids, mask in zip(prompt_ids, prompt_mask, strict=True)],
+            image_tokens=sample.image_tokens.tolist(),
+            images=images,
+            sampling_logps=sample.logps.tolist(),
+        )
+        return rollout.to_trl()
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        # TRL's rewards; the main process also keeps its images and their rewards for the logged image grids.
+        rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        if self.model.training and self.accelerator.is_main_process and self.args.image_log_steps:
+            local = trl.local_rows(self, rewards, len(prompts)).cpu()
+            values = {name: local[:, index].tolist() for index, name in enumerate(self.reward_func_names)}
+            self.image_grids.add(completions, prompts, values)
+        return rewards
 
     def _generate_and_score_completions(self, inputs):
-        output = super()._generate_and_score_completions(inputs)
-        self._maybe_log_image_grid()
-        return output
+        # TRL's, plus the per-token reference log-probs of the sampled estimator (the exact one recomputes the whole
+        # reference distribution in `_compute_loss` instead).
+        batch = super()._generate_and_score_completions(inputs)
+        if self.has_reference and self.args.divergence_estimator == "sampled":
+            batch["ref_per_token_logps"] = self._reference_logps(batch)
+        return batch
 
     # ------------------------------------------------------------------ scoring
 
@@ -243,51 +293,54 @@ class T2IGRPOTrainer(GRPOTrainer):
     ):
         # TRL's scorer would embed image ids with the text embedding and score them with the text head.
         batch_size = batch_size or input_ids.size(0)
-        all_logps, all_entropies, all_full = [], [], []
+        prompt_ids, prompt_mask = input_ids[:, :-logits_to_keep], attention_mask[:, :-logits_to_keep]
+        image_tokens = input_ids[:, -logits_to_keep:]
+        all_logps, all_entropies = [], []
         for start in range(0, input_ids.size(0), batch_size):
-            ids, mask = input_ids[start : start + batch_size], attention_mask[start : start + batch_size]
-            full = self._image_logprobs(
-                model, ids[:, :-logits_to_keep], mask[:, :-logits_to_keep], ids[:, -logits_to_keep:]
-            )
-            all_logps.append(full.gather(-1, ids[:, -logits_to_keep:, None]).squeeze(-1))
+            rows = slice(start, start + batch_size)
+            logp_table = self._logp_table(model, prompt_ids[rows], prompt_mask[rows], image_tokens[rows])
+            logps = logp_table.gather(-1, image_tokens[rows, :, None]).squeeze(-1)
+            all_logps.append(logps)
             if compute_entropy:
-                all_entropies.append(position_entropy(full))
-            if self._stash_policy_logprobs:
-                all_full.append(full)
-        if self._stash_policy_logprobs:  # the policy forward of `_compute_loss`: keep the full distributions
-            self._policy_logprobs = torch.cat(all_full)
+                all_entropies.append(position_entropy(logp_table))
+            if self._policy_scores is not None:  # the policy forward of `_compute_loss`
+                self._policy_scores.add(logps, logp_table)
         entropies = torch.cat(all_entropies) if compute_entropy else None
         return torch.cat(all_logps), entropies, None
 
-    def _image_logprobs(self, model, prompt_ids, prompt_mask, image_tokens) -> torch.Tensor:
+    def _logp_table(self, model, prompt_ids, prompt_mask, image_tokens) -> torch.Tensor:
+        """Teacher-forced `(B, N, V)` log-probs of the distribution `cfg_logprobs` names, through `model`'s forward."""
+        conditioning = self.family.build_conditioning(prompt_ids, prompt_mask)
         with self.accelerator.autocast():
-            return image_token_logprobs(
-                self.adapter,
-                model,
-                prompt_ids,
-                prompt_mask,
-                image_tokens,
-                cfg_logprobs=self.args.cfg_logprobs,
-                **self._distribution_kwargs,
+            return image_logp_table(
+                self.family, model, conditioning, image_tokens, self.args.sampling, self.args.cfg_logprobs
             )
 
-    @property
-    def _distribution_kwargs(self) -> dict:
-        """The guidance and warping that define the sampled distribution, shared by sampling and scoring."""
-        args = self.args
-        return {"cfg_scale": args.cfg_scale, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
-
     @torch.no_grad()
-    def _reference_logprobs(self, inputs) -> torch.Tensor:
-        """Full reference distributions `(B, N, V)` for one micro-batch, recomputed rather than stored."""
+    def _reference_logp_table(self, prompt_ids, prompt_mask, image_tokens) -> torch.Tensor:
+        """The reference's `(B, N, V)` log-probs: our frozen copy, or the policy with its adapters disabled."""
         if self.ref_model is not None:
             model, context = self.ref_model, contextlib.nullcontext()
         else:
             peft_model = self.accelerator.unwrap_model(self.model)
-            model = self.model
-            context = use_adapter(peft_model, adapter_name="ref" if "ref" in peft_model.peft_config else None)
+            model, context = self.model, use_adapter(peft_model, trl.reference_adapter_name(peft_model))
         with context, disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
-            return self._image_logprobs(model, inputs["prompt_ids"], inputs["prompt_mask"], inputs["completion_ids"])
+            return self._logp_table(model, prompt_ids, prompt_mask, image_tokens)
+
+    def _reference_logps(self, batch: dict) -> torch.Tensor:
+        """Per-token reference log-probs `(B, N)` of a generation batch, scored in chunks of the device batch size."""
+        batch_size = (
+            self.args.per_device_train_batch_size if self.model.training else self.args.per_device_eval_batch_size
+        )
+        image_tokens = batch["completion_ids"]
+        chunks = []
+        for start in range(0, image_tokens.size(0), batch_size):
+            rows = slice(start, start + batch_size)
+            logp_table = self._reference_logp_table(
+                batch["prompt_ids"][rows], batch["prompt_mask"][rows], image_tokens[rows]
+            )
+            chunks.append(logp_table.gather(-1, image_tokens[rows, :, None]).squeeze(-1))
+        return torch.cat(chunks)
 
     # ------------------------------------------------------------------ loss
 
@@ -302,134 +355,51 @@ class T2IGRPOTrainer(GRPOTrainer):
         return args.beta_end + (args.beta - args.beta_end) * 0.5 * (1 + math.cos(math.pi * progress))
 
     def _compute_loss(self, model, inputs):
-        # TRL's loss (clipping, importance sampling, loss_type) with its own k3 KL switched off; ours added below.
-        reference_wanted, self.beta = self.beta, 0.0
-        self._stash_policy_logprobs = True
+        # TRL's loss (clipping, importance sampling, `loss_type`), without its k3 KL; plus our divergence penalty.
+        self._policy_scores = PolicyScores(keep_tables=self.args.divergence_estimator == "exact")
         try:
             loss = super()._compute_loss(model, inputs)
+            policy = self._policy_scores
         finally:
-            self.beta, self._stash_policy_logprobs = reference_wanted, False
-        policy_full, self._policy_logprobs = self._policy_logprobs, None
-        if not reference_wanted:
+            self._policy_scores = None
+        if not self.has_reference:
             return loss
+        policy_table = torch.cat(policy.logp_tables) if policy.keep_tables else None
+        return loss + self._divergence_penalty(inputs, torch.cat(policy.logps), policy_table)
 
+    def _divergence_penalty(self, inputs, policy_logps, policy_table) -> torch.Tensor:
+        """`current_beta() · D`, normalised like TRL's loss; logs β, the penalty and every metric divergence."""
         mask = inputs["completion_mask"]
-        completion_ids = inputs["completion_ids"]
-        policy_logps = policy_full.gather(-1, completion_ids[..., None]).squeeze(-1)
-        exact = self.args.divergence_estimator == "exact"
-        reference_full = self._reference_logprobs(inputs) if exact else None
-        if exact:
-            per_token = self.divergence.exact(policy_full, reference_full)
+        ref_logps, ref_table = inputs.get("ref_per_token_logps"), None
+        if policy_table is not None:
+            ref_table = self._reference_logp_table(
+                inputs["prompt_ids"], inputs["prompt_mask"], inputs["completion_ids"]
+            )
+            per_token = self.divergence.exact(policy_table, ref_table)
         else:
-            per_token = self.divergence.sampled(policy_logps, inputs["ref_per_token_logps"])
+            per_token = self.divergence.sampled(policy_logps, ref_logps)
             if self.args.use_bias_correction_kl:  # makes the expected gradient that of the divergence
-                per_token = per_token * self._importance_ratio(policy_logps, inputs, mask)
+                per_token = per_token * trl.importance_ratio(self, policy_logps, inputs, mask)
 
         beta = self.current_beta()
-        mode = "train" if self.model.training else "eval"
-        self._metrics[mode]["beta"].append(beta)
-        self._metrics[mode][f"divergence/{self.args.divergence}_penalty"].append(self._global_mean(per_token, mask))
-        self._log_divergences(mode, mask, policy_full, reference_full, policy_logps, inputs.get("ref_per_token_logps"))
-        if beta == 0.0:
-            return loss
-        return loss + beta * self._aggregate(per_token, mask, inputs)
-
-    def _importance_ratio(self, policy_logps, inputs, mask) -> torch.Tensor:
-        """π/π_old at TRL's `importance_sampling_level`, differentiable through π (as TRL's `coef_1`)."""
-        old = inputs.get("old_per_token_logps")
-        log_ratio = policy_logps - (policy_logps.detach() if old is None else old)
-        if self.importance_sampling_level == "sequence":
-            log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
-        return torch.exp(log_ratio)
-
-    def _aggregate(self, per_token, mask, inputs) -> torch.Tensor:
-        """Reduce a per-token term exactly as TRL reduces its per-token loss for `self.loss_type`."""
-        train = self.model.training
-        accumulation = self.current_gradient_accumulation_steps if train else 1.0
-        masked = per_token * mask
-        if self.loss_type in ("grpo", "sapo"):
-            return (masked.sum(-1) / mask.sum(-1).clamp(min=1.0)).mean() / accumulation
-        if self.loss_type == "bnpo":
-            return masked.sum() / mask.sum().clamp(min=1.0) / accumulation
-        if self.loss_type == "dr_grpo":
-            return masked.sum() / (per_token.size(0) * self.max_completion_length) / accumulation
-        if self.loss_type in ("cispo", "dapo", "vespo"):
-            normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
-            if train:
-                normalizer = normalizer * self.current_gradient_accumulation_steps / self.args.steps_per_generation
-            return masked.sum() / normalizer
-        if self.loss_type == "luspo":
-            return masked.sum(-1).mean() / accumulation
-        raise ValueError(f"Unknown loss type: {self.loss_type}")
+        trl.record_metric(self, "beta", beta)
+        penalty_mean = trl.global_masked_mean(self, per_token, mask)
+        trl.record_metric(self, f"divergence/{self.args.divergence}_penalty", penalty_mean)
+        with torch.no_grad():
+            for name, divergence in self.metric_divergences.items():
+                if ref_table is not None:
+                    value = divergence.exact(policy_table, ref_table)
+                else:
+                    value = divergence.sampled(policy_logps, ref_logps)
+                trl.record_metric(self, f"divergence/{name}", trl.global_masked_mean(self, value, mask))
+        trl.record_metric(self, "divergence/exact", float(ref_table is not None))
+        return beta * trl.aggregate_like_trl(self, per_token, mask, inputs)
 
     # ------------------------------------------------------------------ logging
 
-    def _global_mean(self, values: torch.Tensor, mask: torch.Tensor) -> float:
-        totals = self.accelerator.reduce(
-            torch.stack([(values.detach() * mask).sum(), mask.sum().float()]), reduction="sum"
-        )
-        return (totals[0] / totals[1].clamp(min=1.0)).item()
-
-    def _log_divergences(self, mode, mask, policy_full, reference_full, policy_logps, reference_logps):
-        """Reverse KL, forward KL and JS to the reference: exact when the full distributions are at hand."""
-        exact = reference_full is not None
-        with torch.no_grad():
-            for name, divergence in self.metric_divergences.items():
-                if exact:
-                    value = divergence.exact(policy_full, reference_full)
-                else:
-                    value = divergence.sampled(policy_logps, reference_logps)
-                self._metrics[mode][f"divergence/{name}"].append(self._global_mean(value, mask))
-        self._metrics[mode]["divergence/exact"].append(float(exact))
-
-    def _maybe_log_image_grid(self):
-        step, every = self.state.global_step, self.args.image_log_steps
-        if not self.model.training or not every or step % every or step == self._last_image_log_step:
-            return
-        self._last_image_log_step = step
-        if not self.accelerator.is_main_process:
-            return
-        count = self.args.image_log_count
-        images = list(self._logs["completion"])[-count:]
-        prompts = list(self._logs["prompt"])[-count:]
-        rewards = {name: list(values)[-count:] for name, values in self._logs["rewards"].items()}
-        captions = [
-            f"{prompt}\n" + " ".join(f"{name}={values[i]:.3f}" for name, values in rewards.items())
-            for i, prompt in enumerate(prompts)
-        ]
-        grid = make_grid(images, captions, columns=min(self.num_generations, 8))
-        path = Path(self.args.output_dir) / "samples" / f"step_{step:06d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        grid.save(path)
-        self._send_image_to_trackers("samples", grid, step)
-
-    def _send_image_to_trackers(self, tag: str, image: Image.Image, step: int):
-        report_to = self.args.report_to or []
-        for callback in self.callback_handler.callbacks:
-            writer = getattr(callback, "tb_writer", None)
-            if "tensorboard" in report_to and writer is not None:
-                import numpy as np
-
-                writer.add_image(tag, np.asarray(image), step, dataformats="HWC")
-        if "wandb" in report_to:
-            import wandb
-
-            if wandb.run is not None:
-                wandb.log({tag: wandb.Image(image)}, commit=False)
-        if "trackio" in report_to:
-            import trackio
-
-            trackio.log({tag: trackio.Image(image)})
-
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         # TRL writes completions to parquet/tables as text: give it captions and move the images to its image column.
-        completions = self._logs["completion"]
-        if self.log_completions and completions and isinstance(completions[0], Image.Image):
-            self._logs["images"].clear()
-            self._logs["images"].extend([image] for image in completions)
-            placeholders = [f"<image {image.width}x{image.height}>" for image in completions]
-            completions.clear()
-            completions.extend(placeholders)
+        trl.completions_as_images(self)
         super().log(logs, start_time)
 
     # ------------------------------------------------------------------ saving and sharing
@@ -511,14 +481,11 @@ def _check_reward_funcs(reward_funcs) -> list:
     return reward_funcs
 
 
-@contextlib.contextmanager
-def _temporarily(args, **overrides):
-    """Set attributes of `args` for the duration of the block (the parent's `__init__` reads them)."""
-    saved = {name: getattr(args, name) for name in overrides}
-    for name, value in overrides.items():
-        setattr(args, name, value)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            setattr(args, name, value)
+def _set_completion_length(args: T2IGRPOConfig, num_image_tokens: int) -> None:
+    """`max_completion_length` is the model's number of image tokens: set it when unset, reject any other value."""
+    if args.max_completion_length not in (None, num_image_tokens):
+        raise ValueError(
+            f"`max_completion_length={args.max_completion_length}` does not match the model, whose images have "
+            f"{num_image_tokens} tokens. Leave it unset: the trainer takes it from the model."
+        )
+    args.max_completion_length = num_image_tokens

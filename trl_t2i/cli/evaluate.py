@@ -40,9 +40,10 @@ from trl import TrlParser
 from ..data import PROMPT_SETS, load_prompt_dataset
 from ..images import make_grid, to_pil
 from ..metrics import diversity_summary, image_features, pixel_features, token_entropy
-from ..models import TINY_JANUS, get_adapter, load_model, load_processor
+from ..models import TINY_JANUS, get_family, load_model, load_processor
 from ..rewards import get_reward
-from ..sampling import image_token_logprobs, sample_image_tokens
+from ..sampling import image_logp_table, sample_image_tokens
+from .arguments import SamplingArguments
 
 
 DIVERSITY_METRICS = ("pairwise_distance", "vendi", "token_entropy", "token_hamming", "codebook_usage")
@@ -53,7 +54,7 @@ BASE = "base"
 
 
 @dataclass
-class EvaluateArguments:
+class EvaluateArguments(SamplingArguments):
     """Arguments of `trl-t2i evaluate`; each is also a `--flag` and a YAML key."""
 
     model_name_or_path: str = field(
@@ -95,10 +96,6 @@ class EvaluateArguments:
             "default: the weight-free `pixel_features` (colour histogram and layout)."
         },
     )
-    cfg_scale: float = field(default=5.0, metadata={"help": "Classifier-free guidance scale (1 disables it)."})
-    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
-    top_k: int = field(default=0, metadata={"help": "Top-k filtering (0 disables it)."})
-    top_p: float = field(default=1.0, metadata={"help": "Nucleus filtering (1.0 disables it)."})
     seed: int = field(
         default=0, metadata={"help": "Seed; prompt i is sampled with a generator seeded from (seed, i)."}
     )
@@ -153,14 +150,14 @@ def main(args: EvaluateArguments) -> list[dict]:
     output_dir.mkdir(parents=True, exist_ok=True)
 
     base_model = load_model(args.model_name_or_path, dtype=getattr(torch, args.dtype)).to(args.device).eval()
-    adapter = get_adapter(base_model, load_processor(args.model_name_or_path))
-    adapter.patch_forward(base_model)  # teacher-forced log-probs, for the policy's token entropy
+    family = get_family(base_model, load_processor(args.model_name_or_path))
+    family.patch_forward(base_model)  # teacher-forced log-probs, for the policy's token entropy
 
     per_image, per_prompt = [], []
     for run in runs:
-        model = attach_run(base_model, adapter, run, args)
-        images, tokens, entropies = generate(adapter, model, prompts, run.label, args)
-        image_rows, prompt_rows = score(prompts, images, tokens, entropies, reward_funcs, adapter, run.label, args)
+        model = attach_run(base_model, family, run, args)
+        images, tokens, entropies = generate(family, model, prompts, run.label, args)
+        image_rows, prompt_rows = score(prompts, images, tokens, entropies, reward_funcs, family, run.label, args)
         per_image += image_rows
         per_prompt += prompt_rows
         if args.grid_prompts > 0:
@@ -235,8 +232,7 @@ def check_arguments(
     check_images_per_prompt(args.num_images_per_prompt)
     if args.num_prompts is not None and args.num_prompts < 1:
         raise ValueError(f"num_prompts must be >= 1 (or unset for all prompts), got {args.num_prompts}.")
-    if args.cfg_scale <= 0 or args.temperature <= 0:
-        raise ValueError(f"cfg_scale and temperature must be > 0, got {args.cfg_scale} and {args.temperature}.")
+    args.sampling  # noqa: B018 -- validates the sampling settings
     if not runs:
         raise ValueError("Nothing to evaluate: pass `--runs` or drop `--skip_base`.")
     labels = [run.label for run in runs]
@@ -268,7 +264,7 @@ def check_images_per_prompt(k: int) -> None:
         raise ValueError(f"num_images_per_prompt must be >= 2 (diversity compares the images of one prompt), got {k}.")
 
 
-def attach_run(base_model: torch.nn.Module, adapter, run: Run, args: EvaluateArguments) -> torch.nn.Module:
+def attach_run(base_model: torch.nn.Module, family, run: Run, args: EvaluateArguments) -> torch.nn.Module:
     """The model of `run`: the base, the base with the run's LoRA layers (undone by `unload()`), or a full model."""
     if run.kind == "base":
         return base_model
@@ -277,7 +273,7 @@ def attach_run(base_model: torch.nn.Module, adapter, run: Run, args: EvaluateArg
 
         return PeftModel.from_pretrained(base_model, run.path).eval()
     model = load_model(str(run.path), dtype=getattr(torch, args.dtype)).to(args.device).eval()
-    adapter.patch_forward(model)  # the base's adapter: a full fine-tune is of the same family
+    family.patch_forward(model)  # a full fine-tune is of the base model's family
     return model
 
 
@@ -288,7 +284,7 @@ def prompt_generator(seed: int, prompt_index: int, device: str) -> torch.Generat
 
 
 @torch.no_grad()
-def generate(adapter, model, prompts: list[str], label: str, args: EvaluateArguments):
+def generate(family, model, prompts: list[str], label: str, args: EvaluateArguments):
     """Sample k images per prompt; returns per prompt the PIL images, their tokens `(k, N)` and token entropies `(k,)`.
 
     The entropy is that of the teacher-forced distribution the tokens were sampled from (guidance, temperature, top-k
@@ -297,19 +293,19 @@ def generate(adapter, model, prompts: list[str], label: str, args: EvaluateArgum
     """
     images, tokens, entropies = [], [], []
     k = args.num_images_per_prompt
-    settings = {"cfg_scale": args.cfg_scale, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
+    sampling = args.sampling
     for index, prompt in enumerate(tqdm(prompts, desc=f"{label}: sampling", unit="prompt")):
-        input_ids, attention_mask = (tensor.to(args.device) for tensor in adapter.prepare_prompts([prompt] * k))
+        conditioning = family.encode_prompts([prompt] * k).to(args.device)
         generator = prompt_generator(args.seed, index, args.device)
-        sample = sample_image_tokens(adapter, model, input_ids, attention_mask, generator=generator, **settings)
-        full = image_token_logprobs(adapter, model, input_ids, attention_mask, sample.image_tokens, **settings)
-        images.append(to_pil(adapter.decode(model, sample.image_tokens)))
+        sample = sample_image_tokens(family, model, conditioning, sampling, generator=generator)
+        logp_table = image_logp_table(family, model, conditioning, sample.image_tokens, sampling)
+        images.append(to_pil(family.decode(model, sample.image_tokens)))
         tokens.append(sample.image_tokens.cpu())
-        entropies.append(token_entropy(full).float().cpu())
+        entropies.append(token_entropy(logp_table).float().cpu())
     return images, tokens, entropies
 
 
-def score(prompts, images, tokens, entropies, reward_funcs, adapter, label: str, args: EvaluateArguments):
+def score(prompts, images, tokens, entropies, reward_funcs, family, label: str, args: EvaluateArguments):
     """Rewards of every image and diversity of every prompt group: the rows of `per_image.csv` and `per_prompt.csv`."""
     image_rows, prompt_rows = [], []
     k = args.num_images_per_prompt
@@ -327,7 +323,7 @@ def score(prompts, images, tokens, entropies, reward_funcs, adapter, label: str,
             scored = [value for value in values if value is not None]  # None: the reward does not apply
             row[f"{name}_mean"] = float(np.mean(scored)) if scored else math.nan
             row[f"{name}_std"] = float(np.std(scored, ddof=1)) if len(scored) > 1 else math.nan
-        diversity = diversity_summary(features, tokens[index], adapter.codebook_size)
+        diversity = diversity_summary(features, tokens[index], family.codebook_size)
         diversity["token_entropy"] = entropies[index].mean().item()  # as diversity_summary computes it from log-probs
         prompt_rows.append(row | {name: diversity[name] for name in DIVERSITY_METRICS})
     return image_rows, prompt_rows

@@ -14,12 +14,13 @@ import torch
 from trl import TrlParser
 
 from ..images import make_grid, to_pil
-from ..models import TINY_JANUS, get_adapter, load_model, load_processor
+from ..models import TINY_JANUS, get_family, load_model, load_processor
 from ..sampling import sample_image_tokens
+from .arguments import SamplingArguments
 
 
 @dataclass
-class SampleArguments:
+class SampleArguments(SamplingArguments):
     """Arguments of `trl-t2i sample`; each is also a `--flag` and a YAML key."""
 
     model_name_or_path: str = field(default=TINY_JANUS, metadata={"help": "Hub id or local path of the base model."})
@@ -30,10 +31,6 @@ class SampleArguments:
     )
     num_images_per_prompt: int = field(default=4, metadata={"help": "Images sampled per caption."})
     batch_size: int = field(default=16, metadata={"help": "Images generated per forward batch."})
-    cfg_scale: float = field(default=5.0, metadata={"help": "Classifier-free guidance scale (1 disables it)."})
-    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
-    top_k: int = field(default=0, metadata={"help": "Top-k filtering (0 disables it)."})
-    top_p: float = field(default=1.0, metadata={"help": "Nucleus filtering (1.0 disables it)."})
     seed: int = field(default=0, metadata={"help": "Seed of the sampling generator."})
     dtype: str = field(default="float32", metadata={"help": "Model dtype: float32, bfloat16 or float16."})
     device: str = field(default="cuda" if torch.cuda.is_available() else "cpu", metadata={"help": "Device."})
@@ -41,31 +38,21 @@ class SampleArguments:
 
 
 def main(args: SampleArguments) -> Path:
+    sampling = args.sampling  # bad settings fail before the model loads
     model = load_model(args.model_name_or_path, dtype=getattr(torch, args.dtype)).to(args.device).eval()
     if args.adapter:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, args.adapter)
-    adapter = get_adapter(model, load_processor(args.model_name_or_path))
+    family = get_family(model, load_processor(args.model_name_or_path))
     captions = [prompt for prompt in args.prompts for _ in range(args.num_images_per_prompt)]
     generator = torch.Generator(args.device).manual_seed(args.seed)
 
     images = []
     for start in range(0, len(captions), args.batch_size):
-        input_ids, attention_mask = adapter.prepare_prompts(captions[start : start + args.batch_size])
-        sample = sample_image_tokens(
-            adapter,
-            model,
-            input_ids.to(args.device),
-            attention_mask.to(args.device),
-            cfg_scale=args.cfg_scale,
-            temperature=args.temperature,
-            top_k=args.top_k,
-            top_p=args.top_p,
-            generator=generator,
-            show_progress=True,
-        )
-        images += to_pil(adapter.decode(model, sample.image_tokens))
+        conditioning = family.encode_prompts(captions[start : start + args.batch_size]).to(args.device)
+        sample = sample_image_tokens(family, model, conditioning, sampling, generator=generator, show_progress=True)
+        images += to_pil(family.decode(model, sample.image_tokens))
 
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

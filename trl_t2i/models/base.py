@@ -1,8 +1,13 @@
 """The one interface between `trl_t2i` and a model family.
 
-The trainer, the sampler and the scripts only talk to a `T2IAdapter`, so they never branch on the model family. An
-adapter holds the processing class (tokenizer/processor) and the few token ids it needs; it never holds the model,
-because the same adapter serves the policy, the reference and their DDP/PEFT/DeepSpeed wrappers.
+The trainer, the sampler and the scripts only talk to a `ModelFamily`, so they never branch on the family. (It is
+not called an "adapter": PEFT adapters are a different thing.) A family object holds the processing class
+(tokenizer/processor) and the few ids it needs; it never holds the model, because the same family object serves the
+policy, the reference and their DDP/PEFT/DeepSpeed wrappers.
+
+The prompt side is a `Conditioning`: named tensors, one row per image, that only the family builds and reads (Janus:
+chat-formatted token ids and their mask; a T5-conditioned family: caption features and masks). Sampling and
+teacher-forced scoring both consume it through the family, so they see the same rows, padding and masks.
 """
 
 from abc import ABC, abstractmethod
@@ -15,6 +20,31 @@ from transformers import PreTrainedModel
 
 
 @dataclass
+class Conditioning:
+    """The prompt side of a batch of image rows, built and read by a `ModelFamily` only.
+
+    Attributes:
+        tensors: named tensors whose first dimension is the row; they are passed to the model's patched `forward` as
+            keyword arguments, so DDP/PEFT/DeepSpeed wrappers move them like any other input.
+    """
+
+    tensors: dict[str, torch.Tensor]
+
+    def __len__(self) -> int:
+        return len(next(iter(self.tensors.values())))
+
+    def __getitem__(self, rows: slice) -> "Conditioning":
+        return Conditioning({name: tensor[rows] for name, tensor in self.tensors.items()})
+
+    def to(self, device: torch.device | str) -> "Conditioning":
+        return Conditioning({name: tensor.to(device) for name, tensor in self.tensors.items()})
+
+    def cat(self, other: "Conditioning") -> "Conditioning":
+        """These rows followed by `other`'s (e.g. conditional then unconditional rows)."""
+        return Conditioning({name: torch.cat([tensor, other.tensors[name]]) for name, tensor in self.tensors.items()})
+
+
+@dataclass
 class DecodeState:
     """What one KV-cached decode carries from step to step: the cache and the attention mask so far."""
 
@@ -22,11 +52,12 @@ class DecodeState:
     attention_mask: torch.LongTensor
 
 
-class T2IAdapter(ABC):
+class ModelFamily(ABC):
     """Everything model-family specific that GRPO on image tokens needs.
 
-    Subclasses set `model_type` (the `config.model_type` they serve), `model_class` and implement the abstract methods. Image-token
-    rows are always laid out as `[conditional rows; unconditional rows]` when classifier-free guidance is used.
+    Subclasses set `model_type` (the `config.model_type` they serve), `model_class`, `lora_target_modules` and
+    `quantization_skip_modules`, and implement the abstract methods. With classifier-free guidance, rows are always
+    laid out as `[conditional rows; unconditional rows]` (see `guided_rows`).
     """
 
     model_type: ClassVar[str]
@@ -52,28 +83,26 @@ class T2IAdapter(ABC):
         """Size of the image-token vocabulary."""
 
     @abstractmethod
-    def prepare_prompts(self, texts: list[str]) -> tuple[torch.LongTensor, torch.LongTensor]:
-        """Format and tokenise raw captions for image generation, left padded: `(input_ids, attention_mask)`."""
+    def tokenize_prompts(self, texts: list[str]) -> tuple[torch.LongTensor, torch.LongTensor]:
+        """Raw captions to the left-padded `(prompt_ids, prompt_mask)` that TRL carries between rollout and loss."""
 
     @abstractmethod
-    def cfg_inputs(
-        self, input_ids: torch.LongTensor, attention_mask: torch.LongTensor
-    ) -> tuple[torch.LongTensor, torch.LongTensor]:
+    def build_conditioning(self, prompt_ids: torch.LongTensor, prompt_mask: torch.LongTensor) -> Conditioning:
+        """The conditional rows for `tokenize_prompts`' output."""
+
+    @abstractmethod
+    def unconditional(self, conditioning: Conditioning) -> Conditioning:
         """The unconditional rows for classifier-free guidance, one per conditional row."""
 
     @abstractmethod
-    def teacher_forced_logits(
-        self, model: nn.Module, input_ids: torch.LongTensor, attention_mask: torch.LongTensor, image_tokens
-    ) -> torch.Tensor:
+    def teacher_forced_logits(self, model: nn.Module, conditioning: Conditioning, image_tokens) -> torch.Tensor:
         """Raw image-head logits `(rows, N, V)` for every image position of `image_tokens` `(rows, N)`.
 
         `model` is the bare model (no wrappers). Called from the patched `forward` only; use `image_logits`.
         """
 
     @abstractmethod
-    def prefill(
-        self, model: nn.Module, input_ids: torch.LongTensor, attention_mask: torch.LongTensor
-    ) -> tuple[torch.Tensor, DecodeState]:
+    def prefill(self, model: nn.Module, conditioning: Conditioning) -> tuple[torch.Tensor, DecodeState]:
         """Run the prompt rows through `model` (bare) with a fresh KV cache: logits `(rows, V)` for image token 0."""
 
     @abstractmethod
@@ -83,6 +112,14 @@ class T2IAdapter(ABC):
     @abstractmethod
     def decode(self, model: nn.Module, image_tokens: torch.LongTensor) -> torch.Tensor:
         """VQ-decode `(B, N)` image tokens to `uint8` images `(B, H, W, 3)`."""
+
+    def encode_prompts(self, texts: list[str]) -> Conditioning:
+        """Raw captions to their conditional rows (tokenize, then build the conditioning)."""
+        return self.build_conditioning(*self.tokenize_prompts(texts))
+
+    def guided_rows(self, conditioning: Conditioning) -> Conditioning:
+        """The rows a guided forward runs: the conditional rows, then their unconditional counterparts."""
+        return conditioning.cat(self.unconditional(conditioning))
 
     def patch_forward(self, model: nn.Module) -> None:
         """Teach the bare model's `forward` to return image logits when called with `t2i_image_tokens=`.
@@ -99,25 +136,21 @@ class T2IAdapter(ABC):
         def forward(*args, t2i_image_tokens=None, **kwargs):
             if t2i_image_tokens is None:
                 return original_forward(*args, **kwargs)
-            return self.teacher_forced_logits(bare, kwargs["input_ids"], kwargs["attention_mask"], t2i_image_tokens)
+            return self.teacher_forced_logits(bare, Conditioning(kwargs), t2i_image_tokens)
 
         bare.forward = forward
         bare._t2i_forward_patched = True
 
     def image_logits(
-        self,
-        model: nn.Module,
-        input_ids: torch.LongTensor,
-        attention_mask: torch.LongTensor,
-        image_tokens: torch.LongTensor,
+        self, model: nn.Module, conditioning: Conditioning, image_tokens: torch.LongTensor
     ) -> torch.Tensor:
         """Teacher-forced image-head logits `(rows, N, V)` through `model`'s (possibly wrapped) `forward`."""
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, t2i_image_tokens=image_tokens)
+        logits = model(**conditioning.tensors, t2i_image_tokens=image_tokens)
         expected = (*image_tokens.shape, self.codebook_size)
         if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != expected:
             raise RuntimeError(
                 f"The model's forward did not return image logits of shape {expected}; call "
-                f"`adapter.patch_forward(model)` on every model (policy and reference) before scoring."
+                f"`family.patch_forward(model)` on every model (policy and reference) before scoring."
             )
         return logits
 

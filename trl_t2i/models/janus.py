@@ -1,4 +1,4 @@
-"""Adapter for transformers' `JanusForConditionalGeneration` (Janus-Pro 1B/7B in transformers format).
+"""The family of transformers' `JanusForConditionalGeneration` (Janus-Pro 1B/7B in transformers format).
 
 Image generation in Janus: the prompt is the chat-formatted caption followed by `<begin_of_image>`; each image token
 is embedded by `generation_embeddings` → `generation_aligner`, run through the language model and scored by
@@ -10,10 +10,10 @@ import torch
 from torch import nn
 from transformers import DynamicCache, JanusForConditionalGeneration
 
-from .base import DecodeState, T2IAdapter
+from .base import Conditioning, DecodeState, ModelFamily
 
 
-class JanusAdapter(T2IAdapter):
+class JanusFamily(ModelFamily):
     model_type = "janus"
     model_class = JanusForConditionalGeneration
     lora_target_modules = (
@@ -44,7 +44,7 @@ class JanusAdapter(T2IAdapter):
     def codebook_size(self) -> int:
         return self.config.vq_config.num_embeddings
 
-    def prepare_prompts(self, texts: list[str]) -> tuple[torch.LongTensor, torch.LongTensor]:
+    def tokenize_prompts(self, texts: list[str]) -> tuple[torch.LongTensor, torch.LongTensor]:
         processor = self.processing_class
         chats = [
             processor.apply_chat_template(
@@ -57,11 +57,18 @@ class JanusAdapter(T2IAdapter):
         )
         return encoding["input_ids"], encoding["attention_mask"]
 
-    def cfg_inputs(self, input_ids, attention_mask):
-        keep = (input_ids == self.bos_token_id) | (input_ids == self.boi_token_id)
-        return input_ids.masked_fill(~keep, self.pad_token_id), attention_mask
+    def build_conditioning(self, prompt_ids, prompt_mask) -> Conditioning:
+        return Conditioning({"input_ids": prompt_ids, "attention_mask": prompt_mask})
 
-    def teacher_forced_logits(self, model, input_ids, attention_mask, image_tokens):
+    def unconditional(self, conditioning: Conditioning) -> Conditioning:
+        input_ids = conditioning.tensors["input_ids"]
+        keep = (input_ids == self.bos_token_id) | (input_ids == self.boi_token_id)
+        return self.build_conditioning(
+            input_ids.masked_fill(~keep, self.pad_token_id), conditioning.tensors["attention_mask"]
+        )
+
+    def teacher_forced_logits(self, model, conditioning, image_tokens):
+        input_ids, attention_mask = conditioning.tensors["input_ids"], conditioning.tensors["attention_mask"]
         prompt_length = input_ids.size(1)
         embeds = torch.cat(
             [
@@ -77,7 +84,8 @@ class JanusAdapter(T2IAdapter):
         # Position P-1 (<begin_of_image>) predicts image token 0, position P+i-1 predicts token i.
         return model.model.generation_head(hidden[:, prompt_length - 1 :])
 
-    def prefill(self, model, input_ids, attention_mask):
+    def prefill(self, model, conditioning):
+        input_ids, attention_mask = conditioning.tensors["input_ids"], conditioning.tensors["attention_mask"]
         cache = DynamicCache(config=model.config.get_text_config())
         output = model.model.language_model(
             inputs_embeds=model.get_input_embeddings()(input_ids),

@@ -1,32 +1,40 @@
 """Loading text-to-image models and processors, with the quantization details each family needs."""
 
 import copy
+import sys
 
 import torch
 from transformers import AutoConfig, AutoProcessor, BitsAndBytesConfig, PreTrainedModel
 
-from .base import T2IAdapter
-from .janus import JanusAdapter
+from .base import ModelFamily, unwrap_model
+from .janus import JanusFamily
 from .tiny import resolve_tiny
 
 
-ADAPTERS: dict[str, type[T2IAdapter]] = {JanusAdapter.model_type: JanusAdapter}
+FAMILIES: dict[str, type[ModelFamily]] = {JanusFamily.model_type: JanusFamily}
+"""Every supported model family, by the `config.model_type` it serves."""
 
 
-def adapter_class(config) -> type[T2IAdapter]:
-    """The adapter class serving `config.model_type`; a clear error for families we do not support."""
-    if config.model_type not in ADAPTERS:
+def family_class(config) -> type[ModelFamily]:
+    """The family serving `config.model_type`; a clear error for families we do not support."""
+    if config.model_type not in FAMILIES:
         raise ValueError(
-            f"Unsupported model type {config.model_type!r}. Supported model types: {', '.join(sorted(ADAPTERS))}."
+            f"Unsupported model type {config.model_type!r}. Supported model types: {', '.join(sorted(FAMILIES))}."
         )
-    return ADAPTERS[config.model_type]
+    return FAMILIES[config.model_type]
 
 
-def with_skip_modules(quantization_config: BitsAndBytesConfig, adapter: type[T2IAdapter]) -> BitsAndBytesConfig:
+def get_family(model_or_config, processing_class) -> ModelFamily:
+    """The family object for a model (possibly wrapped) or its config, with the model's processing class."""
+    config = unwrap_model(model_or_config).config if hasattr(model_or_config, "config") else model_or_config
+    return family_class(config)(config, processing_class)
+
+
+def with_skip_modules(quantization_config: BitsAndBytesConfig, family: type[ModelFamily]) -> BitsAndBytesConfig:
     """Add the family's unquantized modules (full paths) to a bitsandbytes config's `llm_int8_skip_modules`."""
     quantization_config = copy.deepcopy(quantization_config)
     skip = list(quantization_config.llm_int8_skip_modules or [])
-    quantization_config.llm_int8_skip_modules = skip + [m for m in adapter.quantization_skip_modules if m not in skip]
+    quantization_config.llm_int8_skip_modules = skip + [m for m in family.quantization_skip_modules if m not in skip]
     return quantization_config
 
 
@@ -36,9 +44,10 @@ def disable_bnb_cpu_repack(model: torch.nn.Module) -> None:
     On AVX512-BF16 CPUs, a `Linear4bit` that runs once in eval mode without grad repacks its weight for an inference
     kernel that has no backward: LoRA gradients through it are then silently wrong. CUDA never takes that path.
     """
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
+    # Only a model loaded through bitsandbytes has such layers, and then it is imported already: importing it here
+    # otherwise would only print its start-up messages on every run.
+    bnb = sys.modules.get("bitsandbytes")
+    if bnb is None:
         return
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
@@ -52,10 +61,10 @@ def load_model(name_or_path: str, **model_kwargs) -> PreTrainedModel:
     """
     path = resolve_tiny(name_or_path)
     config = AutoConfig.from_pretrained(path, trust_remote_code=model_kwargs.get("trust_remote_code", False))
-    adapter = adapter_class(config)
+    family = family_class(config)
     if isinstance(model_kwargs.get("quantization_config"), BitsAndBytesConfig):
-        model_kwargs["quantization_config"] = with_skip_modules(model_kwargs["quantization_config"], adapter)
-    return adapter.model_class.from_pretrained(path, **model_kwargs)
+        model_kwargs["quantization_config"] = with_skip_modules(model_kwargs["quantization_config"], family)
+    return family.model_class.from_pretrained(path, **model_kwargs)
 
 
 def load_processor(name_or_path: str, **kwargs):

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from .base import ModelReward
 from .clip import AestheticMLP, AestheticReward, CLIPScoreReward, PickScoreReward
-from .colour import COLOUR_RGB, prompt_colour_match
+from .colour import COLOUR_RGB, colour_match
 from .compressibility import jpeg_compressibility, jpeg_incompressibility
 from .hps import HPSv2Reward
 
@@ -31,7 +31,7 @@ REWARDS: dict[str, Callable[..., Callable]] = {
     "pickscore": PickScoreReward,
     "hpsv2": HPSv2Reward,
     "aesthetic": AestheticReward,
-    "colour_match": _takes_no_arguments(prompt_colour_match),
+    "colour_match": _takes_no_arguments(colour_match),
     "jpeg_compressibility": _takes_no_arguments(jpeg_compressibility),
     "jpeg_incompressibility": _takes_no_arguments(jpeg_incompressibility),
 }
@@ -54,8 +54,8 @@ def get_reward(name: str, **kwargs) -> Callable:
     Example:
         >>> get_reward("pickscore", batch_size=8)  # nothing is loaded before the first call
         <trl_t2i.rewards.clip.PickScoreReward object at 0x...>
-        >>> get_reward("trl_t2i.rewards.colour:prompt_colour_match")
-        <function prompt_colour_match at 0x...>
+        >>> get_reward("trl_t2i.rewards.colour:colour_match")
+        <function colour_match at 0x...>
     """
     if name in REWARDS:
         return REWARDS[name](**kwargs)
@@ -96,5 +96,5 @@ __all__ = [
     "get_reward",
     "jpeg_compressibility",
     "jpeg_incompressibility",
-    "prompt_colour_match",
+    "colour_match",
 ]

@@ -24,13 +24,13 @@ _COLOUR_WORD = re.compile(r"\b(" + "|".join(COLOUR_RGB) + r")\b", re.IGNORECASE)
 _MAX_DISTANCE = np.sqrt(3) * 255.0
 
 
-def prompt_colour_match(prompts: list[str], completions: list[Image.Image], **kwargs) -> list[float | None]:
+def colour_match(prompts: list[str], completions: list[Image.Image], **kwargs) -> list[float | None]:
     """How close each image's mean colour is to the first colour named in its caption, in [0, 1].
 
     `1 − ‖mean RGB − target RGB‖ / (√3·255)`. Captions naming no colour get `None` (TRL skips them).
 
     Example:
-        >>> prompt_colour_match(["a red cat"], [Image.new("RGB", (8, 8), (255, 0, 0))])
+        >>> colour_match(["a red cat"], [Image.new("RGB", (8, 8), (255, 0, 0))])
         [1.0]
     """
     rewards = []

@@ -1,0 +1,155 @@
+"""Every use of TRL's private `GRPOTrainer` surface, in one place.
+
+`T2IGRPOTrainer` overrides private methods of TRL's `GRPOTrainer` and relies on some of its private state. Each such
+assumption lives here, as a small function, and has a contract test in `tests/test_trl_boundary.py`: a TRL upgrade
+that changes one fails loudly there, not as a silently wrong loss. Written against trl 1.16 (pinned in
+`pyproject.toml`).
+
+The assumptions:
+
+* `_generate` returns an 8-tuple (`Rollout.to_trl` lays it out);
+* `_metrics[mode][name]` is a list of floats that `log` averages (and clears);
+* `_calculate_rewards` returns the rewards of every rank, gathered in rank order;
+* `_logs["completion"]` / `_logs["images"]` feed the completions table when `log_completions=True`;
+* `_dist.summon_full_params` gathers FSDP parameters for generation;
+* the importance ratio and the per-`loss_type` loss normalisers of `_compute_loss`, reproduced by `importance_ratio`
+  and `aggregate_like_trl` so our penalty is weighted and normalised exactly like TRL's own KL term;
+* `__init__` reads `args.beta`, `args.sync_ref_model` and `args.model_init_kwargs` to decide about the reference
+  model (see `init_settings`).
+"""
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+
+@dataclass
+class Rollout:
+    """One batch of sampled images, as our `_generate` produces it.
+
+    Attributes:
+        prompt_ids: unpadded prompt token ids, one list per image.
+        image_tokens: image tokens, one list of `N` per image.
+        images: the decoded images, which the reward functions score.
+        sampling_logps: log-prob of every image token under the distribution it was sampled from.
+    """
+
+    prompt_ids: list[list[int]]
+    image_tokens: list[list[int]]
+    images: list[Image.Image]
+    sampling_logps: list[list[float]]
+
+    def to_trl(self) -> tuple:
+        """TRL's `_generate` return: `(prompt_ids, completion_ids, tool_mask, completions, logprobs, extra_fields,
+        images, tool_images)`. The `images` slot holds *prompt* images (a non-`None` value would run the processor
+        on them), so ours stay in `completions`."""
+        return self.prompt_ids, self.image_tokens, None, self.images, self.sampling_logps, {}, None, []
+
+
+@contextlib.contextmanager
+def init_settings(args, *, uses_adapters: bool, own_reference: bool):
+    """The `args` that TRL's `__init__` must see, restored afterwards.
+
+    * `model_init_kwargs`: already used to load the model (TRL would warn that it ignores them).
+    * `beta`: TRL builds a reference of its own when `beta != 0` and there are no adapters, from
+      `config.architectures[0]`, which fails for in-memory models; we attach ours (`own_reference`) and hide `beta`.
+      With a model that already has a PEFT adapter, TRL copies it as a frozen "ref" adapter only when `beta != 0`:
+      that copy is the reference (the divergences are logged even at β = 0), so TRL sees a non-zero `beta`.
+    * `sync_ref_model`: TRL rejects it when `beta == 0`; we attach the callback to our own reference.
+    """
+    overrides = {"model_init_kwargs": None}
+    if own_reference:
+        overrides.update(beta=0.0, sync_ref_model=False)
+    elif uses_adapters:
+        overrides["beta"] = 1.0
+    saved = {name: getattr(args, name) for name in overrides}
+    for name, value in overrides.items():
+        setattr(args, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(args, name, value)
+
+
+def reference_adapter_name(peft_model) -> str | None:
+    """The adapter that holds the reference: TRL's frozen "ref" copy, or `None` (adapters disabled)."""
+    return "ref" if "ref" in peft_model.peft_config else None
+
+
+def mode(trainer) -> str:
+    return "train" if trainer.model.training else "eval"
+
+
+def record_metric(trainer, name: str, value: float) -> None:
+    """Append to TRL's metric buffer: `log` averages it and sends it to every tracker."""
+    trainer._metrics[mode(trainer)][name].append(value)
+
+
+def set_metric(trainer, name: str, value: float) -> None:
+    """Replace a metric's buffer with one value (a running total such as `num_tokens`, as TRL sets it)."""
+    trainer._metrics[mode(trainer)][name] = [value]
+
+
+def gathered_parameters(trainer):
+    """Context in which FSDP's sharded parameters are gathered for generation (a no-op elsewhere)."""
+    return trainer._dist.summon_full_params(trainer.model_wrapped, recurse=False)
+
+
+def local_rows(trainer, gathered: torch.Tensor, num_local: int) -> torch.Tensor:
+    """This rank's rows of a tensor that `_calculate_rewards` gathered from every rank (in rank order)."""
+    start = trainer.accelerator.process_index * num_local
+    return gathered[start : start + num_local]
+
+
+def global_masked_mean(trainer, values: torch.Tensor, mask: torch.Tensor) -> float:
+    """Mean of `values` over the masked tokens of every rank, as TRL's `_compute_loss` logs its metrics."""
+    totals = trainer.accelerator.reduce(
+        torch.stack([(values.detach() * mask).sum(), mask.sum().float()]), reduction="sum"
+    )
+    return (totals[0] / totals[1].clamp(min=1.0)).item()
+
+
+def importance_ratio(trainer, policy_logps: torch.Tensor, inputs: dict, mask: torch.Tensor) -> torch.Tensor:
+    """π/π_old at TRL's `importance_sampling_level`, differentiable through π: TRL's `coef_1`."""
+    old = inputs.get("old_per_token_logps")
+    log_ratio = policy_logps - (policy_logps.detach() if old is None else old)
+    if trainer.importance_sampling_level == "sequence":
+        log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+    return torch.exp(log_ratio)
+
+
+def aggregate_like_trl(trainer, per_token: torch.Tensor, mask: torch.Tensor, inputs: dict) -> torch.Tensor:
+    """Reduce a per-token term exactly as TRL's `_compute_loss` reduces its per-token loss for `loss_type`."""
+    train = trainer.model.training
+    accumulation = trainer.current_gradient_accumulation_steps if train else 1.0
+    masked = per_token * mask
+    loss_type = trainer.loss_type
+    if loss_type in ("grpo", "sapo"):
+        return (masked.sum(-1) / mask.sum(-1).clamp(min=1.0)).mean() / accumulation
+    if loss_type == "bnpo":
+        return masked.sum() / mask.sum().clamp(min=1.0) / accumulation
+    if loss_type == "dr_grpo":
+        return masked.sum() / (per_token.size(0) * trainer.max_completion_length) / accumulation
+    if loss_type in ("cispo", "dapo", "vespo"):
+        normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / trainer.accelerator.num_processes
+        if train:
+            normalizer = normalizer * trainer.current_gradient_accumulation_steps / trainer.args.steps_per_generation
+        return masked.sum() / normalizer
+    if loss_type == "luspo":
+        return masked.sum(-1).mean() / accumulation
+    raise ValueError(f"Unknown loss type: {loss_type}")
+
+
+def completions_as_images(trainer) -> None:
+    """Before TRL's `log`: its completions table holds text, so move our PIL completions to its image column and
+    leave a placeholder caption in their place."""
+    completions = trainer._logs["completion"]
+    if trainer.log_completions and completions and isinstance(completions[0], Image.Image):
+        trainer._logs["images"].clear()
+        trainer._logs["images"].extend([image] for image in completions)
+        placeholders = [f"<image {image.width}x{image.height}>" for image in completions]
+        completions.clear()
+        completions.extend(placeholders)
