@@ -1,3 +1,4 @@
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,8 @@ def trained(tmp_path_factory):
             "--per_device_train_batch_size", "8", "--num_generations", "4", "--image_log_steps", "1",
             "--hub_model_id", "someone/tiny-janus-grpo-js"]  # fmt: skip
     with pytest.MonkeyPatch.context() as patch:  # the card records the command line the script was started with
-        patch.setattr("sys.argv", ["scripts/grpo_t2i.py", *argv])
+        patch.setattr("sys.orig_argv", [sys.executable, "scripts/grpo_t2i.py", *argv])
+        patch.setattr(hub, "_parent_argv", lambda: ["bash"])
         return main(*make_parser().parse_args_and_config(argv))
 
 
@@ -71,14 +73,54 @@ def test_model_card_metadata_and_content(trained):
     assert (Path(trained.args.output_dir) / hub.SAMPLE_GRID).is_file()
 
 
-def test_usage_snippet_in_the_card_runs(trained):
+def test_usage_snippet_in_the_card_runs_on_the_available_device(trained):
     _, body = _card(Path(trained.args.output_dir))
     snippet = body.split("```python\n")[1].split("```")[0]
+    assert 'device = "cuda" if torch.cuda.is_available() else "cpu"' in snippet
+    assert "SamplingConfig(cfg_scale=5.0)" in snippet  # the run's guidance
     snippet = snippet.replace('"someone/tiny-janus-grpo-js"', repr(trained.args.output_dir))
-    snippet = snippet.replace('.to("cuda")', "").replace(".cuda()", "").replace("torch.bfloat16", "torch.float32")
     snippet = snippet.replace('"fox.png"', repr(str(Path(trained.args.output_dir) / "fox.png")))
     exec(snippet, {})
     assert (Path(trained.args.output_dir) / "fox.png").is_file()
+
+
+def test_usage_snippet_of_a_full_model_loads_it_without_peft():
+    snippet = hub._usage("deepseek-community/Janus-Pro-7B", "me/janus-grpo", is_adapter=False, cfg_scale=3.0)
+    compile(snippet, "usage.py", "exec")
+    assert "PeftModel" not in snippet and 'load_model("me/janus-grpo", dtype=dtype)' in snippet
+    assert "torch.cuda.is_available()" in snippet and "SamplingConfig(cfg_scale=3.0)" in snippet
+
+
+VENV = "/home/me/.venv/bin"
+
+
+@pytest.mark.parametrize(
+    ("argv", "parent_argv", "expected"),
+    [
+        (  # accelerate launch: the parent's command line, with the console script by name
+            ["/usr/bin/python3.11", "scripts/grpo_t2i.py", "--config", "a b.yaml"],
+            [f"{VENV}/python", f"{VENV}/accelerate", "launch", "--config_file", "cpu.yaml", "scripts/grpo_t2i.py",
+             "--config", "a b.yaml"],
+            "accelerate launch --config_file cpu.yaml scripts/grpo_t2i.py --config 'a b.yaml'",
+        ),
+        (
+            [f"{VENV}/python", "-m", "trl_t2i.cli", "grpo"],
+            [f"{VENV}/python", f"{VENV}/torchrun", "--nproc_per_node", "2", "-m", "trl_t2i.cli", "grpo"],
+            "torchrun --nproc_per_node 2 -m trl_t2i.cli grpo",
+        ),
+        (
+            ["/usr/bin/python3", "probe.py"],
+            ["/usr/bin/python3", "-m", "accelerate.commands.launch", "--num_processes", "2", "probe.py"],
+            "python -m accelerate.commands.launch --num_processes 2 probe.py",
+        ),
+        # no launcher: the run's own command line
+        ([f"{VENV}/python", f"{VENV}/trl-t2i", "grpo", "--beta", "0.1"], ["-bash"], "trl-t2i grpo --beta 0.1"),
+        ([f"{VENV}/python", "-m", "trl_t2i.cli", "grpo"], ["/usr/bin/make", "demo"], "python -m trl_t2i.cli grpo"),
+        (["python3", "scripts/grpo_t2i.py", "--divergence", "js"], [], "python scripts/grpo_t2i.py --divergence js"),
+    ],
+)  # fmt: skip
+def test_card_records_the_command_as_launched(argv, parent_argv, expected):
+    assert hub.launch_command(argv, parent_argv) == expected
 
 
 def test_push_uploads_only_the_adapter_processor_card_and_grid(trained, fake_hub):

@@ -1,5 +1,6 @@
 """Model cards and Hub uploads of training outputs (the adapter, not the base weights)."""
 
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -66,7 +67,7 @@ def model_card(
     has_sample_grid: bool = False,
 ) -> str:
     """The README.md of a training output: metadata, settings, final metrics, command line and a usage snippet."""
-    command = " ".join(shlex.quote(arg) for arg in ["python", *sys.argv])
+    command = launch_command()
     repo = hub_model_id or f"path/to/{Path(args.output_dir).name}"
     tags = ["trl", "trl-t2i", "grpo", "text-to-image", args.divergence] + (["lora"] if is_adapter else [])
     metadata = [
@@ -128,11 +129,49 @@ def model_card(
         "## Usage",
         "",
         "```python",
-        _usage(base_model, repo, is_adapter),
+        _usage(base_model, repo, is_adapter, args.cfg_scale),
         "```",
         "",
     ]
     return "\n".join(lines)
+
+
+# Launchers whose command line is the one to record: the run is their child process.
+LAUNCHERS = [["accelerate", "launch"], ["torchrun"]] + [
+    ["python", "-m", module] for module in ("accelerate.commands.launch", "torch.distributed.run")
+]
+
+
+def launch_command(argv: list[str] | None = None, parent_argv: list[str] | None = None) -> str:
+    """The command line that started this run, as the user typed it: the parent process's when it is a launcher
+    (`accelerate launch ...`, `torchrun ...`), else this process's own (`python script.py ...`, `trl-t2i grpo ...`).
+
+    `argv` defaults to `sys.orig_argv` (which keeps `-m module`), `parent_argv` to the parent's command line read
+    from `/proc` (Linux; elsewhere none, and the run's own command is recorded).
+    """
+    argv = _as_typed(sys.orig_argv if argv is None else argv)
+    parent_argv = _as_typed(_parent_argv() if parent_argv is None else parent_argv)
+    launched = any(parent_argv[: len(launcher)] == launcher for launcher in LAUNCHERS)
+    return shlex.join(parent_argv if launched else argv)
+
+
+def _parent_argv() -> list[str]:
+    try:
+        cmdline = Path(f"/proc/{os.getppid()}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [arg.decode(errors="replace") for arg in cmdline.split(b"\0")[:-1]]  # each argument ends with a NUL
+
+
+def _as_typed(argv: list[str]) -> list[str]:
+    """`python` for the interpreter's path, and a console script (`/venv/bin/python /venv/bin/accelerate launch`,
+    as the kernel runs it) by its name alone (`accelerate launch`)."""
+    if not argv or not Path(argv[0]).name.startswith("python"):
+        return list(argv)
+    interpreter, *rest = argv
+    if rest and Path(rest[0]).is_absolute() and Path(rest[0]).parent == Path(interpreter).parent:
+        return [Path(rest[0]).name, *rest[1:]]
+    return ["python", *rest]
 
 
 def _model_link(model_id: str) -> str:
@@ -142,23 +181,26 @@ def _model_link(model_id: str) -> str:
     return f"[`{model_id}`](https://huggingface.co/{model_id})"
 
 
-def _usage(base_model: str, repo: str, is_adapter: bool) -> str:
+def _usage(base_model: str, repo: str, is_adapter: bool, cfg_scale: float) -> str:
+    """A snippet that samples from the trained model on GPU, or on CPU where there is none."""
     load = (
-        f'model = PeftModel.from_pretrained(load_model("{base_model}", dtype=torch.bfloat16), "{repo}")'
+        f'PeftModel.from_pretrained(load_model("{base_model}", dtype=dtype), "{repo}")'
         if is_adapter
-        else f'model = load_model("{repo}", dtype=torch.bfloat16)'
+        else f'load_model("{repo}", dtype=dtype)'
     )
     return "\n".join(
         [
             "import torch",
             *(["from peft import PeftModel"] if is_adapter else []),
-            "from trl_t2i import get_adapter, load_model, load_processor, sample_image_tokens",
+            "from trl_t2i import SamplingConfig, get_family, load_model, load_processor, sample_image_tokens",
             "from trl_t2i.images import to_pil",
             "",
-            f'{load}.to("cuda").eval()',
-            f'adapter = get_adapter(model, load_processor("{base_model}"))',
-            'input_ids, attention_mask = adapter.prepare_prompts(["a photo of a red fox in the snow"] * 4)',
-            "tokens = sample_image_tokens(adapter, model, input_ids.cuda(), attention_mask.cuda(), cfg_scale=5.0)",
-            'to_pil(adapter.decode(model, tokens.image_tokens))[0].save("fox.png")',
+            'device = "cuda" if torch.cuda.is_available() else "cpu"',
+            'dtype = torch.bfloat16 if device == "cuda" else torch.float32',
+            f"model = {load}.to(device).eval()",
+            f'family = get_family(model, load_processor("{base_model}"))',
+            'conditioning = family.encode_prompts(["a photo of a red fox in the snow"] * 4).to(device)',
+            f"sample = sample_image_tokens(family, model, conditioning, SamplingConfig(cfg_scale={cfg_scale}))",
+            'to_pil(family.decode(model, sample.image_tokens))[0].save("fox.png")',
         ]
     )
