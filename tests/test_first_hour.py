@@ -1,4 +1,5 @@
-"""A new user's first commands run quietly: every line they print is theirs to read, none a warning to wonder about."""
+"""A newcomer's first hour: the first commands run quietly (every line they print is theirs to read, none a warning to
+wonder about), and CI checks what a contributor is asked to keep."""
 
 import subprocess
 import sys
@@ -17,3 +18,15 @@ def test_make_demo_prints_no_warnings(tmp_path):
     assert (tmp_path / "demo" / "adapter_model.safetensors").is_file()
     assert "Warning" not in result.stderr, result.stderr
     assert "were not passed to `accelerate launch`" not in result.stderr, result.stderr
+
+
+def test_ci_runs_the_linters_before_the_tests():
+    steps = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line and not line.startswith("#")]
+    assert steps[0] == "set -euo pipefail"
+    assert steps.index("make lint") < steps.index("make test")
+    venv = Path(sys.prefix)
+    result = subprocess.run(
+        ["make", "--dry-run", "-o", str(venv / ".installed"), "lint", f"VENV={venv}"],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert f"{venv}/bin/ruff check ." in result.stdout and f"{venv}/bin/ruff format --check ." in result.stdout
