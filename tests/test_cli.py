@@ -47,9 +47,57 @@ def test_every_training_recipe_parses_with_the_real_parser(recipe):
         assert model_args.use_peft
 
 
+# What each accelerate config promises (its header comment), checked on the config accelerate loads.
+GPU_NODE = {"num_processes": 8, "num_machines": 1, "mixed_precision": "bf16", "use_cpu": False}
+ACCELERATE_PROMISES = {
+    "cpu.yaml": {"distributed_type": "NO", "num_processes": 1, "mixed_precision": "no", "use_cpu": True},
+    # a multi-process launch; `use_cpu: true` in the training config makes each rank a MULTI_CPU (gloo) process
+    "cpu_ddp.yaml": {"distributed_type": "MULTI_GPU", "num_processes": 2, "mixed_precision": "no", "use_cpu": False},
+    "single_gpu.yaml": {"distributed_type": "NO", "num_processes": 1, "mixed_precision": "bf16", "gpu_ids": "0"},
+    "multi_gpu.yaml": {**GPU_NODE, "distributed_type": "MULTI_GPU", "gpu_ids": "all"},
+    "deepspeed_zero2.yaml": {
+        **GPU_NODE,
+        "distributed_type": "DEEPSPEED",
+        "deepspeed_config": {"zero_stage": 2, "zero3_init_flag": False, "offload_optimizer_device": "none"},
+    },
+    "deepspeed_zero3.yaml": {
+        **GPU_NODE,
+        "distributed_type": "DEEPSPEED",
+        "deepspeed_config": {"zero_stage": 3, "zero3_init_flag": True, "zero3_save_16bit_model": True},
+    },
+    "fsdp.yaml": {
+        **GPU_NODE,
+        "distributed_type": "FSDP",
+        "fsdp_config": {
+            "fsdp_version": 2,
+            "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+            "fsdp_transformer_layer_cls_to_wrap": "LlamaDecoderLayer",  # Janus' decoder layer (see below)
+            "fsdp_state_dict_type": "SHARDED_STATE_DICT",
+            "fsdp_reshard_after_forward": True,
+        },
+    },
+}
+
+
+def test_every_accelerate_config_has_its_promises_checked():
+    assert sorted(path.name for path in ACCELERATE_CONFIGS) == sorted(ACCELERATE_PROMISES)
+
+
 @pytest.mark.parametrize("config", ACCELERATE_CONFIGS, ids=lambda path: path.name)
-def test_every_accelerate_config_loads(config):
-    assert load_config_from_file(str(config)).num_processes >= 1
+def test_every_accelerate_config_loads_with_what_it_promises(config):
+    loaded = load_config_from_file(str(config))
+    for key, expected in ACCELERATE_PROMISES[config.name].items():
+        value = getattr(loaded, key)
+        if isinstance(expected, dict):  # deepspeed_config, fsdp_config: the settings that make the promise
+            assert {name: value.get(name) for name in expected} == expected, key
+        else:
+            assert value == expected, key
+
+
+def test_fsdp_wraps_a_layer_class_of_janus(tiny_janus):
+    model, _, _ = tiny_janus
+    wrapped = ACCELERATE_PROMISES["fsdp.yaml"]["fsdp_config"]["fsdp_transformer_layer_cls_to_wrap"]
+    assert wrapped in {type(module).__name__ for module in model.modules()}
 
 
 def _help_sections(parser) -> dict[str, list[str]]:
