@@ -1,15 +1,16 @@
 import math
+import weakref
 
 import pytest
 import torch
 from PIL import Image
 from transformers import BitImageProcessorPil, CLIPConfig, CLIPImageProcessorPil, CLIPModel, Dinov2Config, Dinov2Model
 
-from trl_t2i import metrics
+from trl_t2i import pretrained
 from trl_t2i.metrics import (
+    ImageFeatureModel,
     codebook_usage,
     diversity_summary,
-    image_features,
     pairwise_cosine_distance,
     pixel_features,
     token_entropy,
@@ -263,20 +264,18 @@ def images():
 
 
 @pytest.fixture(autouse=True)
-def _fresh_model_cache():
-    metrics._load_feature_model.cache_clear()
-    yield
-    metrics._load_feature_model.cache_clear()
+def _fresh_model_cache(monkeypatch):
+    monkeypatch.setattr(pretrained, "_SHARED_MODELS", weakref.WeakValueDictionary())
 
 
 @pytest.mark.parametrize("family", ["clip", "dinov2"])
 def test_image_features_shape_determinism_and_batching(tiny_feature_models, images, family):
     model_id, dim = tiny_feature_models[family]
-    features = image_features(images, model_id=model_id, device="cpu")
+    features = ImageFeatureModel(model_id, device="cpu")(images)
     assert features.shape == (3, dim) and features.dtype == torch.float32
-    torch.testing.assert_close(image_features(images, model_id=model_id, device="cpu", batch_size=2), features)
+    torch.testing.assert_close(ImageFeatureModel(model_id, device="cpu", batch_size=2)(images), features)
     pil_images = [Image.fromarray(image.numpy()) for image in images]
-    torch.testing.assert_close(image_features(pil_images, model_id=model_id, device="cpu"), features)
+    torch.testing.assert_close(ImageFeatureModel(model_id, device="cpu")(pil_images), features)
     # Documented as not normalised: the cosine metrics normalise.
     assert not torch.allclose(features.norm(dim=-1), torch.ones(3))
 
@@ -288,7 +287,7 @@ def test_clip_features_are_the_projected_image_embeddings(tiny_feature_models, i
     with torch.no_grad():
         vision = model.vision_model(pixel_values=pixel_values)
         expected = model.visual_projection(vision.pooler_output)
-    torch.testing.assert_close(image_features(images, model_id=model_id, device="cpu"), expected)
+    torch.testing.assert_close(ImageFeatureModel(model_id, device="cpu")(images), expected)
 
 
 def test_dinov2_features_are_the_normed_cls_token(tiny_feature_models, images):
@@ -297,25 +296,24 @@ def test_dinov2_features_are_the_normed_cls_token(tiny_feature_models, images):
     pixel_values = processor(images=list(images.numpy()), return_tensors="pt")["pixel_values"]
     with torch.no_grad():
         expected = model(pixel_values=pixel_values).last_hidden_state[:, 0]
-    torch.testing.assert_close(image_features(images, model_id=model_id, device="cpu"), expected)
+    torch.testing.assert_close(ImageFeatureModel(model_id, device="cpu")(images), expected)
 
 
-def test_feature_model_loads_once(tiny_feature_models, images, monkeypatch):
+def test_feature_models_of_one_checkpoint_share_one_frozen_copy(tiny_feature_models, images, monkeypatch):
     calls = []
-    load = metrics.AutoModel.from_pretrained
-    monkeypatch.setattr(
-        metrics.AutoModel, "from_pretrained", lambda *args, **kw: calls.append(args) or load(*args, **kw)
-    )
+    load = CLIPModel.from_pretrained  # what AutoModel resolves to for a CLIP checkpoint
+    monkeypatch.setattr(CLIPModel, "from_pretrained", lambda *args, **kw: calls.append(args) or load(*args, **kw))
     model_id, _ = tiny_feature_models["clip"]
-    for _ in range(3):
-        image_features(images, model_id=model_id, device="cpu")
-    assert len(calls) == 1
+    first, second = ImageFeatureModel(model_id, device="cpu"), ImageFeatureModel(model_id, device="cpu")
+    first(images), second(images)
+    assert len(calls) == 1 and second.model is first.model
+    assert not first.model.training and not any(param.requires_grad for param in first.model.parameters())
 
 
 def test_missing_feature_model_names_the_model(tmp_path):
     missing = str(tmp_path / "no-such-model")
-    with pytest.raises(OSError, match=f"Could not load the image feature model '{missing}'"):
-        image_features([Image.new("RGB", (8, 8))], model_id=missing, device="cpu")
+    with pytest.raises(OSError, match=f"Could not load the '{missing}'.*hf download {missing}"):
+        ImageFeatureModel(missing, device="cpu")
 
 
 # The per-prompt summary

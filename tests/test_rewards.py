@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
 
-from trl_t2i import rewards
+from trl_t2i import pretrained
+from trl_t2i.metrics import ImageFeatureModel
 from trl_t2i.rewards import (
     REWARDS,
     AestheticMLP,
@@ -103,7 +104,7 @@ def tiny_kwargs(request, tiny_clip_dir, aesthetic_head_dir):
 @pytest.fixture
 def fresh_model_cache(monkeypatch):
     """Forget the models other tests' rewards may still hold, so that loads can be counted."""
-    monkeypatch.setattr(rewards.base, "_SHARED_MODELS", weakref.WeakValueDictionary())
+    monkeypatch.setattr(pretrained, "_SHARED_MODELS", weakref.WeakValueDictionary())
 
 
 @pytest.fixture
@@ -201,6 +202,13 @@ def test_clip_score_and_aesthetic_share_the_clip_model(tiny_kwargs, images, fres
     clip_score(CAPTIONS[:1], images[:1])
     aesthetic(CAPTIONS[:1], images[:1])
     assert aesthetic.model is clip_score.model
+
+
+def test_clip_diversity_features_and_clip_score_share_the_clip_model(tiny_clip_dir, images, fresh_model_cache):
+    features = ImageFeatureModel(tiny_clip_dir, device="cpu")  # loaded as AutoModel, as `evaluate --feature_model`
+    clip_score = get_reward("clip_score", model_id=tiny_clip_dir)
+    clip_score(CAPTIONS[:1], images[:1])
+    assert clip_score.model is features.model
 
 
 @pytest.mark.parametrize("name", MODEL_REWARDS)

@@ -7,7 +7,7 @@ All metrics are pure functions of one prompt group and come in three families:
 - **policy side**, from the sampler's outputs: `token_entropy` (full log-probs), `codebook_usage` and
   `token_hamming_diversity` (the image tokens);
 - **feature side**, from any image features `(k, D)`: `pairwise_cosine_distance` and `vendi_score`;
-- **feature extractors**: `image_features` (CLIP or DINOv2 through transformers; needs the weights) and the
+- **feature extractors**: `ImageFeatureModel` (CLIP or DINOv2 through transformers; needs the weights) and the
   weight-free `pixel_features` (a colour histogram plus a low-resolution layout, for tests, the CPU demo and runs
   without hub access).
 
@@ -19,7 +19,6 @@ Example:
     {'pairwise_distance': 0.666..., 'vendi': 1.889...}
 """
 
-import functools
 import math
 
 import numpy as np
@@ -29,10 +28,11 @@ from PIL import Image
 from transformers import AutoImageProcessor, AutoModel
 
 from .images import to_pil
+from .pretrained import default_dtype, hub_errors, load_pretrained
 
 
 CLIP_MODEL_ID = "openai/clip-vit-large-patch14"
-"""Default model of `image_features`: CLIP embeddings measure semantic diversity (what is drawn)."""
+"""Default model of `ImageFeatureModel`: CLIP embeddings measure semantic diversity (what is drawn)."""
 
 DINO_MODEL_ID = "facebook/dinov2-base"
 """DINOv2 CLS embeddings measure layout and instance diversity (how it is drawn); pass it as `model_id`."""
@@ -211,8 +211,8 @@ def pixel_features(images: list[Image.Image] | torch.Tensor, size: int = 16, bin
 
     Every part is a continuous function of the pixels, so nearly identical images give nearly identical features, and
     identical images give identical features (cosine distance 0). The features are not semantic: two photos of
-    different dogs with the same palette and pose look alike here. Use `image_features` (CLIP/DINOv2) when the weights
-    are available.
+    different dogs with the same palette and pose look alike here. Use `ImageFeatureModel` (CLIP/DINOv2) when the
+    weights are available.
 
     Args:
         images (`list[PIL.Image.Image]` or `torch.Tensor`):
@@ -239,49 +239,69 @@ def pixel_features(images: list[Image.Image] | torch.Tensor, size: int = 16, bin
     return F.normalize(torch.stack(features), dim=-1)
 
 
-def image_features(
-    images: list[Image.Image] | torch.Tensor,
-    model_id: str = CLIP_MODEL_ID,
-    device: str | torch.device | None = None,
-    batch_size: int = 32,
-) -> torch.Tensor:
+class ImageFeatureModel:
     """
-    Image embeddings from a pretrained vision model, for `pairwise_cosine_distance` and `vendi_score`.
+    Image embeddings from a pretrained vision model, for `pairwise_cosine_distance` and `vendi_score`: call it on the
+    images of one prompt.
 
     Models with `get_image_features` (CLIP and its relatives) give their projected image embedding; others (DINOv2)
-    give the `pooler_output` of their forward, which for DINOv2 is the layer-normed CLS token. The model and its image
-    processor load lazily on first use and stay cached (the two most recent `(model_id, device)` pairs).
+    give the `pooler_output` of their forward, which for DINOv2 is the layer-normed CLS token. The model loads through
+    `trl_t2i.pretrained.load_pretrained` when this is built, in the rewards' default dtype, so a reward on the same
+    checkpoint and device (`clip_score` and `aesthetic` on CLIP ViT-L/14) uses the very same copy; it stays loaded
+    while this object lives.
 
     Args:
-        images (`list[PIL.Image.Image]` or `torch.Tensor`):
-            k PIL images, or `uint8` images of shape `(k, H, W, 3)`.
         model_id (`str`, *optional*, defaults to `CLIP_MODEL_ID`):
             Hub id or local directory of a transformers model and its image processor, e.g. `DINO_MODEL_ID`.
         device (`str`, `torch.device` or `None`, *optional*):
             Where the model runs; defaults to CUDA when available, else CPU.
+        dtype (`torch.dtype` or `None`, *optional*):
+            Model dtype; defaults to bfloat16 on CUDA and float32 elsewhere, as the rewards do.
         batch_size (`int`, *optional*, defaults to `32`):
             Images per forward pass.
 
-    Returns:
-        `torch.Tensor`: float32 features of shape `(k, D)` on the CPU, not normalised (the metrics normalise).
+    Example:
+        >>> features = ImageFeatureModel(DINO_MODEL_ID)
+        >>> vendi_score(features(images))
     """
-    device = str(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    processor, model = _load_feature_model(model_id, device)
-    if isinstance(images, torch.Tensor):
-        images = to_pil(_check_uint8_images(images))
-    features = []
-    with torch.inference_mode():
-        for start in range(0, len(images), batch_size):
-            inputs = processor(images=images[start : start + batch_size], return_tensors="pt")
-            pixel_values = inputs["pixel_values"].to(device=device, dtype=model.dtype)
-            if hasattr(model, "get_image_features"):
-                output = model.get_image_features(pixel_values=pixel_values)
-            else:
-                output = model(pixel_values=pixel_values)
-            features.append(output.pooler_output.float().cpu())
-    if not features:
-        raise ValueError("image_features needs at least one image.")
-    return torch.cat(features)
+
+    def __init__(
+        self,
+        model_id: str = CLIP_MODEL_ID,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        batch_size: int = 32,
+    ):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.batch_size = batch_size
+        self.model = load_pretrained(AutoModel, model_id, self.device, dtype or default_dtype(self.device))
+        with hub_errors(model_id):
+            self.processor = AutoImageProcessor.from_pretrained(model_id)
+
+    def __call__(self, images: list[Image.Image] | torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            images (`list[PIL.Image.Image]` or `torch.Tensor`):
+                k PIL images, or `uint8` images of shape `(k, H, W, 3)`.
+
+        Returns:
+            `torch.Tensor`: float32 features of shape `(k, D)` on the CPU, not normalised (the metrics normalise).
+        """
+        if isinstance(images, torch.Tensor):
+            images = to_pil(_check_uint8_images(images))
+        features = []
+        with torch.inference_mode():
+            for start in range(0, len(images), self.batch_size):
+                inputs = self.processor(images=images[start : start + self.batch_size], return_tensors="pt")
+                pixel_values = inputs["pixel_values"].to(device=self.device, dtype=self.model.dtype)
+                if hasattr(self.model, "get_image_features"):
+                    output = self.model.get_image_features(pixel_values=pixel_values)
+                else:
+                    output = self.model(pixel_values=pixel_values)
+                features.append(output.pooler_output.float().cpu())
+        if not features:
+            raise ValueError("ImageFeatureModel needs at least one image.")
+        return torch.cat(features)
 
 
 def diversity_summary(
@@ -295,7 +315,7 @@ def diversity_summary(
 
     Args:
         features (`torch.Tensor`):
-            `(k, D)` image features of the k ≥ 2 images (`image_features` or `pixel_features`).
+            `(k, D)` image features of the k ≥ 2 images (`ImageFeatureModel` or `pixel_features`).
         image_tokens (`torch.LongTensor` or `None`, *optional*):
             `(k, N)` image tokens of the same images; adds `token_hamming`, and `codebook_usage` with `codebook_size`.
         codebook_size (`int` or `None`, *optional*):
@@ -318,21 +338,6 @@ def diversity_summary(
         _check_group_size(logp_table, k, "logp_table")
         summary["token_entropy"] = token_entropy(logp_table).mean().item()
     return summary
-
-
-@functools.lru_cache(maxsize=2)
-def _load_feature_model(model_id: str, device: str) -> tuple:
-    """The image processor and the eval-mode model of `image_features`, loaded once per `(model_id, device)`."""
-    try:
-        processor = AutoImageProcessor.from_pretrained(model_id)
-        model = AutoModel.from_pretrained(model_id)
-    except OSError as error:
-        raise OSError(
-            f"Could not load the image feature model {model_id!r}. Download it where the Hugging Face Hub is "
-            f"reachable (`hf download {model_id}`) or pass a local directory as `model_id`; pixel_features needs no "
-            "weights."
-        ) from error
-    return processor, model.to(device).eval()
 
 
 def _unit_rows(features: torch.Tensor) -> torch.Tensor:

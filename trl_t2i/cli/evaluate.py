@@ -39,7 +39,7 @@ from trl import TrlParser
 
 from ..data import PROMPT_SETS, load_prompt_dataset
 from ..images import make_grid, to_pil
-from ..metrics import diversity_summary, image_features, pixel_features, token_entropy
+from ..metrics import ImageFeatureModel, diversity_summary, pixel_features, token_entropy
 from ..models import TINY_JANUS, get_family, load_model, load_processor
 from ..rewards import get_reward
 from ..sampling import image_logp_table, sample_image_tokens
@@ -153,11 +153,15 @@ def main(args: EvaluateArguments) -> list[dict]:
     family = get_family(base_model, load_processor(args.model_name_or_path))
     family.patch_forward(base_model)  # teacher-forced log-probs, for the policy's token entropy
 
+    # Held for the whole evaluation: a feature model is loaded once (and shared with a reward on the same checkpoint).
+    extract_features = ImageFeatureModel(args.feature_model, args.device) if args.feature_model else pixel_features
     per_image, per_prompt = [], []
     for run in runs:
         model = attach_run(base_model, family, run, args)
         images, tokens, entropies = generate(family, model, prompts, run.label, args)
-        image_rows, prompt_rows = score(prompts, images, tokens, entropies, reward_funcs, family, run.label, args)
+        image_rows, prompt_rows = score(
+            prompts, images, tokens, entropies, reward_funcs, extract_features, family, run.label, args
+        )
         per_image += image_rows
         per_prompt += prompt_rows
         if args.grid_prompts > 0:
@@ -305,7 +309,7 @@ def generate(family, model, prompts: list[str], label: str, args: EvaluateArgume
     return images, tokens, entropies
 
 
-def score(prompts, images, tokens, entropies, reward_funcs, family, label: str, args: EvaluateArguments):
+def score(prompts, images, tokens, entropies, reward_funcs, extract_features, family, label, args: EvaluateArguments):
     """Rewards of every image and diversity of every prompt group: the rows of `per_image.csv` and `per_prompt.csv`."""
     image_rows, prompt_rows = [], []
     k = args.num_images_per_prompt
@@ -314,10 +318,7 @@ def score(prompts, images, tokens, entropies, reward_funcs, family, label: str, 
         for image_index in range(k):
             row = {"run": label, "prompt_index": index, "prompt": prompt, "image_index": image_index}
             image_rows.append(row | {name: values[image_index] for name, values in rewards.items()})
-        if args.feature_model:
-            features = image_features(images[index], model_id=args.feature_model, device=args.device)
-        else:
-            features = pixel_features(images[index])
+        features = extract_features(images[index])
         row = {"run": label, "prompt_index": index, "prompt": prompt}
         for name, values in rewards.items():
             scored = [value for value in values if value is not None]  # None: the reward does not apply

@@ -1,57 +1,11 @@
-"""What every model-backed reward shares: lazy loading on the training device, batched no-grad scoring, clear errors
-when weights are missing, and one copy of each model per process."""
-
-import os
-import weakref
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+"""What every model-backed reward shares: lazy loading on the training device and batched no-grad scoring. Models
+load through `trl_t2i.pretrained`: one copy of each per process, clear errors when weights are missing."""
 
 import torch
 from accelerate import PartialState
-from huggingface_hub import hf_hub_download
-from huggingface_hub.errors import EntryNotFoundError, HFValidationError
 from PIL import Image
 
-
-# Weak values: a model stays loaded while some reward uses it, so two rewards on the same checkpoint, device and dtype
-# (`clip_score` and `aesthetic` both sit on CLIP ViT-L/14) share one copy, and nothing lingers once they are gone.
-_SHARED_MODELS: "weakref.WeakValueDictionary[tuple, torch.nn.Module]" = weakref.WeakValueDictionary()
-
-
-def load_shared(key: tuple, load: Callable[[], torch.nn.Module]) -> torch.nn.Module:
-    """Return the model cached under `key` (source, device, dtype, ...), calling `load()` only if there is none yet."""
-    model = _SHARED_MODELS.get(key)
-    if model is None:
-        model = load()
-        _SHARED_MODELS[key] = model
-    return model
-
-
-@contextmanager
-def hub_errors(repo_id: str, filename: str | None = None) -> Iterator[None]:
-    """Turn the hub's "not found / offline" errors into one that says what to download, chaining the original."""
-    try:
-        yield
-    except (OSError, EntryNotFoundError, HFValidationError) as err:
-        what = f"file '{filename}' of '{repo_id}'" if filename else f"'{repo_id}'"
-        command = f"hf download {repo_id}" + (f" {filename}" if filename else "")
-        raise OSError(
-            f"Could not load the {what} from the Hugging Face Hub or the local cache ({type(err).__name__}). Reward "
-            f"weights are downloaded on first use: with no network or HF_HUB_OFFLINE=1, cache them first on a machine "
-            f"with hub access (`{command}`) and share that cache (HF_HOME), or pass a local directory instead of the "
-            "hub id."
-        ) from err
-
-
-def hub_file(repo_id: str, filename: str) -> str:
-    """Local path of `filename` in `repo_id`: a local directory, or a hub repo downloaded into the cache."""
-    if os.path.isdir(repo_id):
-        path = os.path.join(repo_id, filename)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"No file '{filename}' in the local directory '{repo_id}'.")
-        return path
-    with hub_errors(repo_id, filename):
-        return hf_hub_download(repo_id, filename)
+from ..pretrained import default_dtype
 
 
 class ModelReward:
@@ -100,7 +54,7 @@ class ModelReward:
             if self.device is None:
                 self.device = PartialState().device
             if self.dtype is None:
-                self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+                self.dtype = default_dtype(self.device)
             self.load()
             self._loaded = True
         images = [image.convert("RGB") for image in completions]

@@ -6,18 +6,8 @@ from PIL import Image
 from torch import nn
 from transformers import AutoProcessor, CLIPModel
 
-from .base import ModelReward, hub_errors, hub_file, load_shared
-
-
-def load_clip(model_id: str, device: torch.device, dtype: torch.dtype) -> CLIPModel:
-    """A frozen `CLIPModel` in eval mode on `device`, loaded once per process for each (model, device, dtype)."""
-
-    def load():
-        with hub_errors(model_id):
-            model = CLIPModel.from_pretrained(model_id, dtype=dtype)
-        return model.to(device).eval().requires_grad_(False)
-
-    return load_shared(("CLIPModel", model_id, device, dtype), load)
+from ..pretrained import hub_errors, hub_file, load_pretrained, load_shared
+from .base import ModelReward
 
 
 def load_processor(processor_id: str):
@@ -62,7 +52,7 @@ class CLIPScoreReward(ModelReward):
 
     def load(self) -> None:
         self.processor = load_processor(self.processor_id)
-        self.model = load_clip(self.model_id, self.device, self.dtype)
+        self.model = load_pretrained(CLIPModel, self.model_id, self.device, self.dtype)
 
     def embed(self, prompts: list[str], images: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
         """L2-normalised fp32 image and caption embeddings, one row per (prompt, image) pair."""
@@ -193,7 +183,7 @@ class AestheticReward(ModelReward):
 
     def load(self) -> None:
         self.processor = load_processor(self.processor_id)
-        self.model = load_clip(self.model_id, self.device, self.dtype)
+        self.model = load_pretrained(CLIPModel, self.model_id, self.device, self.dtype)
         self.head = load_shared(("AestheticMLP", self.head_id, self.head_filename, self.device), self._load_head)
 
     def _load_head(self) -> AestheticMLP:

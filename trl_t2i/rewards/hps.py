@@ -3,7 +3,8 @@
 import torch
 from PIL import Image
 
-from .base import ModelReward, hub_file, load_shared
+from ..pretrained import hub_file, load_shared
+from .base import ModelReward
 
 
 def _import_open_clip():

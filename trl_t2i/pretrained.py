@@ -1,0 +1,97 @@
+"""Frozen pretrained models that rewards and diversity metrics score with: one copy of each per process, and clear
+errors when the weights are missing."""
+
+import os
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError, HFValidationError
+from transformers import AutoConfig, PreTrainedModel
+
+
+# Weak values: a model stays loaded while something uses it, so the rewards and diversity features on the same
+# checkpoint, device and dtype (`clip_score`, `aesthetic` and CLIP features all sit on CLIP ViT-L/14) share one copy,
+# and nothing lingers once they are gone.
+_SHARED_MODELS: "weakref.WeakValueDictionary[tuple, torch.nn.Module]" = weakref.WeakValueDictionary()
+
+
+def load_shared(key: tuple, load: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+    """Return the model cached under `key` (source, device, dtype, ...), calling `load()` only if there is none yet."""
+    model = _SHARED_MODELS.get(key)
+    if model is None:
+        model = load()
+        _SHARED_MODELS[key] = model
+    return model
+
+
+def load_pretrained(
+    model_class: type[PreTrainedModel], model_id: str, device: str | torch.device, dtype: torch.dtype
+) -> PreTrainedModel:
+    """A frozen `model_class.from_pretrained(model_id)` in eval mode, loaded once per (class, model, device, dtype).
+
+    An auto class (`AutoModel`) is first resolved to the class it would load (`CLIPModel` for a CLIP checkpoint), so
+    that a feature model asked for as `AutoModel` shares the copy a reward loaded as `CLIPModel`.
+
+    Example:
+        >>> load_pretrained(AutoModel, "openai/clip-vit-large-patch14", "cuda", torch.bfloat16) is load_pretrained(
+        ...     CLIPModel, "openai/clip-vit-large-patch14", "cuda:0", torch.bfloat16
+        ... )
+        True
+    """
+    device = _canonical_device(device)
+    if hasattr(model_class, "_model_mapping"):  # an auto class: the config type picks the concrete class
+        with hub_errors(model_id):
+            config = AutoConfig.from_pretrained(model_id)
+        if type(config) not in model_class._model_mapping:
+            raise ValueError(f"{model_class.__name__} cannot load {model_id!r}, a {config.model_type!r} model.")
+        model_class = model_class._model_mapping[type(config)]
+
+    def load():
+        with hub_errors(model_id):
+            model = model_class.from_pretrained(model_id, dtype=dtype)
+        return model.to(device).eval().requires_grad_(False)
+
+    return load_shared((model_class, model_id, device, dtype), load)
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """The dtype pretrained scorers run in unless told otherwise: bfloat16 on CUDA, float32 elsewhere."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def _canonical_device(device: str | torch.device) -> torch.device:
+    """`cuda` and `cuda:<current device>` are one place: give them one cache key."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+@contextmanager
+def hub_errors(repo_id: str, filename: str | None = None) -> Iterator[None]:
+    """Turn the hub's "not found / offline" errors into one that says what to download, chaining the original."""
+    try:
+        yield
+    except (OSError, EntryNotFoundError, HFValidationError) as err:
+        what = f"file '{filename}' of '{repo_id}'" if filename else f"'{repo_id}'"
+        command = f"hf download {repo_id}" + (f" {filename}" if filename else "")
+        raise OSError(
+            f"Could not load the {what} from the Hugging Face Hub or the local cache ({type(err).__name__}). Model "
+            f"weights are downloaded on first use: with no network or HF_HUB_OFFLINE=1, cache them first on a machine "
+            f"with hub access (`{command}`) and share that cache (HF_HOME), or pass a local directory instead of the "
+            "hub id."
+        ) from err
+
+
+def hub_file(repo_id: str, filename: str) -> str:
+    """Local path of `filename` in `repo_id`: a local directory, or a hub repo downloaded into the cache."""
+    if os.path.isdir(repo_id):
+        path = os.path.join(repo_id, filename)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"No file '{filename}' in the local directory '{repo_id}'.")
+        return path
+    with hub_errors(repo_id, filename):
+        return hf_hub_download(repo_id, filename)
