@@ -6,8 +6,12 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from datasets import Dataset
+from peft import LoraConfig
 
+from trl_t2i import TINY_JANUS, T2IGRPOConfig, T2IGRPOTrainer
 from trl_t2i.models import build_tiny_janus, get_family
+from trl_t2i.rewards import colour_match
 from trl_t2i.sampling import SamplingConfig
 
 
@@ -86,3 +90,56 @@ def tiny_family(request):
 @pytest.fixture
 def prompts():
     return list(PROMPTS)
+
+
+TRAINING_PROMPTS = ["a red cat", "a blue car", "a green bird", "a yellow hat", "a pink ball", "a white house"]
+
+
+def make_config(tmp_path, **overrides) -> T2IGRPOConfig:
+    """A quick CPU training configuration: 2 LoRA steps of 2 prompts × 4 images, no saving or trackers."""
+    settings = {
+        "output_dir": str(tmp_path),
+        "use_cpu": True,
+        "bf16": False,
+        "per_device_train_batch_size": 8,
+        "num_generations": 4,
+        "max_steps": 2,
+        "logging_steps": 1,
+        "learning_rate": 1e-2,
+        "report_to": [],
+        "gradient_checkpointing": False,
+        "save_strategy": "no",
+        "disable_tqdm": True,
+        "image_log_steps": 0,
+        "seed": 0,
+    }
+    return T2IGRPOConfig(**{**settings, **overrides})
+
+
+def make_trainer(tmp_path, model=TINY_JANUS, lora=True, reward=colour_match, dataset=None, **overrides):
+    """A trainer on the tiny Janus (LoRA unless `lora=False`) with `make_config(tmp_path, **overrides)`."""
+    return T2IGRPOTrainer(
+        model=model,
+        reward_funcs=reward,
+        args=make_config(tmp_path, **overrides),
+        train_dataset=dataset or Dataset.from_dict({"prompt": TRAINING_PROMPTS}),
+        peft_config=LoraConfig(r=4, lora_alpha=8) if lora else None,
+    )
+
+
+def first_batch(trainer):
+    """The first training micro-batch, as `compute_loss` receives it (rollouts, rewards, log-probs)."""
+    trainer.model.train()
+    return trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+
+
+def clone_parameters(model):
+    return {name: param.detach().clone() for name, param in model.named_parameters()}
+
+
+def perturb_adapters(model, std=0.5):
+    """Random LoRA B matrices: the policy moves away from the reference (and from the old policy)."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, std)

@@ -1,0 +1,165 @@
+"""One contract test per assumption `trl_t2i.trl_boundary` makes about TRL's private `GRPOTrainer` surface.
+
+When a TRL upgrade breaks one, it fails here, naming the assumption, instead of training with a silently wrong loss.
+"""
+
+import inspect
+
+import pytest
+import torch
+from conftest import TRAINING_PROMPTS, first_batch, make_config, make_trainer, perturb_adapters
+from datasets import Dataset
+from peft import LoraConfig, get_peft_model
+from PIL import Image
+from trl import GRPOTrainer
+
+from trl_t2i import TINY_JANUS, T2IGRPOTrainer
+from trl_t2i import trl_boundary as trl
+from trl_t2i.models import load_model
+from trl_t2i.rewards import colour_match
+
+
+def _generation_batch(trainer, prompts=TRAINING_PROMPTS[:2]):
+    trainer.model.train()
+    return [{"prompt": prompt} for prompt in prompts for _ in range(trainer.num_generations)]
+
+
+def test_generate_returns_the_rollout_in_trls_slots(tmp_path):
+    seen = {}
+
+    def reward(prompts, completions, **kwargs):
+        seen["completions"] = completions
+        return colour_match(prompts, completions)
+
+    trainer = make_trainer(tmp_path, reward=reward)
+    rollouts = []
+    generate = trainer._generate
+    trainer._generate = lambda prompts: rollouts.append(generate(prompts)) or rollouts[-1]
+    batch = trainer._generate_and_score_completions(_generation_batch(trainer))
+    prompt_ids, image_tokens, _, images, sampling_logps, *_ = rollouts[0]
+    assert torch.equal(batch["completion_ids"], torch.tensor(image_tokens))
+    torch.testing.assert_close(batch["sampling_per_token_logps"], torch.tensor(sampling_logps))
+    for row, ids in enumerate(prompt_ids):  # TRL left-pads the prompts
+        assert batch["prompt_ids"][row, -len(ids) :].tolist() == ids and batch["prompt_mask"][row].sum() == len(ids)
+    assert seen["completions"] is images and all(isinstance(image, Image.Image) for image in images)
+
+
+def test_metrics_buffers_are_averaged_and_cleared_by_log(tmp_path):
+    trainer = make_trainer(tmp_path)
+    trainer.model.train()
+    trl.record_metric(trainer, "probe", 1.0)
+    trl.record_metric(trainer, "probe", 3.0)
+    trl.set_metric(trainer, "total", 5.0)
+    trl.set_metric(trainer, "total", 7.0)
+    trainer.log({})
+    assert trainer.state.log_history[-1]["probe"] == 2.0 and trainer.state.log_history[-1]["total"] == 7.0
+    assert "probe" not in trainer._metrics["train"]
+
+
+def test_calculate_rewards_returns_every_ranks_rewards_in_rank_order(tmp_path):
+    trainer = make_trainer(tmp_path)
+    inputs = _generation_batch(trainer)
+    prompts = [row["prompt"] for row in inputs]
+    images = [Image.new("RGB", (8, 8), (255, 0, 0))] * len(prompts)
+    rewards = trainer._calculate_rewards(inputs, prompts, images, [[0]] * len(prompts))
+    assert rewards.shape == (len(prompts), 1)
+    torch.testing.assert_close(
+        trl.local_rows(trainer, rewards, len(prompts))[:, 0], torch.tensor(colour_match(prompts, images))
+    )
+    # TRL keeps this rank's rows of the gathered rewards and advantages with the same slice
+    source = inspect.getsource(GRPOTrainer._generate_and_score_completions)
+    assert (
+        "self.accelerator.process_index * len(prompts)" in source
+        and "gather(rewards_per_func)" in inspect.getsource(GRPOTrainer._calculate_rewards)
+    )
+
+
+def test_logged_completions_feed_trls_table_as_images(tmp_path):
+    trainer = make_trainer(tmp_path, log_completions=True)
+    trainer._generate_and_score_completions(_generation_batch(trainer))
+    completions = list(trainer._logs["completion"])
+    assert completions and all(isinstance(image, Image.Image) for image in completions)
+    trl.completions_as_images(trainer)
+    assert list(trainer._logs["completion"]) == ["<image 8x8>"] * len(completions)
+    assert [images[0] for images in trainer._logs["images"]] == completions
+
+
+def test_parameter_gathering_for_generation_is_a_context(tmp_path):
+    trainer = make_trainer(tmp_path)
+    with trl.gathered_parameters(trainer):
+        pass
+
+
+@pytest.mark.parametrize("importance_sampling_level", ["token", "sequence"])
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "bnpo", "dr_grpo", "cispo", "sapo", "luspo"])
+def test_penalty_is_weighted_and_normalised_like_trls_k3(tmp_path, loss_type, importance_sampling_level):
+    # Our reverse-KL sampled penalty is TRL's k3 term: with TRL's own k3 switched on instead, TRL's loss and gradients
+    # must be ours, which holds only if `importance_ratio` and `aggregate_like_trl` reproduce TRL's.
+    beta = 0.3
+    trainer = make_trainer(
+        tmp_path,
+        beta=beta,
+        divergence="reverse_kl",
+        divergence_estimator="sampled",
+        use_bias_correction_kl=True,
+        loss_type=loss_type,
+        importance_sampling_level=importance_sampling_level,
+        num_iterations=2,
+        gradient_accumulation_steps=2,  # exercises the accumulation part of every normaliser
+    )
+    perturb_adapters(trainer.model)  # policy ≠ reference, so the penalty is not zero
+    inputs = first_batch(trainer)
+    perturb_adapters(trainer.model, std=0.1)  # policy ≠ old policy, so the importance ratio is not one
+    parameters = [p for p in trainer.model.parameters() if p.requires_grad]
+    trainer.current_gradient_accumulation_steps = trainer.args.gradient_accumulation_steps  # set by the train loop
+
+    ours = trainer._compute_loss(trainer.model, inputs)
+    our_grads = torch.autograd.grad(ours, parameters)
+    trainer.beta = beta  # TRL's own k3 path, with TRL's beta
+    trls = GRPOTrainer._compute_loss(trainer, trainer.model, inputs)
+    trl_grads = torch.autograd.grad(trls, parameters)
+    trainer.beta = 0.0  # back to ours: TRL's k3 KL off
+    without_penalty = GRPOTrainer._compute_loss(trainer, trainer.model, inputs)
+
+    torch.testing.assert_close(ours, trls)
+    assert (trls - without_penalty).abs() > 1e-3  # the penalty is really part of what was compared
+    for ours_grad, trl_grad in zip(our_grads, trl_grads, strict=True):
+        torch.testing.assert_close(ours_grad, trl_grad, rtol=1e-4, atol=1e-5)  # luspo sums: float32 round-off
+
+
+def test_trls_own_kl_and_reference_pass_stay_off(tmp_path):
+    forwards = []
+    trainer = make_trainer(tmp_path, divergence_estimator="exact", beta=0.1)
+    reference_table = trainer._reference_logp_table
+    trainer._reference_logp_table = lambda *args: forwards.append(1) or reference_table(*args)
+    assert trainer.beta == 0.0
+    batch = first_batch(trainer)
+    assert "ref_per_token_logps" not in batch and not forwards  # the exact estimator recomputes the tables instead
+    trainer.args.divergence_estimator = "sampled"
+    batch = first_batch(trainer)
+    assert batch["ref_per_token_logps"].shape == batch["completion_ids"].shape and forwards
+
+
+def test_a_model_with_a_trained_adapter_keeps_it_as_the_reference_even_at_beta_zero(tmp_path):
+    # TRL copies a pre-existing adapter as the frozen "ref" adapter only when it sees beta != 0 (`init_settings`).
+    model = get_peft_model(load_model(TINY_JANUS), LoraConfig(r=4, target_modules=r".*language_model.*\.q_proj"))
+    perturb_adapters(model)
+    trainer = T2IGRPOTrainer(
+        model=model,
+        reward_funcs=colour_match,
+        args=make_config(tmp_path, beta=0.0),
+        train_dataset=Dataset.from_dict({"prompt": TRAINING_PROMPTS}),
+    )
+    assert trl.reference_adapter_name(trainer.model) == "ref" and trainer.args.beta == 0.0
+    batch = first_batch(trainer)
+    with torch.no_grad():
+        policy = trainer._logp_table(trainer.model, batch["prompt_ids"], batch["prompt_mask"], batch["completion_ids"])
+    torch.testing.assert_close(
+        batch["ref_per_token_logps"], policy.gather(-1, batch["completion_ids"][..., None])[..., 0]
+    )
+
+
+def test_max_completion_length_comes_from_the_model(tmp_path):
+    assert make_trainer(tmp_path).args.max_completion_length == 16  # the tiny Janus: 4 × 4 image tokens
+    with pytest.raises(ValueError, match="`max_completion_length=512` does not match.*16 tokens"):
+        make_trainer(tmp_path, max_completion_length=512)
