@@ -274,7 +274,7 @@ def test_two_process_cpu_ddp_ends_with_identical_weights(tmp_path):
     probe.write_text(PROBE)
     output_dir = tmp_path / "ddp"
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "recipes/accelerate/cpu_ddp.yaml"),
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(RECIPES / "accelerate" / "cpu_ddp.yaml"),
         str(probe), "--config", str(DEMO), *QUICK, "--max_steps", "3", "--output_dir", str(output_dir),
         "--divergence", "js", "--image_log_steps", "0", "--save_strategy", "no",
     ]  # fmt: skip
