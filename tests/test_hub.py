@@ -1,3 +1,4 @@
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -7,6 +8,7 @@ from huggingface_hub import HfApi
 
 from trl_t2i import hub
 from trl_t2i.cli.grpo import main, make_parser
+from trl_t2i.run_settings import RunSettings
 
 
 DEMO = Path(__file__).parents[1] / "recipes" / "tiny" / "cpu_demo.yaml"
@@ -64,13 +66,24 @@ def test_model_card_metadata_and_content(trained):
     assert metadata["library_name"] == "peft" and metadata["pipeline_tag"] == "text-to-image"
     assert {"trl-t2i", "grpo", "js", "lora"} <= set(metadata["tags"])
     assert metadata["datasets"] == ["colour_objects"]
-    for expected in ["`js`", "`exact`", "| β | 0.04 |", "5.0 / `guided`", "`colour_match`", "`colour_objects`"]:
+    for expected in ["`js`", "`exact`", "| β | 0.04 |", "5.0 / `guided`", "`colour_match` (1)", "`colour_objects`"]:
         assert expected in body, expected
     assert "divergence/js" in body and "reward" in body  # final metrics
     assert f"python scripts/grpo_t2i.py --config {DEMO}" in body  # the command line
     assert 'PeftModel.from_pretrained(load_model("trl-t2i/tiny-janus"' in body
     assert f"![Samples from the end of training]({hub.SAMPLE_GRID})" in body
     assert (Path(trained.args.output_dir) / hub.SAMPLE_GRID).is_file()
+
+
+def test_card_settings_are_the_run_settings_with_their_defaults(trained, tmp_path):
+    settings = RunSettings.load(trained.args.output_dir)  # what the trainer wrote at its final save
+    settings = dataclasses.replace(
+        settings, divergence="alpha", divergence_params={"alpha": 0.5}, reward_weights=[2.0]
+    )
+    card = hub.model_card(settings=settings, output_dir=tmp_path / "my-run", is_adapter=True, metrics={})
+    assert "| divergence | `alpha` (alpha = 0.5) |" in card  # the default α, though `divergence_alpha` was unset
+    assert "| rewards (weights) | `colour_match` (2) |" in card
+    assert "# my-run" in card
 
 
 def test_usage_snippet_in_the_card_runs_on_the_available_device(trained):

@@ -7,6 +7,8 @@ from pathlib import Path
 
 from huggingface_hub import CommitOperationAdd, HfApi
 
+from .run_settings import RunSettings
+
 
 SAMPLE_GRID = "sample_grid.png"
 """Name of the latest logged image grid, copied to the top of the output directory for the card and the Hub."""
@@ -57,9 +59,8 @@ def push_output(
 
 def model_card(
     *,
-    base_model: str,
-    args,
-    reward_names: list[str],
+    settings: RunSettings,
+    output_dir: str | Path,
     is_adapter: bool,
     metrics: dict[str, float],
     dataset_name: str | None = None,
@@ -68,8 +69,9 @@ def model_card(
 ) -> str:
     """The README.md of a training output: metadata, settings, final metrics, command line and a usage snippet."""
     command = launch_command()
-    repo = hub_model_id or f"path/to/{Path(args.output_dir).name}"
-    tags = ["trl", "trl-t2i", "grpo", "text-to-image", args.divergence] + (["lora"] if is_adapter else [])
+    base_model = settings.base_model
+    repo = hub_model_id or f"path/to/{Path(output_dir).name}"
+    tags = ["trl", "trl-t2i", "grpo", "text-to-image", settings.divergence] + (["lora"] if is_adapter else [])
     metadata = [
         "---",
         f"base_model: {base_model}",
@@ -82,39 +84,21 @@ def model_card(
         metadata += ["datasets:", f"- {dataset_name}"]
     metadata.append("---")
 
-    beta = (
-        f"{args.beta}" if args.beta_schedule == "constant" else f"{args.beta} → {args.beta_end} ({args.beta_schedule})"
-    )
-    settings = {
-        "divergence": f"`{args.divergence}`" + (f" (α = {args.divergence_alpha})" if args.divergence_alpha else ""),
-        "estimator": f"`{args.divergence_estimator}`"
-        + (", ×π/π_old" if args.divergence_estimator == "sampled" and args.use_bias_correction_kl else ""),
-        "β": beta,
-        "CFG scale / log-probs": f"{args.cfg_scale} / `{args.cfg_logprobs}`",
-        "temperature / top-k / top-p": f"{args.temperature} / {args.top_k} / {args.top_p}",
-        "rewards (weights)": ", ".join(
-            f"`{name}`" + (f" ({weight})" if args.reward_weights else "")
-            for name, weight in zip(reward_names, args.reward_weights or [None] * len(reward_names), strict=True)
-        ),
-        "dataset": f"`{dataset_name}`" if dataset_name else "—",
-        "generations per prompt": args.num_generations,
-        "learning rate": args.learning_rate,
-        "loss type": f"`{args.loss_type}`",
-        "max steps": args.max_steps,
-    }
+    rows = _settings_rows(settings)
+    rows["dataset"] = f"`{dataset_name}`" if dataset_name else "—"
     lines = [
         *metadata,
         "",
         f"# {repo.split('/')[-1]}",
         "",
-        f"{'A LoRA adapter for' if is_adapter else 'A fine-tune of'} {_model_link(base_model)}, post-trained with GRPO and a `{args.divergence}` divergence penalty using trl_t2i "
+        f"{'A LoRA adapter for' if is_adapter else 'A fine-tune of'} {_model_link(base_model)}, post-trained with GRPO and a `{settings.divergence}` divergence penalty using trl_t2i "
         f"(method: [arXiv 2606.21498]({PAPER})).",
         "",
     ]
     if has_sample_grid:
         lines += [f"![Samples from the end of training]({SAMPLE_GRID})", ""]
     lines += ["## Training", "", "| setting | value |", "|---|---|"]
-    lines += [f"| {key} | {value} |" for key, value in settings.items()]
+    lines += [f"| {key} | {value} |" for key, value in rows.items()]
     if metrics:
         lines += ["", "Final logged metrics:", "", "| metric | value |", "|---|---|"]
         lines += [f"| {key} | {value:.4g} |" for key, value in sorted(metrics.items())]
@@ -129,11 +113,36 @@ def model_card(
         "## Usage",
         "",
         "```python",
-        _usage(base_model, repo, is_adapter, args.cfg_scale),
+        _usage(base_model, repo, is_adapter, settings.sampling.cfg_scale),
         "```",
         "",
     ]
     return "\n".join(lines)
+
+
+def _settings_rows(settings: RunSettings) -> dict[str, str]:
+    """The card's training-settings table, from the run's resolved settings."""
+    parameters = ", ".join(f"{name} = {value}" for name, value in settings.divergence_params.items())
+    beta = f"{settings.beta}"
+    if settings.beta_schedule != "constant":
+        beta += f" → {settings.beta_end} ({settings.beta_schedule})"
+    bias_correction = settings.divergence_estimator == "sampled" and settings.use_bias_correction_kl
+    sampling = settings.sampling
+    return {
+        "divergence": f"`{settings.divergence}`" + (f" ({parameters})" if parameters else ""),
+        "estimator": f"`{settings.divergence_estimator}`" + (", ×π/π_old" if bias_correction else ""),
+        "β": beta,
+        "CFG scale / log-probs": f"{sampling.cfg_scale} / `{settings.cfg_logprobs}`",
+        "temperature / top-k / top-p": f"{sampling.temperature} / {sampling.top_k} / {sampling.top_p}",
+        "rewards (weights)": ", ".join(
+            f"`{name}` ({weight:g})"
+            for name, weight in zip(settings.reward_names, settings.reward_weights, strict=True)
+        ),
+        "generations per prompt": f"{settings.num_generations}",
+        "learning rate": f"{settings.learning_rate}",
+        "loss type": f"`{settings.loss_type}`",
+        "max steps": f"{settings.max_steps}",
+    }
 
 
 # Launchers whose command line is the one to record: the run is their child process.

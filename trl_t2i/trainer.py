@@ -24,6 +24,7 @@ from .image_logging import ImageGridCallback
 from .images import to_pil
 from .metrics import position_entropy
 from .models import disable_bnb_cpu_repack, get_family, load_model, load_processor, unwrap_model
+from .run_settings import RunSettings
 from .sampling import image_logp_table, sample_image_tokens
 
 
@@ -404,6 +405,13 @@ class T2IGRPOTrainer(GRPOTrainer):
 
     # ------------------------------------------------------------------ saving and sharing
 
+    def _save(self, output_dir: str | None = None, state_dict=None):
+        # Also write the run's resolved settings, at every save (checkpoints too): evaluate, frontier and the model
+        # card read them as JSON instead of unpickling training_args.bin.
+        super()._save(output_dir, state_dict)
+        if self.args.should_save:
+            RunSettings.from_trainer(self).save(output_dir or self.args.output_dir)
+
     def create_model_card(self, model_name=None, dataset_name=None, tags=None):
         # Our card: the divergence settings, rewards, final metrics, the command line and a trl_t2i usage snippet.
         if not self.is_world_process_zero():
@@ -417,9 +425,8 @@ class T2IGRPOTrainer(GRPOTrainer):
         for entry in self.state.log_history:
             final.update({k: v for k, v in entry.items() if k.startswith(("reward", "divergence/", "entropy"))})
         card = hub.model_card(
-            base_model=self._base_model_id,
-            args=self.args,
-            reward_names=list(self.reward_func_names),
+            settings=RunSettings.from_trainer(self),
+            output_dir=output_dir,
             is_adapter=is_peft_model(self.model),
             metrics=final,
             dataset_name=dataset_name,

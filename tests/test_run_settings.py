@@ -1,0 +1,80 @@
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+import trl_t2i
+from trl_t2i.cli.grpo import main, make_parser
+from trl_t2i.run_settings import RUN_SETTINGS_FILE, RunSettings
+from trl_t2i.sampling import SamplingConfig
+
+
+DEMO = Path(__file__).parents[1] / "recipes" / "tiny" / "cpu_demo.yaml"
+
+
+@pytest.fixture(scope="module")
+def alpha_run(tmp_path_factory):
+    """A 2-step LoRA run of the tiny recipe with the α-divergence at its default α, saved after every step."""
+    output_dir = tmp_path_factory.mktemp("alpha-run")
+    argv = ["--config", str(DEMO), "--output_dir", str(output_dir), "--max_steps", "2", "--save_steps", "1",
+            "--per_device_train_batch_size", "8", "--num_generations", "4", "--image_log_steps", "0",
+            "--divergence", "alpha", "--divergence_estimator", "sampled", "--beta", "0.1", "--top_k", "7"]  # fmt: skip
+    with pytest.MonkeyPatch.context() as monkeypatch:  # the session's tiny-model cache, for a module fixture too
+        monkeypatch.setenv("TRL_T2I_CACHE", str(tmp_path_factory.getbasetemp() / "trl_t2i_cache"))
+        return main(*make_parser().parse_args_and_config(argv))
+
+
+def test_every_save_writes_the_run_settings(alpha_run):
+    output_dir = Path(alpha_run.args.output_dir)
+    for directory in (output_dir, output_dir / "checkpoint-1", output_dir / "checkpoint-2"):
+        assert RunSettings.load(directory) == RunSettings.from_trainer(alpha_run), directory
+
+
+def test_run_settings_are_resolved_with_the_defaults_filled_in(alpha_run):
+    written = json.loads((Path(alpha_run.args.output_dir) / RUN_SETTINGS_FILE).read_text())
+    assert written == {
+        "trl_t2i_version": trl_t2i.__version__,
+        "base_model": "trl-t2i/tiny-janus",
+        "divergence": "alpha",
+        "divergence_params": {"alpha": 0.5},  # `divergence_alpha` was unset: the divergence's own default
+        "divergence_estimator": "sampled",
+        "use_bias_correction_kl": True,
+        "beta": 0.1,
+        "beta_schedule": "constant",
+        "beta_end": None,
+        "sampling": {"cfg_scale": 5.0, "temperature": 1.0, "top_k": 7, "top_p": 1.0},
+        "cfg_logprobs": "guided",
+        "reward_names": ["colour_match"],
+        "reward_weights": [1.0],
+        "loss_type": alpha_run.args.loss_type,
+        "num_generations": 4,
+        "learning_rate": 1e-3,
+        "max_steps": 2,
+        "seed": 0,
+        "per_device_train_batch_size": 8,
+    }
+    assert RunSettings.load(alpha_run.args.output_dir).sampling == SamplingConfig(top_k=7)
+
+
+def test_missing_run_settings_name_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"No {tmp_path / RUN_SETTINGS_FILE}"):
+        RunSettings.load(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda data: "{not json",
+        lambda data: json.dumps([data]),
+        lambda data: json.dumps({key: value for key, value in data.items() if key != "beta"}),
+        lambda data: json.dumps({**data, "sampling": {**data["sampling"], "top_p": 2.0}}),
+    ],
+    ids=["not-json", "not-an-object", "missing-field", "invalid-sampling"],
+)
+def test_malformed_run_settings_name_the_file(tmp_path, alpha_run, edit):
+    settings = RunSettings.load(alpha_run.args.output_dir)
+    path = tmp_path / RUN_SETTINGS_FILE
+    path.write_text(edit(json.loads(json.dumps(dataclasses.asdict(settings)))))
+    with pytest.raises(ValueError, match=f"{path} is not a valid run settings file"):
+        RunSettings.load(tmp_path)
