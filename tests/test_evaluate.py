@@ -1,6 +1,8 @@
 import csv
+import dataclasses
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -9,12 +11,14 @@ import torch
 from peft import LoraConfig, get_peft_model
 from PIL import Image
 
+from trl_t2i import evaluation
 from trl_t2i.cli import evaluate, frontier, grpo
 from trl_t2i.data import load_prompt_dataset
 from trl_t2i.images import to_pil
 from trl_t2i.metrics import diversity_summary, pixel_features
 from trl_t2i.models import TINY_JANUS, build_tiny_janus, get_family, load_model, load_processor
 from trl_t2i.rewards import colour_match
+from trl_t2i.run_settings import RUN_SETTINGS_FILE, RunSettings
 from trl_t2i.sampling import image_logp_table, sample_image_tokens
 
 
@@ -93,7 +97,7 @@ def _floats(rows, column) -> np.ndarray:
 def test_evaluation_writes_consistent_tables_grids_and_frontier(tmp_path, trained_run):
     _evaluate(tmp_path, [f"js={trained_run}"])
     reward, k, num_prompts, labels = "colour_match", 3, 3, ["base", "js"]
-    metrics = [f"{reward}_mean", f"{reward}_std", *evaluate.DIVERSITY_METRICS]
+    metrics = [f"{reward}_mean", f"{reward}_std", *evaluation.DIVERSITY_METRICS]
 
     per_image = _read_csv(tmp_path / "per_image.csv")
     assert list(per_image[0]) == ["run", "prompt_index", "prompt", "image_index", reward]
@@ -155,7 +159,7 @@ def test_same_seed_same_images_and_runs_differ_only_by_weights(tmp_path, trained
         for label in ("base", "zero", "full")
     }
     assert by_run["zero"] == by_run["base"]  # every reward and diversity metric, to the last digit
-    for column in ("colour_match_mean", *evaluate.DIVERSITY_METRICS):  # another load, same numbers
+    for column in ("colour_match_mean", *evaluation.DIVERSITY_METRICS):  # another load, same numbers
         assert _floats(by_run["full"], column) == pytest.approx(_floats(by_run["base"], column), rel=1e-6)
 
 
@@ -169,7 +173,7 @@ def test_per_prompt_metrics_match_a_direct_computation(tmp_path):
     family = get_family(model, load_processor(TINY_JANUS))
     family.patch_forward(model)
     conditioning = family.encode_prompts([prompt] * k)
-    generator = evaluate.prompt_generator(7, 1, "cpu")
+    generator = evaluation.prompt_generator(7, 1, "cpu")
     with torch.no_grad():
         tokens = sample_image_tokens(family, model, conditioning, generator=generator).image_tokens
         logp_table = image_logp_table(family, model, conditioning, tokens)
@@ -180,21 +184,38 @@ def test_per_prompt_metrics_match_a_direct_computation(tmp_path):
         assert float(row[name]) == pytest.approx(value, rel=1e-5), name
 
 
-def test_labels_read_divergence_and_beta_from_training_args(trained_run, zero_adapter):
-    run = evaluate.read_run(str(trained_run))
-    assert (run.label, run.kind, run.divergence, run.beta) == (trained_run.name, "peft", "js", 0.25)
-    assert run.beta_schedule == "constant" and run.divergence_estimator == "exact"
-    assert evaluate.read_run(f"mine={trained_run}").label == "mine"
-    row = {"run": "mine", "path": str(trained_run), "divergence": "js", "beta": 0.25, "beta_schedule": "constant"}
-    assert evaluate.point_label(row) == "js β=0.25"
-    assert evaluate.point_label({**row, "beta": 0.0}) == "β=0"
-    assert evaluate.point_label({"run": "base", "path": "", "divergence": None, "beta": None}) == "base"
+def test_labels_come_from_the_run_settings_not_the_pickled_training_args(tmp_path, trained_run, zero_adapter):
+    run_dir = shutil.copytree(trained_run, tmp_path / trained_run.name)
+    (run_dir / "training_args.bin").unlink()  # never read: the run's settings are plain JSON
+    run = evaluation.read_run(str(run_dir))
+    assert (run.label, run.kind, run.settings.divergence, run.settings.beta) == (run_dir.name, "peft", "js", 0.25)
+    assert run.settings.beta_schedule == "constant" and run.settings.divergence_estimator == "exact"
+    assert evaluation.read_run(f"mine={run_dir}").label == "mine"
+    row = {"run": "mine", "path": str(run_dir), "divergence": "js", "beta": 0.25, "beta_schedule": "constant"}
+    assert evaluation.point_label(row) == "js β=0.25"
+    assert evaluation.point_label({**row, "beta": 0.0}) == "β=0"
+    assert evaluation.point_label({"run": "base", "path": "", "divergence": None, "beta": None}) == "base"
 
-    plain = evaluate.read_run(str(zero_adapter))  # an adapter saved without training: no training_args.bin
-    assert (plain.label, plain.divergence, plain.beta) == (zero_adapter.name, None, None)
-    assert evaluate.point_label({"run": plain.label, "path": str(zero_adapter), "divergence": None, "beta": None}) == (
-        zero_adapter.name
-    )
+    plain = evaluation.read_run(str(zero_adapter))  # an adapter saved without training: no run_settings.json
+    assert (plain.label, plain.settings) == (zero_adapter.name, None)
+    assert evaluation.point_label(
+        {"run": plain.label, "path": str(zero_adapter), "divergence": None, "beta": None}
+    ) == (zero_adapter.name)
+
+
+def test_malformed_run_settings_name_the_file(tmp_path, trained_run):
+    run_dir = shutil.copytree(trained_run, tmp_path / "run")
+    (run_dir / RUN_SETTINGS_FILE).write_text("{")
+    with pytest.raises(ValueError, match=f"{run_dir / RUN_SETTINGS_FILE} is not a valid run settings file"):
+        evaluation.read_run(str(run_dir))
+
+
+def test_runs_trained_with_another_sampling_distribution_are_flagged(tmp_path, trained_run, no_model_loading):
+    with pytest.warns(
+        UserWarning, match="trained with SamplingConfig\\(cfg_scale=5.0.*evaluated with .*cfg_scale=2.0"
+    ):
+        with pytest.raises(AssertionError, match="a model was loaded"):
+            _evaluate(tmp_path, [trained_run], cfg_scale=2.0)
 
 
 def test_frontier_sweep_trains_evaluates_and_skips_finished_runs(tmp_path, tiny_cache, monkeypatch):
@@ -227,7 +248,14 @@ def test_frontier_sweep_trains_evaluates_and_skips_finished_runs(tmp_path, tiny_
         raise AssertionError("a finished run was trained again")
 
     monkeypatch.setattr(frontier.grpo, "main", refuse)
-    summary = frontier.main(args)
+    for run_dir in (tmp_path / "runs").iterdir():
+        (run_dir / "training_args.bin").unlink()  # finished runs are recognised and compared by run_settings.json
+    js_run = tmp_path / "runs" / "js-beta2"
+    dataclasses.replace(RunSettings.load(js_run), learning_rate=0.5).save(js_run)
+    with pytest.warns(
+        UserWarning, match="Skipping .*js-beta2, which was trained with learning_rate=0.5 \\(now 0.01\\)"
+    ):
+        summary = frontier.main(args)
     assert len(summary) == 3
 
 
@@ -238,7 +266,7 @@ def no_model_loading(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the bad input was reported")
 
-    monkeypatch.setattr(evaluate, "load_model", refuse)
+    monkeypatch.setattr(evaluation, "load_model", refuse)
 
 
 @pytest.mark.parametrize(
@@ -277,7 +305,7 @@ def test_frontier_rejects_unknown_divergences_before_training(tmp_path, monkeypa
 
 def test_prompt_generators_depend_only_on_seed_and_prompt_index():
     def draw(seed, index):
-        return torch.rand(4, generator=evaluate.prompt_generator(seed, index, "cpu"))
+        return torch.rand(4, generator=evaluation.prompt_generator(seed, index, "cpu"))
 
     assert torch.equal(draw(0, 3), draw(0, 3))
     assert not torch.equal(draw(0, 3), draw(0, 4)) and not torch.equal(draw(0, 3), draw(1, 3))

@@ -5,56 +5,26 @@
         --runs js=outputs/janus-js kl=outputs/janus-kl --dataset_name simple_scenes \\
         --reward_funcs pickscore hpsv2 --feature_model openai/clip-vit-large-patch14
 
-Every run (and the base model) samples `num_images_per_prompt` images for each prompt with the same noise: the
-sampler's generator for prompt `i` is seeded from `(seed, i)`, and guidance and temperature are the same for all, so
-runs differ only by their weights. Each image is scored with every reward; each prompt's group of images gets every
-diversity metric of `trl_t2i.metrics.diversity_summary` (image features: the weight-free `pixel_features`, or CLIP/
-DINOv2 with `--feature_model`). `output_dir` receives:
-
-- `per_image.csv`: run, prompt, image index and each reward;
-- `per_prompt.csv`: run, prompt, mean and standard deviation of each reward, and every diversity metric;
-- `summary.csv`, `summary.json`: one row per run (label, divergence, β, ...): the mean over prompts of every
-  per-prompt column and its standard error over prompts (`<column>_sem`);
-- `grid_<run>.png`: the images of the first `grid_prompts` prompts, one row per prompt;
-- `frontier.png`: reward against diversity, one point per run with standard-error bars, labelled by divergence and β.
-
-A run is a directory written by `trl-t2i grpo` (its `training_args.bin` gives the divergence and β), a PEFT adapter
-directory, or a full model directory, optionally labelled `label=path`. The base model is loaded once; each adapter
-is attached to it, evaluated and detached again.
+Every run (and the base model) samples `num_images_per_prompt` images per prompt with the same noise, guidance and
+temperature, so runs differ only by their weights. A run is a directory written by `trl-t2i grpo` (its
+`run_settings.json` gives the divergence and β), a PEFT adapter directory or a full model directory, optionally
+labelled `label=path`. `output_dir` receives `per_image.csv`, `per_prompt.csv`, `summary.csv`, `summary.json`, one
+image grid per run and `frontier.png`: see `trl_t2i.evaluation`, which does the work.
 """
 
-import csv
-import json
-import math
-import re
-import warnings
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 
-import numpy as np
-import torch
-from matplotlib.figure import Figure
-from tqdm.auto import tqdm
 from trl import TrlParser
 
 from ..data import PROMPT_SETS, load_prompt_dataset
-from ..images import make_grid, to_pil
-from ..metrics import ImageFeatureModel, diversity_summary, pixel_features, token_entropy
-from ..models import TINY_JANUS, get_family, load_model, load_processor
+from ..evaluation import BASE, EvaluationSettings, Run, evaluate_runs, print_table, read_run
+from ..models import TINY_JANUS
 from ..rewards import get_reward
-from ..sampling import image_logp_table, sample_image_tokens
 from .arguments import SamplingArguments
 
 
-DIVERSITY_METRICS = ("pairwise_distance", "vendi", "token_entropy", "token_hamming", "codebook_usage")
-"""Per-prompt diversity columns, in the order of `trl_t2i.metrics.diversity_summary`'s documentation."""
-
-BASE = "base"
-"""Label of the base model (reserved: a run cannot use it)."""
-
-
 @dataclass
-class EvaluateArguments(SamplingArguments):
+class EvaluateArguments(SamplingArguments, EvaluationSettings):
     """Arguments of `trl-t2i evaluate`; each is also a `--flag` and a YAML key."""
 
     model_name_or_path: str = field(
@@ -82,52 +52,17 @@ class EvaluateArguments(SamplingArguments):
     num_prompts: int | None = field(
         default=None, metadata={"help": "Evaluate on the first this many prompts only (default: all of them)."}
     )
-    num_images_per_prompt: int = field(
-        default=8, metadata={"help": "Images sampled per prompt (k >= 2: diversity compares images of one prompt)."}
-    )
     reward_funcs: list[str] = field(
         default_factory=lambda: ["colour_match"],
         metadata={"help": "Reward names (see `trl_t2i.rewards.REWARDS`) or import paths `package.module:function`."},
     )
-    feature_model: str | None = field(
-        default=None,
-        metadata={
-            "help": "Hub id or local path of the image model (CLIP, DINOv2) whose features measure diversity; "
-            "default: the weight-free `pixel_features` (colour histogram and layout)."
-        },
-    )
-    seed: int = field(
-        default=0, metadata={"help": "Seed; prompt i is sampled with a generator seeded from (seed, i)."}
-    )
-    grid_prompts: int = field(default=4, metadata={"help": "Prompts shown in each run's image grid (0: no grids)."})
-    frontier_x: str | None = field(
-        default=None,
-        metadata={"help": "Per-prompt column on the frontier's x axis (default: the first reward's mean)."},
-    )
-    frontier_y: str = field(
-        default="pairwise_distance",
-        metadata={
-            "help": f"Per-prompt column on the frontier's y axis; diversity metrics: {', '.join(DIVERSITY_METRICS)}."
-        },
-    )
-    dtype: str = field(default="float32", metadata={"help": "Model dtype: float32, bfloat16 or float16."})
-    device: str = field(default="cuda" if torch.cuda.is_available() else "cpu", metadata={"help": "Device."})
     output_dir: str = field(default="outputs/evaluation", metadata={"help": "Where tables and figures are written."})
 
-
-@dataclass
-class Run:
-    """One model to evaluate: the base (`path=None`), a PEFT adapter or a full model, and how it was trained."""
-
-    label: str
-    path: Path | None = None
-    kind: str = "base"  # "base", "peft" or "full"
-    divergence: str | None = None
-    beta: float | None = None
-    beta_schedule: str | None = None
-    beta_end: float | None = None
-    divergence_estimator: str | None = None
-    training_cfg_scale: float | None = None
+    def __post_init__(self):
+        super().__post_init__()
+        self.sampling  # noqa: B018 -- validates the sampling settings
+        if self.num_prompts is not None and self.num_prompts < 1:
+            raise ValueError(f"num_prompts must be >= 1 (or unset for all prompts), got {self.num_prompts}.")
 
 
 def make_parser() -> TrlParser:
@@ -137,320 +72,23 @@ def make_parser() -> TrlParser:
 def main(args: EvaluateArguments) -> list[dict]:
     runs = ([] if args.skip_base else [Run(BASE)]) + [read_run(spec) for spec in args.runs]
     reward_funcs = [get_reward(name) for name in args.reward_funcs]  # model rewards load on their first call
-    reward_names = [reward.__name__ for reward in reward_funcs]
-    columns = metric_columns(reward_names)
-    frontier_x, frontier_y = check_arguments(args, runs, reward_names, columns)
     if args.prompts:
         prompts = list(args.prompts)
     else:
         dataset = load_prompt_dataset(args.dataset_name, args.dataset_split, args.prompt_column, args.dataset_config)
         prompts = list(dataset["prompt"])
-    prompts = prompts[: args.num_prompts]
-    output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-
-    base_model = load_model(args.model_name_or_path, dtype=getattr(torch, args.dtype)).to(args.device).eval()
-    family = get_family(base_model, load_processor(args.model_name_or_path))
-    family.patch_forward(base_model)  # teacher-forced log-probs, for the policy's token entropy
-
-    # Held for the whole evaluation: a feature model is loaded once (and shared with a reward on the same checkpoint).
-    extract_features = ImageFeatureModel(args.feature_model, args.device) if args.feature_model else pixel_features
-    per_image, per_prompt = [], []
-    for run in runs:
-        model = attach_run(base_model, family, run, args)
-        images, tokens, entropies = generate(family, model, prompts, run.label, args)
-        image_rows, prompt_rows = score(
-            prompts, images, tokens, entropies, reward_funcs, extract_features, family, run.label, args
-        )
-        per_image += image_rows
-        per_prompt += prompt_rows
-        if args.grid_prompts > 0:
-            grid_path = output_dir / f"grid_{file_name(run.label)}.png"
-            save_grid(images[: args.grid_prompts], image_rows, reward_names, grid_path)
-        if run.kind == "peft":
-            model.unload()  # removes the LoRA layers: `base_model` is the base model again
-        del model, images, tokens, entropies
-
-    summary = summarise(runs, per_prompt, columns)
-    write_csv(output_dir / "per_image.csv", per_image)
-    write_csv(output_dir / "per_prompt.csv", per_prompt)
-    write_csv(output_dir / "summary.csv", summary)
-    settings = {**asdict(args), "prompts": prompts}
-    (output_dir / "summary.json").write_text(
-        json.dumps({"settings": settings, "runs": nan_to_none(summary)}, indent=2)
+    summary = evaluate_runs(
+        args.model_name_or_path,
+        runs,
+        prompts[: args.num_prompts],
+        reward_funcs,
+        args.output_dir,
+        args.sampling,
+        settings=args,
     )
-    plot_frontier(summary, frontier_x, frontier_y, output_dir / "frontier.png")
-    print_table(summary, reward_names)
-    print(f"\nWrote per_image.csv, per_prompt.csv, summary.csv, summary.json, grids and frontier.png to {output_dir}")
+    print_table(summary)
+    print(f"\nWrote the tables (per_image, per_prompt, summary), grids and frontier.png to {args.output_dir}")
     return summary
-
-
-def read_run(spec: str) -> Run:
-    """`path` or `label=path` to a `Run`, with the divergence and β read from the run's `training_args.bin`."""
-    label, path = None, spec
-    if "=" in spec and not Path(spec).exists():
-        label, path = spec.split("=", 1)
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(
-            f"Run {spec!r}: {str(path)!r} is not a directory. Pass a training output directory, a PEFT adapter "
-            "directory or a full model directory, optionally as `label=path` (download Hub adapters first: "
-            "`hf download <repo_id> --local-dir <dir>`)."
-        )
-    if (path / "adapter_config.json").is_file():
-        kind = "peft"
-    elif (path / "config.json").is_file():
-        kind = "full"
-    else:
-        raise FileNotFoundError(
-            f"Run {spec!r}: {str(path)!r} holds neither a PEFT adapter (adapter_config.json) nor a model "
-            "(config.json). Point at the `output_dir` of a finished training or at one of its `checkpoint-*` folders."
-        )
-    run = Run(label or path.name, path, kind)
-    if (path / "training_args.bin").is_file():
-        try:
-            training_args = torch.load(path / "training_args.bin", weights_only=False)  # a pickle: trusted dirs only
-        except Exception as error:  # an older trl_t2i, a foreign trainer: the run is still evaluated, unlabelled
-            warnings.warn(
-                f"Could not read {path / 'training_args.bin'} ({error}); divergence and β are unknown.", stacklevel=2
-            )
-        else:
-            run.divergence = getattr(training_args, "divergence", None)
-            run.beta = getattr(training_args, "beta", None)
-            run.beta_schedule = getattr(training_args, "beta_schedule", None)
-            run.beta_end = getattr(training_args, "beta_end", None)
-            run.divergence_estimator = getattr(training_args, "divergence_estimator", None)
-            run.training_cfg_scale = getattr(training_args, "cfg_scale", None)
-    return run
-
-
-def metric_columns(reward_names: list[str]) -> list[str]:
-    """Numeric columns of `per_prompt.csv`: the mean and std of every reward, then every diversity metric."""
-    return [f"{name}_{stat}" for name in reward_names for stat in ("mean", "std")] + list(DIVERSITY_METRICS)
-
-
-def check_arguments(
-    args: EvaluateArguments, runs: list[Run], reward_names: list[str], columns: list[str]
-) -> tuple[str, str]:
-    """Catch bad settings before any model is loaded; returns the frontier's x and y columns."""
-    check_images_per_prompt(args.num_images_per_prompt)
-    if args.num_prompts is not None and args.num_prompts < 1:
-        raise ValueError(f"num_prompts must be >= 1 (or unset for all prompts), got {args.num_prompts}.")
-    args.sampling  # noqa: B018 -- validates the sampling settings
-    if not runs:
-        raise ValueError("Nothing to evaluate: pass `--runs` or drop `--skip_base`.")
-    labels = [run.label for run in runs]
-    if any(run.label == BASE and run.kind != "base" for run in runs):
-        raise ValueError(f"The label {BASE!r} is reserved for the base model; relabel the run as `label=path`.")
-    duplicates = sorted({label for label in labels if labels.count(label) > 1})
-    if duplicates:
-        raise ValueError(f"Runs share the labels {duplicates}: name them apart as `label=path`.")
-    if len(set(reward_names)) < len(reward_names):
-        raise ValueError(f"Two rewards share a name: {reward_names}. Each reward needs its own column.")
-    for run in runs:
-        if run.training_cfg_scale is not None and run.training_cfg_scale != args.cfg_scale:
-            warnings.warn(
-                f"Run {run.label!r} was trained with cfg_scale={run.training_cfg_scale} and is evaluated with "
-                f"cfg_scale={args.cfg_scale} (all runs are sampled alike).",
-                stacklevel=2,
-            )
-    frontier_x = args.frontier_x or f"{reward_names[0]}_mean"
-    if frontier_x in reward_names:
-        frontier_x = f"{frontier_x}_mean"
-    for name, value in (("frontier_x", frontier_x), ("frontier_y", args.frontier_y)):
-        if value not in columns:
-            raise ValueError(f"Unknown {name} column {value!r}. Valid choices: {', '.join(columns)}.")
-    return frontier_x, args.frontier_y
-
-
-def check_images_per_prompt(k: int) -> None:
-    if k < 2:
-        raise ValueError(f"num_images_per_prompt must be >= 2 (diversity compares the images of one prompt), got {k}.")
-
-
-def attach_run(base_model: torch.nn.Module, family, run: Run, args: EvaluateArguments) -> torch.nn.Module:
-    """The model of `run`: the base, the base with the run's LoRA layers (undone by `unload()`), or a full model."""
-    if run.kind == "base":
-        return base_model
-    if run.kind == "peft":
-        from peft import PeftModel
-
-        return PeftModel.from_pretrained(base_model, run.path).eval()
-    model = load_model(str(run.path), dtype=getattr(torch, args.dtype)).to(args.device).eval()
-    family.patch_forward(model)  # a full fine-tune is of the base model's family
-    return model
-
-
-def prompt_generator(seed: int, prompt_index: int, device: str) -> torch.Generator:
-    """The sampler's generator for one prompt: the same noise for every run, whatever else is evaluated."""
-    state = np.random.SeedSequence([seed, prompt_index]).generate_state(1)[0]
-    return torch.Generator(device).manual_seed(int(state))
-
-
-@torch.no_grad()
-def generate(family, model, prompts: list[str], label: str, args: EvaluateArguments):
-    """Sample k images per prompt; returns per prompt the PIL images, their tokens `(k, N)` and token entropies `(k,)`.
-
-    The entropy is that of the teacher-forced distribution the tokens were sampled from (guidance, temperature, top-k
-    and top-p included), averaged over image positions. It is reduced here, prompt by prompt: the full log-probs
-    `(k, N, V)` take 300 MB per prompt for Janus-Pro (N = 576, V = 16,384).
-    """
-    images, tokens, entropies = [], [], []
-    k = args.num_images_per_prompt
-    sampling = args.sampling
-    for index, prompt in enumerate(tqdm(prompts, desc=f"{label}: sampling", unit="prompt")):
-        conditioning = family.encode_prompts([prompt] * k).to(args.device)
-        generator = prompt_generator(args.seed, index, args.device)
-        sample = sample_image_tokens(family, model, conditioning, sampling, generator=generator)
-        logp_table = image_logp_table(family, model, conditioning, sample.image_tokens, sampling)
-        images.append(to_pil(family.decode(model, sample.image_tokens)))
-        tokens.append(sample.image_tokens.cpu())
-        entropies.append(token_entropy(logp_table).float().cpu())
-    return images, tokens, entropies
-
-
-def score(prompts, images, tokens, entropies, reward_funcs, extract_features, family, label, args: EvaluateArguments):
-    """Rewards of every image and diversity of every prompt group: the rows of `per_image.csv` and `per_prompt.csv`."""
-    image_rows, prompt_rows = [], []
-    k = args.num_images_per_prompt
-    for index, prompt in enumerate(tqdm(prompts, desc=f"{label}: scoring", unit="prompt")):
-        rewards = {reward.__name__: reward([prompt] * k, completions=images[index]) for reward in reward_funcs}
-        for image_index in range(k):
-            row = {"run": label, "prompt_index": index, "prompt": prompt, "image_index": image_index}
-            image_rows.append(row | {name: values[image_index] for name, values in rewards.items()})
-        features = extract_features(images[index])
-        row = {"run": label, "prompt_index": index, "prompt": prompt}
-        for name, values in rewards.items():
-            scored = [value for value in values if value is not None]  # None: the reward does not apply
-            row[f"{name}_mean"] = float(np.mean(scored)) if scored else math.nan
-            row[f"{name}_std"] = float(np.std(scored, ddof=1)) if len(scored) > 1 else math.nan
-        diversity = diversity_summary(features, tokens[index], family.codebook_size)
-        diversity["token_entropy"] = entropies[index].mean().item()  # as diversity_summary computes it from log-probs
-        prompt_rows.append(row | {name: diversity[name] for name in DIVERSITY_METRICS})
-    return image_rows, prompt_rows
-
-
-def summarise(runs: list[Run], per_prompt: list[dict], columns: list[str]) -> list[dict]:
-    """One row per run: how it was trained, then the mean over prompts of every column and its standard error."""
-    summary = []
-    for run in runs:
-        rows = [row for row in per_prompt if row["run"] == run.label]
-        entry = {
-            "run": run.label,
-            "path": str(run.path) if run.path else "",
-            "divergence": run.divergence,
-            "beta": run.beta,
-            "beta_schedule": run.beta_schedule,
-            "beta_end": run.beta_end,
-            "divergence_estimator": run.divergence_estimator,
-            "num_prompts": len(rows),
-        }
-        for column in columns:
-            values = np.array([row[column] for row in rows], dtype=np.float64)
-            values = values[np.isfinite(values)]  # prompts a reward does not apply to
-            entry[column] = float(values.mean()) if len(values) else math.nan
-            entry[f"{column}_sem"] = (
-                float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else math.nan
-            )
-        summary.append(entry)
-    return summary
-
-
-def point_label(row: dict) -> str:
-    """How a run is named on the frontier: `base`, `β=0` (no penalty), `<divergence> β=<β>`, or its label."""
-    if row["run"] == BASE and not row["path"]:
-        return BASE
-    if row["divergence"] is None or row["beta"] is None:
-        return row["run"]
-    if row["beta_schedule"] not in (None, "constant"):
-        return f"{row['divergence']} β={row['beta']:g}→{row['beta_end']:g}"
-    if row["beta"] == 0:
-        return "β=0"  # without a penalty the divergence plays no part
-    return f"{row['divergence']} β={row['beta']:g}"
-
-
-def plot_frontier(summary: list[dict], x: str, y: str, path: Path) -> None:
-    """Reward–diversity frontier: one point per run with standard-error bars, coloured by divergence.
-
-    The points of one divergence (constant β) are joined in order of β, from the unregularised run (β = 0) to the base
-    model (β → ∞), so that each divergence draws its own trade-off curve.
-    """
-    figure = Figure(figsize=(8, 6), layout="constrained")
-    axes = figure.subplots()
-    divergences = sorted({row["divergence"] for row in summary if row["divergence"] and row["beta"]})
-    palette = {name: f"C{index % 10}" for index, name in enumerate(divergences)}
-    for row in summary:
-        label = point_label(row)
-        colour = "black" if label == BASE else palette.get(row["divergence"], "grey") if row["beta"] else "grey"
-        axes.errorbar(
-            row[x],
-            row[y],
-            xerr=np.nan_to_num(row[f"{x}_sem"]),
-            yerr=np.nan_to_num(row[f"{y}_sem"]),
-            fmt="*" if label == BASE else "o",
-            markersize=12 if label == BASE else 7,
-            color=colour,
-            capsize=3,
-        )
-        # Labels of different divergences are staggered vertically: runs that land together stay readable.
-        offset = (6, 6 - 11 * divergences.index(row["divergence"]) if colour in palette.values() else 6)
-        axes.annotate(label, (row[x], row[y]), textcoords="offset points", xytext=offset, fontsize=8, color=colour)
-    unregularised = [row for row in summary if row["beta"] == 0 and row["beta_schedule"] in (None, "constant")]
-    base = [row for row in summary if point_label(row) == BASE]
-    for divergence, colour in palette.items():
-        rows = sorted(
-            (r for r in summary if r["divergence"] == divergence and r["beta"] and r["beta_schedule"] == "constant"),
-            key=lambda r: r["beta"],
-        )
-        curve = unregularised[:1] + rows + base[:1]
-        axes.plot([r[x] for r in curve], [r[y] for r in curve], "--", color=colour, linewidth=1, label=divergence)
-    if palette:
-        axes.legend(title="divergence")
-    axes.set_xlabel(f"{x} (mean over prompts ± s.e.)")
-    axes.set_ylabel(f"{y} (mean over prompts ± s.e.)")
-    axes.set_title("Reward–diversity frontier")
-    axes.grid(alpha=0.3)
-    figure.savefig(path, dpi=150)
-
-
-def save_grid(images: list[list], image_rows: list[dict], reward_names: list[str], path: Path) -> None:
-    """The images of the given prompts, one row per prompt, captioned with the prompt and the value of the first reward."""
-    cells = [image for prompt_images in images for image in prompt_images]
-    name = reward_names[0]
-    captions = [
-        row["prompt"] if row[name] is None else f"{row['prompt']}\n{row[name]:.3f}" for row in image_rows[: len(cells)]
-    ]
-    make_grid(cells, captions, columns=len(images[0])).save(path)
-
-
-def write_csv(path: Path, rows: list[dict]) -> None:
-    with path.open("w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def nan_to_none(rows: list[dict]) -> list[dict]:
-    """JSON has no NaN: missing values become `null`."""
-    return [
-        {key: None if isinstance(value, float) and math.isnan(value) else value for key, value in row.items()}
-        for row in rows
-    ]
-
-
-def file_name(label: str) -> str:
-    return re.sub(r"[^\w.=+-]+", "_", label)
-
-
-def print_table(summary: list[dict], reward_names: list[str]) -> None:
-    """The summary as a terminal table: mean ± standard error over prompts."""
-    columns = [f"{name}_mean" for name in reward_names] + list(DIVERSITY_METRICS)
-    header = f"{'run':<24}{'divergence':<12}{'beta':>8}  " + "".join(f"{column[:19]:>21}" for column in columns)
-    print("\n" + header + "\n" + "-" * len(header))
-    for row in summary:
-        beta = "" if row["beta"] is None else f"{row['beta']:g}"
-        cells = "".join(f"{row[column]:>12.4f} ±{row[f'{column}_sem']:<7.4f}" for column in columns)
-        print(f"{row['run'][:23]:<24}{row['divergence'] or '':<12}{beta:>8}  {cells}")
 
 
 if __name__ == "__main__":

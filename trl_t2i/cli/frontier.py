@@ -10,21 +10,24 @@ recipe), into `output_dir/runs/<divergence>-beta<β>`. By default each divergenc
 curvature f''(1) (JS has ¼ of KL's, so its β are 4× larger). β = 0 means no penalty, where every divergence trains the
 same run: it is trained once, as `output_dir/runs/beta0`. Runs whose output already exists are skipped, so an
 interrupted sweep resumes where it stopped. Then the base model and every run are evaluated with
-`trl_t2i.cli.evaluate` (same prompts, seeds, guidance and temperature as training) into `output_dir/eval/`:
-`summary.csv`, `frontier.png` and the rest.
+`trl_t2i.evaluation` (the recipe's prompts, rewards and sampling distribution) into `output_dir/eval/`: `summary.csv`,
+`frontier.png` and the rest. The sweep itself (pairs, curvature, finished runs) is `trl_t2i.sweep`.
 """
 
 import gc
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from trl import TrlParser
 
-from ..divergences import DIVERGENCES, get_divergence
-from . import evaluate, grpo
+from ..data import load_prompt_dataset
+from ..divergences import DIVERGENCES
+from ..evaluation import BASE, DIVERSITY_METRICS, EvaluationSettings, Run, evaluate_runs, print_table, read_run
+from ..rewards import get_reward
+from ..sweep import check_finished_run, is_finished, run_name, sweep
+from . import grpo
 from .parsing import find_recipe
 
 
@@ -67,7 +70,7 @@ class FrontierArguments:
     )
     frontier_y: str = field(
         default="pairwise_distance",
-        metadata={"help": f"Diversity metric on the frontier's y axis: {', '.join(evaluate.DIVERSITY_METRICS)}."},
+        metadata={"help": f"Diversity metric on the frontier's y axis: {', '.join(DIVERSITY_METRICS)}."},
     )
     device: str = field(
         default="cuda" if torch.cuda.is_available() else "cpu", metadata={"help": "Device of the evaluation."}
@@ -76,6 +79,37 @@ class FrontierArguments:
         default="outputs/frontier", metadata={"help": "Runs go to `runs/`, evaluation to `eval/`."}
     )
 
+    def __post_init__(self):
+        # Bad sweep settings fail here, before anything is trained.
+        unknown = [name for name in self.divergences if name not in DIVERGENCES]
+        if unknown:
+            raise ValueError(f"Unknown divergences {unknown}. Valid choices: {', '.join(sorted(DIVERGENCES))}.")
+        if not self.divergences or not self.betas:
+            raise ValueError("The sweep needs at least one divergence and one beta.")
+        if any(beta < 0 for beta in self.betas):
+            raise ValueError(f"betas must be >= 0, got {self.betas}.")
+        if self.num_prompts is not None and self.num_prompts < 1:
+            raise ValueError(f"num_prompts must be >= 1 (or None for all prompts), got {self.num_prompts}.")
+        if self.frontier_y not in DIVERSITY_METRICS:
+            raise ValueError(f"Unknown frontier_y {self.frontier_y!r}. Valid choices: {', '.join(DIVERSITY_METRICS)}.")
+        for override in self.training_overrides:
+            if "=" not in override:
+                raise ValueError(f"Training override {override!r} is not `key=value` (e.g. `learning_rate=5e-4`).")
+            if override.split("=", 1)[0].lstrip("-") in ("divergence", "beta", "output_dir"):
+                raise ValueError(
+                    f"Training override {override!r}: the sweep sets divergence, beta and output_dir itself."
+                )
+
+    def training_flags(self) -> list[str]:
+        """`training_overrides` (and `max_steps`) as the `--key value` flags of the training parser."""
+        flags = []
+        for override in self.training_overrides:
+            key, value = override.split("=", 1)
+            flags += [f"--{key.lstrip('-')}", value]
+        if self.max_steps is not None:
+            flags += ["--max_steps", str(self.max_steps)]
+        return flags
+
 
 def make_parser() -> TrlParser:
     return TrlParser(FrontierArguments)
@@ -83,131 +117,62 @@ def make_parser() -> TrlParser:
 
 def main(args: FrontierArguments) -> list[dict]:
     recipe = find_recipe(args.recipe)
-    check_arguments(args)
     output_dir = Path(args.output_dir)
-    overrides = recipe_overrides(args)
+    overrides = args.training_flags()
+    # The evaluation samples like training: the recipe's model, prompts, rewards and sampling distribution.
+    script_args, training_args, model_args = grpo.make_parser().parse_args_and_config(
+        ["--config", str(recipe), *overrides, "--output_dir", str(output_dir / "runs")]
+    )
+    evaluation_settings = EvaluationSettings(
+        num_images_per_prompt=args.num_images_per_prompt,
+        feature_model=args.feature_model,
+        seed=args.eval_seed,
+        frontier_y=args.frontier_y,
+        dtype=model_args.dtype if model_args.dtype not in (None, "auto") else "float32",
+        device=args.device,
+    )
 
     pairs = sweep(args.divergences, args.betas, args.match_curvature)
     run_dirs, timings = [], {}
     for divergence, beta in pairs:
-        run_dir = output_dir / "runs" / (f"{divergence}-beta{beta:g}" if beta else "beta0")
+        run_dir = output_dir / "runs" / run_name(divergence, beta)
         run_dirs.append(run_dir)
         argv = ["--config", str(recipe), *overrides, "--divergence", divergence, "--beta", str(beta)]
-        script_args, training_args, model_args = grpo.make_parser().parse_args_and_config(
+        run_script_args, run_training_args, run_model_args = grpo.make_parser().parse_args_and_config(
             [*argv, "--output_dir", str(run_dir)]
         )
         if is_finished(run_dir):
-            check_finished_run(run_dir, training_args)
+            check_finished_run(run_dir, run_training_args)
             print(f"Skipping {run_dir}: already trained.")
             continue
         print(f"\n=== Training {run_dir.name} ({len(run_dirs)} of {len(pairs)}) ===")
         start = time.perf_counter()
-        trainer = grpo.main(script_args, training_args, model_args)
+        trainer = grpo.main(run_script_args, run_training_args, run_model_args)
         timings[run_dir.name] = time.perf_counter() - start
         del trainer
         gc.collect()
 
-    # Evaluate like training samples: the recipe's model, prompts, rewards, guidance and temperature.
-    script_args, training_args, model_args = grpo.make_parser().parse_args_and_config(
-        ["--config", str(recipe), *overrides, "--output_dir", str(output_dir / "runs")]
-    )
     start = time.perf_counter()
-    summary = evaluate.main(
-        evaluate.EvaluateArguments(
-            model_name_or_path=model_args.model_name_or_path,
-            runs=[str(run_dir) for run_dir in run_dirs],
-            dataset_name=script_args.dataset_name,
-            dataset_split=script_args.dataset_train_split,
-            dataset_config=script_args.dataset_config,
-            prompt_column=script_args.prompt_column,
-            num_prompts=args.num_prompts,
-            num_images_per_prompt=args.num_images_per_prompt,
-            reward_funcs=script_args.reward_funcs,
-            feature_model=args.feature_model,
-            cfg_scale=training_args.cfg_scale,
-            temperature=training_args.temperature,
-            top_k=training_args.top_k or 0,
-            top_p=training_args.top_p,
-            seed=args.eval_seed,
-            frontier_y=args.frontier_y,
-            dtype=model_args.dtype if model_args.dtype not in (None, "auto") else "float32",
-            device=args.device,
-            output_dir=str(output_dir / "eval"),
-        )
+    dataset = load_prompt_dataset(
+        script_args.dataset_name,
+        script_args.dataset_train_split,
+        script_args.prompt_column,
+        script_args.dataset_config,
+    )
+    summary = evaluate_runs(
+        model_args.model_name_or_path,
+        [Run(BASE)] + [read_run(str(run_dir)) for run_dir in run_dirs],
+        list(dataset["prompt"])[: args.num_prompts],
+        [get_reward(name) for name in script_args.reward_funcs],
+        output_dir / "eval",
+        training_args.sampling,
+        evaluation_settings,
     )
     timings["evaluation"] = time.perf_counter() - start
+    print_table(summary)
     print("\nTimes (s): " + ", ".join(f"{name} {seconds:.0f}" for name, seconds in timings.items()))
     print(f"Frontier: {(output_dir / 'eval' / 'frontier.png').resolve()}")
     return summary
-
-
-def check_arguments(args: FrontierArguments) -> None:
-    """Catch bad sweep settings before anything is trained."""
-    unknown = [name for name in args.divergences if name not in DIVERGENCES]
-    if unknown:
-        raise ValueError(f"Unknown divergences {unknown}. Valid choices: {', '.join(sorted(DIVERGENCES))}.")
-    if not args.divergences or not args.betas:
-        raise ValueError("The sweep needs at least one divergence and one beta.")
-    if any(beta < 0 for beta in args.betas):
-        raise ValueError(f"betas must be >= 0, got {args.betas}.")
-    evaluate.check_images_per_prompt(args.num_images_per_prompt)
-    if args.frontier_y not in evaluate.DIVERSITY_METRICS:
-        raise ValueError(
-            f"Unknown frontier_y {args.frontier_y!r}. Valid choices: {', '.join(evaluate.DIVERSITY_METRICS)}."
-        )
-    for override in args.training_overrides:
-        if "=" not in override:
-            raise ValueError(f"Training override {override!r} is not `key=value` (e.g. `learning_rate=5e-4`).")
-        if override.split("=", 1)[0].lstrip("-") in ("divergence", "beta", "output_dir"):
-            raise ValueError(f"Training override {override!r}: the sweep sets divergence, beta and output_dir itself.")
-
-
-def recipe_overrides(args: FrontierArguments) -> list[str]:
-    """`key=value` overrides (and `max_steps`) as the `--key value` flags of the training parser."""
-    flags = []
-    for override in args.training_overrides:
-        key, value = override.split("=", 1)
-        flags += [f"--{key.lstrip('-')}", value]
-    if args.max_steps is not None:
-        flags += ["--max_steps", str(args.max_steps)]
-    return flags
-
-
-def sweep(divergences: list[str], betas: list[float], match_curvature: bool) -> list[tuple[str, float]]:
-    """(divergence, β) pairs to train: β = 0 once (no penalty: the divergence plays no part), then every pair."""
-    runs = [(divergences[0], 0.0)] if 0 in betas else []
-    for divergence in divergences:
-        scale = 1.0 / curvature(divergence) if match_curvature else 1.0
-        runs += [(divergence, float(f"{beta * scale:.6g}")) for beta in sorted(set(betas)) if beta > 0]
-    return runs
-
-
-def curvature(divergence: str) -> float:
-    """f''(1): near π = ρ every f-divergence is f''(1)/2 · χ²(π‖ρ), so this sets how hard it resists small changes."""
-    generator = get_divergence(divergence).f
-    return torch.autograd.functional.hessian(generator, torch.tensor(1.0, dtype=torch.float64)).item()
-
-
-def is_finished(run_dir: Path) -> bool:
-    """A run is finished once its final save is there: the weights and `training_args.bin` at the top level."""
-    weights = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json")
-    return (run_dir / "training_args.bin").is_file() and any((run_dir / name).is_file() for name in weights)
-
-
-def check_finished_run(run_dir: Path, training_args) -> None:
-    """Warn when a run that is skipped was trained with other settings than the sweep asks for now."""
-    trained = torch.load(run_dir / "training_args.bin", weights_only=False)
-    fields = ("divergence", "beta", "max_steps", "learning_rate", "seed", "per_device_train_batch_size")
-    differ = [
-        f"{name}={getattr(trained, name, None)} (now {getattr(training_args, name)})"
-        for name in fields
-        if getattr(trained, name, None) != getattr(training_args, name)
-    ]
-    if differ:
-        warnings.warn(
-            f"Skipping {run_dir}, which was trained with {', '.join(differ)}; delete it to train it again.",
-            stacklevel=2,
-        )
 
 
 if __name__ == "__main__":
