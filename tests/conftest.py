@@ -107,7 +107,7 @@ def make_config(tmp_path, **overrides) -> T2IGRPOConfig:
         "logging_steps": 1,
         "learning_rate": 1e-2,
         "report_to": [],
-        "gradient_checkpointing": False,
+        "activation_checkpointing": False,
         "save_strategy": "no",
         "disable_tqdm": True,
         "image_log_steps": 0,

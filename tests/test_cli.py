@@ -13,9 +13,9 @@ from accelerate.commands.config.config_args import load_config_from_file
 from trl_t2i.cli import COMMANDS
 from trl_t2i.cli import main as cli_main
 from trl_t2i.cli.frontier import FrontierArguments
-from trl_t2i.cli.grpo import UNSUPPORTED_SETTINGS, main, make_parser
+from trl_t2i.cli.grpo import main, make_parser
 from trl_t2i.cli.parsing import RECIPES, field_names, find_recipe
-from trl_t2i.config import T2IGRPOConfig
+from trl_t2i.config import UNSUPPORTED_SETTINGS, T2IGRPOConfig
 from trl_t2i.data import PROMPT_SETS
 from trl_t2i.rewards import REWARDS
 
@@ -130,7 +130,7 @@ def test_grpo_help_shows_trl_t2i_options_first_and_hides_rejected_settings():
     )
     shown = {option for options in sections.values() for option in options}
     assert "--learning_rate" in shown
-    assert not shown & {f"--{name}" for name in UNSUPPORTED_SETTINGS}
+    assert not shown & {f"--{name}" for name, _, _ in UNSUPPORTED_SETTINGS}
 
 
 @pytest.mark.parametrize(
@@ -247,10 +247,7 @@ def test_resumed_run_matches_an_uninterrupted_one(tmp_path):
 PROBE = """
 import sys, torch
 import trl_t2i.trainer as trainer_module
-from trl_t2i.cli.frontier import FrontierArguments
-from trl_t2i.cli.grpo import UNSUPPORTED_SETTINGS, main, make_parser
-from trl_t2i.cli.parsing import RECIPES, field_names, find_recipe
-from trl_t2i.config import T2IGRPOConfig
+from trl_t2i.cli.grpo import main, make_parser
 
 seen = []
 generate = trainer_module.T2IGRPOTrainer._generate

@@ -25,7 +25,7 @@ def test_lora_run_changes_only_adapter_weights(tmp_path):
 
 def test_gradient_checkpointing_gives_the_same_run(tmp_path):
     def history(checkpointing):
-        trainer = make_trainer(tmp_path / str(checkpointing), gradient_checkpointing=checkpointing)
+        trainer = make_trainer(tmp_path / str(checkpointing), activation_checkpointing=checkpointing)
         trainer.train()
         return [
             value for log in trainer.state.log_history if "loss" in log for value in (log["loss"], log["grad_norm"])
@@ -42,19 +42,23 @@ def test_reference_is_the_disabled_adapter(tmp_path, prompts):
     reference = trainer._reference_logp_table(inputs["prompt_ids"], inputs["prompt_mask"], inputs["completion_ids"])
     base = load_model(TINY_JANUS)
     trainer.family.patch_forward(base)
-    expected = trainer._logp_table(base, inputs["prompt_ids"], inputs["prompt_mask"], inputs["completion_ids"])
+    expected = trainer._teacher_forced_logits(
+        base, inputs["prompt_ids"], inputs["prompt_mask"], inputs["completion_ids"]
+    ).log_softmax(-1)
     torch.testing.assert_close(reference, expected)
     tokens = inputs["completion_ids"][..., None]
     torch.testing.assert_close(inputs["ref_per_token_logps"], expected.gather(-1, tokens).squeeze(-1))
     with torch.no_grad():
-        policy = trainer._logp_table(
+        policy = trainer._teacher_forced_logits(
             trainer.model, inputs["prompt_ids"], inputs["prompt_mask"], inputs["completion_ids"]
-        )
+        ).log_softmax(-1)
     assert (policy - reference).abs().max() > 1e-2
 
 
-def test_sampling_logprobs_equal_old_logprobs_at_the_first_step(tmp_path):
-    trainer = make_trainer(tmp_path, num_iterations=2)  # num_iterations > 1 makes TRL compute old log-probs
+@pytest.mark.parametrize("cfg_logprobs", ["guided", "conditional"])
+def test_sampling_logps_equal_old_logps_at_the_first_step(tmp_path, cfg_logprobs):
+    # TRL's off-policy mask compares them: both are of the distribution being trained, also with "conditional"
+    trainer = make_trainer(tmp_path, num_iterations=2, cfg_logprobs=cfg_logprobs)  # TRL computes old log-probs
     inputs = first_batch(trainer)
     torch.testing.assert_close(inputs["old_per_token_logps"], inputs["sampling_per_token_logps"], atol=1e-5, rtol=0)
 
@@ -120,15 +124,17 @@ def test_qlora_gradients_match_the_dequantised_model(tmp_path):
 
     def lora_gradients():
         trainer.model.zero_grad()
-        full = trainer._logp_table(
+        full = trainer._teacher_forced_logits(
             trainer.model, inputs["prompt_ids"], inputs["prompt_mask"], inputs["completion_ids"]
-        )
+        ).log_softmax(-1)
         full.gather(-1, inputs["completion_ids"][..., None]).sum().backward()
         return {n: p.grad.float().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
 
     trainer.model.eval()
     with torch.no_grad():  # an eval forward without grad: what repacks bnb's CPU weights when the fix is missing
-        trainer._logp_table(trainer.model, inputs["prompt_ids"], inputs["prompt_mask"], inputs["completion_ids"])
+        trainer._teacher_forced_logits(
+            trainer.model, inputs["prompt_ids"], inputs["prompt_mask"], inputs["completion_ids"]
+        ).log_softmax(-1)
     trainer.model.train()
     quantized_grads = lora_gradients()
     for lora_layer in [
@@ -197,7 +203,7 @@ def test_exact_js_penalty_equals_an_independent_full_codebook_sum(tmp_path):
     without_penalty = GRPOTrainer._compute_loss(trainer, trainer.model, inputs)  # TRL's loss: its k3 KL is off
     with torch.no_grad():
         ids, mask, tokens = inputs["prompt_ids"], inputs["prompt_mask"], inputs["completion_ids"]
-        policy = trainer._logp_table(trainer.model, ids, mask, tokens).double().exp()
+        policy = trainer._teacher_forced_logits(trainer.model, ids, mask, tokens).log_softmax(-1).double().exp()
         reference = (
             trainer._reference_logp_table(inputs["prompt_ids"], inputs["prompt_mask"], inputs["completion_ids"])
             .double()
@@ -342,3 +348,14 @@ def test_unscorable_completions_are_skipped_not_trained_on(tmp_path):
     assert (green != 0).all()
     trainer.train()
     assert all(math.isfinite(log["loss"]) for log in trainer.state.log_history if "loss" in log)
+
+
+@pytest.mark.parametrize("value", [None, math.nan])
+def test_a_reward_that_scores_nothing_fails_at_the_first_step_naming_it(tmp_path, value):
+    def broken_reward(prompts, completions, **kwargs):
+        return [value] * len(prompts)
+
+    trainer = make_trainer(tmp_path, reward=[colour_match, broken_reward], save_strategy="steps", save_steps=1)
+    with pytest.raises(ValueError, match="'broken_reward' returned no finite value"):
+        trainer.train()
+    assert not list(tmp_path.glob("checkpoint-*"))  # nothing was trained or saved

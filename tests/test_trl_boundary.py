@@ -153,7 +153,9 @@ def test_a_model_with_a_trained_adapter_keeps_it_as_the_reference_even_at_beta_z
     assert trl.reference_adapter_name(trainer.model) == "ref" and trainer.args.beta == 0.0
     batch = first_batch(trainer)
     with torch.no_grad():
-        policy = trainer._logp_table(trainer.model, batch["prompt_ids"], batch["prompt_mask"], batch["completion_ids"])
+        policy = trainer._teacher_forced_logits(
+            trainer.model, batch["prompt_ids"], batch["prompt_mask"], batch["completion_ids"]
+        ).log_softmax(-1)
     torch.testing.assert_close(
         batch["ref_per_token_logps"], policy.gather(-1, batch["completion_ids"][..., None])[..., 0]
     )

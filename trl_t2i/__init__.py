@@ -1,5 +1,6 @@
 """GRPO post-training of autoregressive text-to-image models with f-divergence regularisation, on top of TRL."""
 
+from . import _quiet_imports  # noqa: F401 -- first: it filters messages logged while the rest is imported
 from .config import T2IGRPOConfig
 from .divergences import DIVERGENCES, get_divergence
 from .models import TINY_JANUS, get_family, load_model, load_processor

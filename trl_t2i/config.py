@@ -9,8 +9,9 @@ from .sampling import CFG_LOGPROBS, SamplingConfig
 DIVERGENCE_ESTIMATORS = ("sampled", "exact")
 BETA_SCHEDULES = ("constant", "linear", "cosine")
 
-# Text-generation settings of GRPOConfig that cannot apply to image tokens: (field, value that means "off", why).
-_TEXT_ONLY_SETTINGS = [
+# Settings of GRPOConfig that cannot apply to image tokens: (field, value that means "off", why). The config rejects
+# them instead of ignoring them, and `trl-t2i grpo --help` hides them.
+UNSUPPORTED_SETTINGS = [
     ("use_vllm", False, "vLLM does not generate Janus/LlamaGen image tokens; images are sampled by trl_t2i's sampler"),
     ("use_transformers_continuous_batching", False, "image tokens are sampled by trl_t2i's own batched sampler"),
     ("use_transformers_paged", False, "image tokens are sampled by trl_t2i's own batched sampler"),
@@ -23,6 +24,7 @@ _TEXT_ONLY_SETTINGS = [
     ("cast_lm_head_to_fp32", False, "images are scored by the image head, never the text lm_head"),
     ("use_liger_kernel", False, "Liger's fused loss works on the text lm_head, not the image head"),
     ("log_completions_hub_repo", None, "completions are images: they are logged as image grids instead"),
+    ("pad_to_multiple_of", None, "images have a fixed number of tokens; padding would score pad ids as image codes"),
 ]
 
 
@@ -136,27 +138,30 @@ class T2IGRPOConfig(GRPOConfig):
         default=True,
         metadata={"help": "Disable dropout so that sampling, old, reference and policy log-probs agree."},
     )
+    gradient_checkpointing: bool | None = field(
+        default=None,
+        metadata={"help": "Deprecated alias of `activation_checkpointing` (on by default, as in TRL)."},
+    )
     max_completion_length: int | None = field(
         default=None,
         metadata={"help": "Image tokens per image: leave unset, the trainer takes it from the model."},
     )
 
     def __post_init__(self):
+        # TRL defaults the deprecated alias `gradient_checkpointing` to True, which warns on every run; default the
+        # new name instead, and let an explicit alias still take effect (with transformers' warning).
+        if self.activation_checkpointing is None and self.gradient_checkpointing is None:
+            self.activation_checkpointing = True
         super().__post_init__()
         self._validate_choices()
         self._validate_divergence()
         self._validate_generation()
-        for name, off_value, reason in _TEXT_ONLY_SETTINGS:
+        for name, off_value, reason in UNSUPPORTED_SETTINGS:
             if getattr(self, name, off_value) != off_value:
                 raise ValueError(
                     f"`{name}={getattr(self, name)!r}` is not supported by T2IGRPOTrainer: {reason}. "
                     f"Leave it at its default ({off_value!r})."
                 )
-        if self.pad_to_multiple_of is not None:
-            raise ValueError(
-                f"`pad_to_multiple_of={self.pad_to_multiple_of!r}` is not supported: images have a fixed number of "
-                "tokens and padding them would score pad ids as image codes. Set it to None."
-            )
 
     def _validate_choices(self):
         for name, choices in [

@@ -1,5 +1,6 @@
 """Model cards and Hub uploads of training outputs (the adapter, not the base weights)."""
 
+import math
 import os
 import shlex
 import sys
@@ -101,7 +102,7 @@ def model_card(
     lines += [f"| {key} | {value} |" for key, value in rows.items()]
     if metrics:
         lines += ["", "Final logged metrics:", "", "| metric | value |", "|---|---|"]
-        lines += [f"| {key} | {value:.4g} |" for key, value in sorted(metrics.items())]
+        lines += [f"| {key} | {_metric(value)} |" for key, value in sorted(metrics.items())]
     lines += [
         "",
         "Command:",
@@ -181,6 +182,13 @@ def _as_typed(argv: list[str]) -> list[str]:
     if rest and Path(rest[0]).is_absolute() and Path(rest[0]).parent == Path(interpreter).parent:
         return [Path(rest[0]).name, *rest[1:]]
     return ["python", *rest]
+
+
+def _metric(value) -> str:
+    """A logged metric for the card: 4 significant digits; `None` (nothing finite was logged) or NaN as "—"."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    return f"{value:.4g}"
 
 
 def _model_link(model_id: str) -> str:

@@ -15,7 +15,11 @@ float round-off), which is what makes GRPO's importance ratios exactly 1 on the 
   `-inf`). Cheaper, but off-policy whenever `cfg_scale != 1`: the samples do not come from the distribution being
   optimised.
 
-With top-k/top-p the guided distribution is the truncated one, for the sampler and for training alike.
+With top-k/top-p the guided distribution is the truncated one, for the sampler and for the policy-gradient term alike;
+after an update a token sampled earlier may fall outside the current truncated support, where its log-prob is
+`-inf`. The trainer floors such per-token log-probs at `MIN_LOGP` (no gradient, an importance ratio of 0) and
+computes the divergence penalty between the untruncated distributions (`teacher_forced_logits`), which share their
+support, so nothing becomes NaN or infinite.
 
 Names: `*_logps` are per-token log-probs `(B, N)` (TRL's word); `*_logp_table` are the log-probs of the whole
 codebook at every image position `(B, N, V)`.
@@ -31,6 +35,10 @@ from .models.base import Conditioning, ModelFamily, unwrap_model
 
 
 CFG_LOGPROBS = ("guided", "conditional")
+
+MIN_LOGP = -1e4
+"""Floor of a per-token log-prob outside the truncated support: `exp` of it (or of it minus a finite log-prob) is 0
+in float32, and the floor has no gradient."""
 
 
 @dataclass(frozen=True)
@@ -182,7 +190,7 @@ def sample_image_tokens(
     )
 
 
-def image_logp_table(
+def teacher_forced_logits(
     family: ModelFamily,
     model: nn.Module,
     conditioning: Conditioning,
@@ -190,10 +198,10 @@ def image_logp_table(
     sampling: SamplingConfig = SamplingConfig(),
     cfg_logprobs: str = "guided",
 ) -> torch.Tensor:
-    """Teacher-forced log-probs `(B, N, V)` over the codebook at every image position, differentiable.
+    """Teacher-forced fp32 logits `(B, N, V)` of the distribution `cfg_logprobs` names, with the temperature
+    applied but before top-k/top-p (`truncate_logits`), differentiable.
 
-    Runs through `model`'s own (possibly DDP/PEFT-wrapped) `forward`, so gradients are all-reduced. The
-    distribution is the one `cfg_logprobs` names (see the module docstring), warped like the sampler's.
+    Runs through `model`'s own (possibly DDP/PEFT-wrapped) `forward`, so gradients are all-reduced.
     """
     if cfg_logprobs not in CFG_LOGPROBS:
         raise ValueError(f"Unknown cfg_logprobs {cfg_logprobs!r}. Valid choices: {', '.join(CFG_LOGPROBS)}.")
@@ -203,7 +211,33 @@ def image_logp_table(
         conditioning, image_tokens = family.guided_rows(conditioning), image_tokens.repeat(2, 1)
     logits = family.image_logits(model, conditioning, image_tokens)
     if guided:
-        warped = token_logits(logits[:batch_size], logits[batch_size:], sampling)
-    else:  # unguided sampling draws from the conditional distribution: warp it like the sampler did
-        warped = token_logits(logits, None, sampling, truncate=not sampling.guided)
-    return warped.log_softmax(dim=-1)
+        return token_logits(logits[:batch_size], logits[batch_size:], sampling, truncate=False)
+    return token_logits(logits, None, sampling, truncate=False)
+
+
+def truncates(sampling: SamplingConfig, cfg_logprobs: str) -> bool:
+    """Whether the scored distribution is truncated by top-k/top-p: the sampled one is (guided, or conditional when
+    guidance is off); the conditional branch under guidance is not (a guided sample may lie outside its top-k)."""
+    scores_the_sampled_distribution = cfg_logprobs == "guided" or not sampling.guided
+    return scores_the_sampled_distribution and (0 < sampling.top_k or sampling.top_p < 1.0)
+
+
+def truncate_logits(logits: torch.Tensor, sampling: SamplingConfig, cfg_logprobs: str) -> torch.Tensor:
+    """`teacher_forced_logits` with the sampler's top-k/top-p where the scored distribution has them."""
+    if not truncates(sampling, cfg_logprobs):
+        return logits
+    return warp_logits(logits, top_k=sampling.top_k, top_p=sampling.top_p)
+
+
+def image_logp_table(
+    family: ModelFamily,
+    model: nn.Module,
+    conditioning: Conditioning,
+    image_tokens: torch.LongTensor,
+    sampling: SamplingConfig = SamplingConfig(),
+    cfg_logprobs: str = "guided",
+) -> torch.Tensor:
+    """Teacher-forced log-probs `(B, N, V)` of the distribution `cfg_logprobs` names, warped like the sampler's
+    (see the module docstring): a sampled token's entry equals the log-prob the sampler recorded."""
+    logits = teacher_forced_logits(family, model, conditioning, image_tokens, sampling, cfg_logprobs)
+    return truncate_logits(logits, sampling, cfg_logprobs).log_softmax(dim=-1)

@@ -12,20 +12,19 @@ from peft import LoraConfig, PeftConfig
 from transformers import BitsAndBytesConfig, PreTrainedModel, TrainerCallback
 from trl import GRPOTrainer
 from trl.models import prepare_deepspeed, prepare_fsdp, unwrap_model_for_generation
-from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.callbacks import SyncRefModelCallback
 from trl.trainer.utils import disable_dropout_in_model, use_adapter
 
 from . import hub
 from . import trl_boundary as trl
 from .config import T2IGRPOConfig
-from .divergences import get_divergence
+from .divergences import MAX_LOG_RATIO, get_divergence
 from .image_logging import ImageGridCallback
 from .images import to_pil
 from .metrics import position_entropy
 from .models import disable_bnb_cpu_repack, get_family, load_model, load_processor, unwrap_model
 from .run_settings import RunSettings
-from .sampling import image_logp_table, sample_image_tokens
+from .sampling import MIN_LOGP, sample_image_tokens, teacher_forced_logits, truncate_logits, truncates
 
 
 METRIC_DIVERGENCES = ("reverse_kl", "forward_kl", "js")
@@ -38,18 +37,22 @@ class PolicyScores:
 
     Attributes:
         keep_tables: whether to keep the full tables (the exact estimator needs them).
-        logps: differentiable per-token log-probs `(B, N)` of the sampled tokens, one tensor per scored chunk.
-        logp_tables: differentiable `(B, N, V)` log-prob tables, one per scored chunk, when `keep_tables`.
+        logps: the per-token log-probs `(B, N)` TRL's loss used: of the sampled (possibly truncated) distribution,
+            floored at `MIN_LOGP` outside its support. One tensor per scored chunk, differentiable.
+        untruncated_logps: the same tokens' log-probs before top-k/top-p, which the penalty uses.
+        untruncated_tables: the `(B, N, V)` log-probs before top-k/top-p, when `keep_tables`.
     """
 
     keep_tables: bool
     logps: list[torch.Tensor] = field(default_factory=list)
-    logp_tables: list[torch.Tensor] = field(default_factory=list)
+    untruncated_logps: list[torch.Tensor] = field(default_factory=list)
+    untruncated_tables: list[torch.Tensor] = field(default_factory=list)
 
-    def add(self, logps: torch.Tensor, logp_table: torch.Tensor) -> None:
+    def add(self, logps: torch.Tensor, untruncated_logps: torch.Tensor, untruncated_table: torch.Tensor) -> None:
         self.logps.append(logps)
+        self.untruncated_logps.append(untruncated_logps)
         if self.keep_tables:
-            self.logp_tables.append(logp_table)
+            self.untruncated_tables.append(untruncated_table)
 
 
 class T2IGRPOTrainer(GRPOTrainer):
@@ -237,18 +240,23 @@ class T2IGRPOTrainer(GRPOTrainer):
         device = self.accelerator.device
         prompt_ids, prompt_mask = self.family.tokenize_prompts([_caption(prompt) for prompt in prompts])
         conditioning = self.family.build_conditioning(prompt_ids, prompt_mask).to(device)
+        # TRL compares these log-probs with the trained distribution's (`off_policy_mask_threshold`), so with
+        # `cfg_logprobs="conditional"` under guidance it gets the conditional log-prob of every sampled token.
+        conditional = self.args.cfg_logprobs == "conditional" and self.args.sampling.guided
         with (
             unwrap_model_for_generation(
                 self.model_wrapped,
                 self.accelerator,
                 gather_deepspeed3_params=self.args.ds3_gather_for_generation,
-                gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
+                gradient_checkpointing_kwargs=self.args.activation_checkpointing_kwargs,
             ) as unwrapped_model,
             torch.no_grad(),
             trl.gathered_parameters(self),
             self.accelerator.autocast(),  # the same numerics as the scoring forward
         ):
-            sample = sample_image_tokens(self.family, unwrapped_model, conditioning, self.args.sampling)
+            sample = sample_image_tokens(
+                self.family, unwrapped_model, conditioning, self.args.sampling, return_conditional_logps=conditional
+            )
             images = to_pil(self.family.decode(unwrap_model(unwrapped_model), sample.image_tokens))
 
         if self.model.training:
@@ -258,13 +266,15 @@ class T2IGRPOTrainer(GRPOTrainer):
             prompt_ids=[ids[mask.bool()].tolist() for ids, mask in zip(prompt_ids, prompt_mask, strict=True)],
             image_tokens=sample.image_tokens.tolist(),
             images=images,
-            sampling_logps=sample.logps.tolist(),
+            sampling_logps=(sample.conditional_logps if conditional else sample.logps).tolist(),
         )
         return rollout.to_trl()
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         # TRL's rewards; the main process also keeps its images and their rewards for the logged image grids.
         rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        if self.state.global_step == 0:
+            _check_rewards_apply(rewards, self.reward_func_names)
         if self.model.training and self.accelerator.is_main_process and self.args.image_log_steps:
             local = trl.local_rows(self, rewards, len(prompts)).cpu()
             values = {name: local[:, index].tolist() for index, name in enumerate(self.reward_func_names)}
@@ -299,40 +309,44 @@ class T2IGRPOTrainer(GRPOTrainer):
         all_logps, all_entropies = [], []
         for start in range(0, input_ids.size(0), batch_size):
             rows = slice(start, start + batch_size)
-            logp_table = self._logp_table(model, prompt_ids[rows], prompt_mask[rows], image_tokens[rows])
-            logps = logp_table.gather(-1, image_tokens[rows, :, None]).squeeze(-1)
+            logits = self._teacher_forced_logits(model, prompt_ids[rows], prompt_mask[rows], image_tokens[rows])
+            truncated = truncate_logits(logits, self.args.sampling, self.args.cfg_logprobs)
+            logp_table = truncated.log_softmax(dim=-1)
+            # a token outside the current truncated support: log-prob -inf, floored (no gradient, ratio 0)
+            logps = _gather(logp_table, image_tokens[rows]).clamp(min=MIN_LOGP)
             all_logps.append(logps)
             if compute_entropy:
                 all_entropies.append(position_entropy(logp_table))
             if self._policy_scores is not None:  # the policy forward of `_compute_loss`
-                self._policy_scores.add(logps, logp_table)
+                untruncated_table = logp_table if truncated is logits else logits.log_softmax(dim=-1)
+                self._policy_scores.add(logps, _gather(untruncated_table, image_tokens[rows]), untruncated_table)
         entropies = torch.cat(all_entropies) if compute_entropy else None
         return torch.cat(all_logps), entropies, None
 
-    def _logp_table(self, model, prompt_ids, prompt_mask, image_tokens) -> torch.Tensor:
-        """Teacher-forced `(B, N, V)` log-probs of the distribution `cfg_logprobs` names, through `model`'s forward."""
+    def _teacher_forced_logits(self, model, prompt_ids, prompt_mask, image_tokens) -> torch.Tensor:
+        """Teacher-forced `(B, N, V)` logits of the distribution `cfg_logprobs` names, before top-k/top-p."""
         conditioning = self.family.build_conditioning(prompt_ids, prompt_mask)
         with self.accelerator.autocast():
-            return image_logp_table(
+            return teacher_forced_logits(
                 self.family, model, conditioning, image_tokens, self.args.sampling, self.args.cfg_logprobs
             )
 
     @torch.no_grad()
     def _reference_logp_table(self, prompt_ids, prompt_mask, image_tokens) -> torch.Tensor:
-        """The reference's `(B, N, V)` log-probs: our frozen copy, or the policy with its adapters disabled."""
+        """The reference's untruncated `(B, N, V)` log-probs: our frozen copy, or the policy with its adapters
+        disabled. Untruncated, like the policy's in the penalty: the two then share their support."""
         if self.ref_model is not None:
             model, context = self.ref_model, contextlib.nullcontext()
         else:
             peft_model = self.accelerator.unwrap_model(self.model)
             model, context = self.model, use_adapter(peft_model, trl.reference_adapter_name(peft_model))
-        with context, disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
-            return self._logp_table(model, prompt_ids, prompt_mask, image_tokens)
+        with context, _activation_checkpointing_disabled(self.model, self.args.activation_checkpointing_kwargs):
+            return self._teacher_forced_logits(model, prompt_ids, prompt_mask, image_tokens).log_softmax(dim=-1)
 
     def _reference_logps(self, batch: dict) -> torch.Tensor:
         """Per-token reference log-probs `(B, N)` of a generation batch, scored in chunks of the device batch size."""
-        batch_size = (
-            self.args.per_device_train_batch_size if self.model.training else self.args.per_device_eval_batch_size
-        )
+        training = self.model.training
+        batch_size = self.args.per_device_train_batch_size if training else self.args.per_device_eval_batch_size
         image_tokens = batch["completion_ids"]
         chunks = []
         for start in range(0, image_tokens.size(0), batch_size):
@@ -340,7 +354,7 @@ class T2IGRPOTrainer(GRPOTrainer):
             logp_table = self._reference_logp_table(
                 batch["prompt_ids"][rows], batch["prompt_mask"][rows], image_tokens[rows]
             )
-            chunks.append(logp_table.gather(-1, image_tokens[rows, :, None]).squeeze(-1))
+            chunks.append(_gather(logp_table, image_tokens[rows]))
         return torch.cat(chunks)
 
     # ------------------------------------------------------------------ loss
@@ -363,24 +377,34 @@ class T2IGRPOTrainer(GRPOTrainer):
             policy = self._policy_scores
         finally:
             self._policy_scores = None
+        policy_logps = torch.cat(policy.logps)
+        self._log_sampling_agreement(inputs, policy_logps.detach())
         if not self.has_reference:
             return loss
-        policy_table = torch.cat(policy.logp_tables) if policy.keep_tables else None
-        return loss + self._divergence_penalty(inputs, torch.cat(policy.logps), policy_table)
+        untruncated_table = torch.cat(policy.untruncated_tables) if policy.keep_tables else None
+        penalty = self._divergence_penalty(
+            inputs, policy_logps, torch.cat(policy.untruncated_logps), untruncated_table
+        )
+        return loss + penalty
 
-    def _divergence_penalty(self, inputs, policy_logps, policy_table) -> torch.Tensor:
-        """`current_beta() · D`, normalised like TRL's loss; logs β, the penalty and every metric divergence."""
+    def _divergence_penalty(self, inputs, policy_logps, untruncated_logps, untruncated_table) -> torch.Tensor:
+        """`current_beta() · D`, normalised like TRL's loss; logs β, the penalty and every metric divergence.
+
+        D is between the untruncated policy and reference distributions (with the sampler's guidance and
+        temperature, without its top-k/top-p), which share their support, so it is finite for every divergence:
+        exactly with the exact estimator, else one term per sampled token (see `_penalty_importance_ratio`).
+        """
         mask = inputs["completion_mask"]
         ref_logps, ref_table = inputs.get("ref_per_token_logps"), None
-        if policy_table is not None:
+        if untruncated_table is not None:
             ref_table = self._reference_logp_table(
                 inputs["prompt_ids"], inputs["prompt_mask"], inputs["completion_ids"]
             )
-            per_token = self.divergence.exact(policy_table, ref_table)
+            per_token = self.divergence.exact(untruncated_table, ref_table)
         else:
-            per_token = self.divergence.sampled(policy_logps, ref_logps)
+            per_token = self.divergence.sampled(untruncated_logps, ref_logps)
             if self.args.use_bias_correction_kl:  # makes the expected gradient that of the divergence
-                per_token = per_token * trl.importance_ratio(self, policy_logps, inputs, mask)
+                per_token = per_token * self._penalty_importance_ratio(inputs, policy_logps, untruncated_logps)
 
         beta = self.current_beta()
         trl.record_metric(self, "beta", beta)
@@ -389,12 +413,42 @@ class T2IGRPOTrainer(GRPOTrainer):
         with torch.no_grad():
             for name, divergence in self.metric_divergences.items():
                 if ref_table is not None:
-                    value = divergence.exact(policy_table, ref_table)
+                    value = divergence.exact(untruncated_table, ref_table)
                 else:
-                    value = divergence.sampled(policy_logps, ref_logps)
+                    value = divergence.sampled(untruncated_logps, ref_logps)
                 trl.record_metric(self, f"divergence/{name}", trl.global_masked_mean(self, value, mask))
         trl.record_metric(self, "divergence/exact", float(ref_table is not None))
         return beta * trl.aggregate_like_trl(self, per_token, mask, inputs)
+
+    def _penalty_importance_ratio(self, inputs, policy_logps, untruncated_logps) -> torch.Tensor:
+        """The sampled penalty's importance weight π/π_old, which makes its expected gradient the divergence's.
+
+        Without top-k/top-p it is TRL's ratio (`coef_1`). With them, π is the untruncated policy and π_old the
+        truncated distribution that sampled: the term then estimates the part of D(π‖π_ref) on the codes the sampler
+        could draw, and keeps pulling tokens that have since left the policy's truncated support. Its log is capped at
+        `MAX_LOG_RATIO` (as the sampled estimator's), and a token outside π_old's support counts 0.
+        """
+        mask = inputs["completion_mask"]
+        old_logps = inputs.get("old_per_token_logps")
+        if not truncates(self.args.sampling, self.args.cfg_logprobs):
+            return trl.importance_ratio(self, policy_logps, old_logps, mask)
+        old_logps = policy_logps.detach() if old_logps is None else old_logps
+        sampled = old_logps > MIN_LOGP
+        capped = untruncated_logps.clamp(max=old_logps + MAX_LOG_RATIO)
+        return trl.importance_ratio(self, capped, old_logps, mask) * sampled
+
+    def _log_sampling_agreement(self, inputs, policy_logps) -> None:
+        """How far the sampler's recorded log-probs are from teacher forcing with the same weights (numerics: ~1e-6
+        in fp32, ~1e-2 under bf16 autocast), and the fraction of tokens outside the current truncated support."""
+        mask = inputs["completion_mask"].bool()
+        outside = policy_logps <= MIN_LOGP
+        trl.record_metric(self, "sampling/outside_support", trl.global_masked_mean(self, outside.float(), mask))
+        # TRL's old log-probs are teacher-forced with the sampling weights; without them the policy is those weights
+        same_weights = inputs.get("old_per_token_logps", policy_logps)
+        gap = (same_weights - inputs["sampling_per_token_logps"]).abs()
+        inside = mask & ~outside & (same_weights > MIN_LOGP)
+        trl.record_metric(self, "sampling/logp_gap_mean", trl.global_masked_mean(self, gap, inside))
+        trl.record_metric(self, "sampling/logp_gap_max", trl.global_masked_max(self, gap, inside))
 
     # ------------------------------------------------------------------ logging
 
@@ -486,6 +540,37 @@ def _check_reward_funcs(reward_funcs) -> list:
                 f"images, got {reward_func!r:.80}. TRL's text reward models and model ids do not apply to images."
             )
     return reward_funcs
+
+
+@contextlib.contextmanager
+def _activation_checkpointing_disabled(model, checkpointing_kwargs: dict | None):
+    """No activation checkpointing inside the block (a no-grad pass gains nothing from it): TRL's
+    `disable_gradient_checkpointing` on transformers' current method names (TRL's calls deprecated aliases)."""
+    enabled = model.is_activation_checkpointing
+    if enabled:
+        model.activation_checkpointing_disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            model.activation_checkpointing_enable(checkpointing_kwargs)
+
+
+def _gather(logp_table: torch.Tensor, image_tokens: torch.LongTensor) -> torch.Tensor:
+    """The `(B, N)` entries of a `(B, N, V)` table at the given tokens."""
+    return logp_table.gather(-1, image_tokens[..., None]).squeeze(-1)
+
+
+def _check_rewards_apply(rewards: torch.Tensor, names: list[str]) -> None:
+    """At the first step, every reward must score some image: one that gives None or NaN for all of them would train
+    on nothing (a wrong prompt column, a crashed model, captions it does not apply to)."""
+    for index, name in enumerate(names):
+        if not torch.isfinite(rewards[:, index]).any():
+            raise ValueError(
+                f"The reward {name!r} returned no finite value (only None or NaN) for any of the {len(rewards)} "
+                "images of the first step. Check that it applies to these captions (e.g. `colour_match` needs a "
+                "colour word) and that its model loads; a reward must score at least some images of a batch."
+            )
 
 
 def _set_completion_length(args: T2IGRPOConfig, num_image_tokens: int) -> None:

@@ -112,10 +112,16 @@ def global_masked_mean(trainer, values: torch.Tensor, mask: torch.Tensor) -> flo
     return (totals[0] / totals[1].clamp(min=1.0)).item()
 
 
-def importance_ratio(trainer, policy_logps: torch.Tensor, inputs: dict, mask: torch.Tensor) -> torch.Tensor:
-    """π/π_old at TRL's `importance_sampling_level`, differentiable through π: TRL's `coef_1`."""
-    old = inputs.get("old_per_token_logps")
-    log_ratio = policy_logps - (policy_logps.detach() if old is None else old)
+def global_masked_max(trainer, values: torch.Tensor, mask: torch.Tensor) -> float:
+    """Largest masked value over every rank (0 when nothing is masked in)."""
+    local = torch.where(mask.bool(), values.detach(), torch.zeros_like(values)).max()
+    return trainer.accelerator.gather(local[None]).max().item()
+
+
+def importance_ratio(trainer, logps: torch.Tensor, old_logps: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor:
+    """π/π_old at TRL's `importance_sampling_level`, differentiable through π: TRL's `coef_1` for
+    `old_logps=inputs.get("old_per_token_logps")` (`None`: the policy has not moved since sampling)."""
+    log_ratio = logps - (logps.detach() if old_logps is None else old_logps)
     if trainer.importance_sampling_level == "sequence":
         log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
     return torch.exp(log_ratio)

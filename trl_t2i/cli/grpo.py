@@ -13,7 +13,7 @@ from pathlib import Path
 
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config, get_quantization_config
 
-from ..config import _TEXT_ONLY_SETTINGS, T2IGRPOConfig
+from ..config import UNSUPPORTED_SETTINGS, T2IGRPOConfig
 from ..data import PROMPT_SETS, load_prompt_dataset
 from ..rewards import get_reward
 from ..trainer import T2IGRPOTrainer
@@ -53,7 +53,6 @@ class T2IScriptArguments(ScriptArguments):
 
 
 # Settings that T2IGRPOConfig rejects: hidden from `--help`, still parsed so that the config says why they are refused.
-UNSUPPORTED_SETTINGS = [name for name, _, _ in _TEXT_ONLY_SETTINGS] + ["pad_to_multiple_of"]
 
 
 def make_parser() -> TrlParser:
@@ -64,7 +63,7 @@ def make_parser() -> TrlParser:
         ("TRL/transformers training options", field_names(T2IGRPOConfig)),
         ("model options (TRL's ModelConfig)", field_names(ModelConfig)),
     ]
-    return group_options(parser, groups, hidden=UNSUPPORTED_SETTINGS)
+    return group_options(parser, groups, hidden=[name for name, _, _ in UNSUPPORTED_SETTINGS])
 
 
 def check_model_args(model_args: ModelConfig, script_args: T2IScriptArguments, training_args: T2IGRPOConfig) -> None:

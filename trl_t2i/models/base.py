@@ -33,9 +33,6 @@ class Conditioning:
     def __len__(self) -> int:
         return len(next(iter(self.tensors.values())))
 
-    def __getitem__(self, rows: slice) -> "Conditioning":
-        return Conditioning({name: tensor[rows] for name, tensor in self.tensors.items()})
-
     def to(self, device: torch.device | str) -> "Conditioning":
         return Conditioning({name: tensor.to(device) for name, tensor in self.tensors.items()})
 

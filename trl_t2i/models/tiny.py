@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from accelerate import PartialState
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import (
     GenerationConfig,
@@ -249,13 +250,20 @@ def resolve_tiny(name_or_path: str) -> str:
     if name_or_path != TINY_JANUS:
         return name_or_path
     directory = tiny_cache_dir() / f"tiny-janus-r{TINY_REVISION}"
-    if not (directory / "config.json").exists():
-        model, processor = build_tiny_janus()
-        staging = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")
-        model.save_pretrained(staging)
-        processor.save_pretrained(staging)
-        try:
-            staging.rename(directory)
-        except OSError:  # another process (e.g. another DDP rank) saved it first
-            shutil.rmtree(staging)
+    # Under torch.distributed, transformers saves weights on the main process only: the other ranks wait for it.
+    with PartialState().main_process_first():
+        if not (directory / "config.json").exists():
+            _save_tiny_janus(directory)
     return str(directory)
+
+
+def _save_tiny_janus(directory: Path) -> None:
+    """Build and save the tiny Janus into `directory` atomically (staging folder, then rename)."""
+    model, processor = build_tiny_janus()
+    staging = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")
+    model.save_pretrained(staging)
+    processor.save_pretrained(staging)
+    try:
+        staging.rename(directory)
+    except OSError:  # another process saved it first
+        shutil.rmtree(staging)
