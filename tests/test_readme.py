@@ -28,3 +28,21 @@ def test_readme_python_example_trains_and_leaves_a_usable_adapter(tmp_path, monk
     # measured: 0.52 at step 10, 0.70 at step 40
     assert rewards[-1] - rewards[0] > 0.1, rewards
     assert json.loads((output_dir / "adapter_config.json").read_text())["peft_type"] == "LORA"
+
+
+def test_the_tiny_models_size_agrees_across_readme_recipe_and_code():
+    from trl_t2i.models import build_tiny_janus
+
+    model, _ = build_tiny_janus()
+    millions = f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M"
+    recipe = (README.parent / "recipes" / "tiny" / "cpu_demo.yaml").read_text()
+    tiny_module = (README.parent / "trl_t2i" / "models" / "tiny.py").read_text()
+    for text in (README.read_text(), recipe, tiny_module):
+        assert millions in text.replace(" M-parameter", " M")
+
+
+def test_the_sampler_example_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    example = re.search(r"Using the sampler directly:\n\n```python\n(.*?)```", README.read_text(), re.DOTALL).group(1)
+    exec(compile(example, str(README), "exec"), {})  # noqa: S102 -- the README's own code
+    assert (tmp_path / "red_cat.png").is_file()

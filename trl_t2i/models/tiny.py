@@ -104,7 +104,7 @@ def build_tiny_janus(
     """Build a tiny random Janus and its processor, deterministically from `seed`.
 
     Images are `image_tokens_per_side²` tokens over a codebook of `codebook_size` codes and decode to
-    `2·image_tokens_per_side` pixels per side. Defaults: 0.3 M parameters, 16 tokens, 64 codes, 8×8 px.
+    `2·image_tokens_per_side` pixels per side. Defaults: 0.73 M parameters (0.68 M of them in the VQ model), 16 tokens, 64 codes, 8×8 px.
     """
     tokenizer = build_tiny_tokenizer()
     patch_size = 4
