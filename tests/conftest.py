@@ -3,6 +3,7 @@
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,12 +11,26 @@ from datasets import Dataset
 from peft import LoraConfig
 
 from trl_t2i import TINY_JANUS, T2IGRPOConfig, T2IGRPOTrainer
+from trl_t2i.cli import grpo
 from trl_t2i.models import build_tiny_janus, get_family
 from trl_t2i.rewards import colour_match
 from trl_t2i.sampling import SamplingConfig
 
 
 PROMPTS = ["a red cat", "a big blue dog on the beach", "sky", "a photo of two green apples"]
+
+DEMO_RECIPE = Path(__file__).parents[1] / "recipes" / "tiny" / "cpu_demo.yaml"
+QUICK_FLAGS = [
+    "--max_steps",
+    "2",
+    "--per_device_train_batch_size",
+    "8",
+    "--num_generations",
+    "4",
+    "--logging_steps",
+    "1",
+]
+"""Two quick LoRA steps (2 prompts × 4 images) of the tiny demo recipe."""
 
 
 @dataclass
@@ -55,10 +70,24 @@ FAMILY_CASES = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _isolated_tiny_cache(tmp_path_factory, monkeypatch):
-    """Tiny models resolved by name are built into a per-session temporary cache, never into the user's."""
-    monkeypatch.setenv("TRL_T2I_CACHE", str(tmp_path_factory.getbasetemp() / "trl_t2i_cache"))
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_tiny_cache(tmp_path_factory):
+    """Tiny models resolved by name are built into a per-session temporary cache, never into the user's (also for
+    module-scoped fixtures, which run before function-scoped ones)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TRL_T2I_CACHE", str(tmp_path_factory.getbasetemp() / "trl_t2i_cache"))
+        yield
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """Bad input must be caught before any model is loaded: loading one fails the test."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the bad input was reported")
+
+    for module in ("trl_t2i.trainer", "trl_t2i.models.loading", "trl_t2i.evaluation"):
+        monkeypatch.setattr(f"{module}.load_model", refuse)
 
 
 @pytest.fixture(autouse=True)
@@ -143,3 +172,9 @@ def perturb_adapters(model, std=0.5):
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.normal_(0.0, std)
+
+
+def train_tiny_recipe(output_dir, *flags) -> T2IGRPOTrainer:
+    """`trl-t2i grpo` on the tiny demo recipe with `QUICK_FLAGS`, then `flags` (which win), into `output_dir`."""
+    argv = ["--config", str(DEMO_RECIPE), *QUICK_FLAGS, "--output_dir", str(output_dir), *flags]
+    return grpo.main(*grpo.make_parser().parse_args_and_config(argv))

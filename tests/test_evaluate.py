@@ -3,16 +3,16 @@ import dataclasses
 import json
 import math
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import QUICK_FLAGS, train_tiny_recipe
 from peft import LoraConfig, get_peft_model
 from PIL import Image
 
 from trl_t2i import evaluation
-from trl_t2i.cli import evaluate, frontier, grpo
+from trl_t2i.cli import evaluate, frontier
 from trl_t2i.data import load_prompt_dataset
 from trl_t2i.images import to_pil
 from trl_t2i.metrics import diversity_summary, pixel_features
@@ -22,41 +22,21 @@ from trl_t2i.run_settings import RUN_SETTINGS_FILE, RunSettings
 from trl_t2i.sampling import image_logp_table, sample_image_tokens
 
 
-ROOT = Path(__file__).parents[1]
-DEMO = ROOT / "recipes" / "tiny" / "cpu_demo.yaml"
 # A few large steps: the trained adapter must visibly differ from the base model, in seconds.
-QUICK = {
-    "max_steps": "2",
-    "per_device_train_batch_size": "8",
-    "num_generations": "4",
-    "learning_rate": "1e-2",
-    "logging_steps": "1",
-    "image_log_steps": "0",
-    "save_strategy": "no",
-    "disable_tqdm": "true",
-}
+QUICK = {"learning_rate": "1e-2", "image_log_steps": "0", "save_strategy": "no", "disable_tqdm": "true"}
 
 
 @pytest.fixture(scope="module")
-def tiny_cache(tmp_path_factory):
-    """The session's tiny-model cache of `conftest._isolated_tiny_cache`, for module-scoped fixtures too."""
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        monkeypatch.setenv("TRL_T2I_CACHE", str(tmp_path_factory.getbasetemp() / "trl_t2i_cache"))
-        yield
-
-
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory, tiny_cache):
+def trained_run(tmp_path_factory):
     """A training output directory of `trl-t2i grpo`: a LoRA adapter trained for two steps with JS, β = 0.25."""
     output_dir = tmp_path_factory.mktemp("js-run")
     flags = [item for key, value in QUICK.items() for item in (f"--{key}", value)]
-    argv = ["--config", str(DEMO), *flags, "--divergence", "js", "--beta", "0.25", "--output_dir", str(output_dir)]
-    grpo.main(*grpo.make_parser().parse_args_and_config(argv))
+    train_tiny_recipe(output_dir, *flags, "--divergence", "js", "--beta", "0.25")
     return output_dir
 
 
 @pytest.fixture(scope="module")
-def zero_adapter(tmp_path_factory, tiny_cache):
+def zero_adapter(tmp_path_factory):
     """A LoRA adapter whose B matrices are zero (PEFT's default init): exactly the base model's weights.
 
     It adapts the query projections only, so that where it is attached over a trained adapter that was not detached,
@@ -218,12 +198,17 @@ def test_runs_trained_with_another_sampling_distribution_are_flagged(tmp_path, t
             _evaluate(tmp_path, [trained_run], cfg_scale=2.0)
 
 
-def test_frontier_sweep_trains_evaluates_and_skips_finished_runs(tmp_path, tiny_cache, monkeypatch):
+def test_frontier_sweep_trains_evaluates_and_skips_finished_runs(tmp_path, monkeypatch):
     args = frontier.FrontierArguments(
         divergences=["reverse_kl", "js"],
         betas=[0.5],
         max_steps=2,
-        training_overrides=[f"{key}={value}" for key, value in QUICK.items() if key != "max_steps"],
+        training_overrides=[
+            # the quick flags but the first, --max_steps, which the sweep sets
+            f"{flag[2:]}={value}"
+            for flag, value in zip(QUICK_FLAGS[2::2], QUICK_FLAGS[3::2], strict=True)
+        ]
+        + [f"{key}={value}" for key, value in QUICK.items()],
         num_prompts=2,
         num_images_per_prompt=2,
         device="cpu",
@@ -257,16 +242,6 @@ def test_frontier_sweep_trains_evaluates_and_skips_finished_runs(tmp_path, tiny_
     ):
         summary = frontier.main(args)
     assert len(summary) == 3
-
-
-@pytest.fixture
-def no_model_loading(monkeypatch):
-    """Bad input must be caught before any model is loaded."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was loaded before the bad input was reported")
-
-    monkeypatch.setattr(evaluation, "load_model", refuse)
 
 
 @pytest.mark.parametrize(

@@ -4,27 +4,23 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import DEMO_RECIPE, QUICK_FLAGS, train_tiny_recipe
 from huggingface_hub import HfApi
 
 from trl_t2i import hub
-from trl_t2i.cli.grpo import main, make_parser
 from trl_t2i.run_settings import RunSettings
-
-
-DEMO = Path(__file__).parents[1] / "recipes" / "tiny" / "cpu_demo.yaml"
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A finished 2-step LoRA run of the tiny recipe, with logged grids and a card."""
     output_dir = tmp_path_factory.mktemp("run")
-    argv = ["--config", str(DEMO), "--output_dir", str(output_dir), "--max_steps", "2", "--logging_steps", "1",
-            "--per_device_train_batch_size", "8", "--num_generations", "4", "--image_log_steps", "1",
-            "--hub_model_id", "someone/tiny-janus-grpo-js"]  # fmt: skip
+    flags = ["--image_log_steps", "1", "--hub_model_id", "someone/tiny-janus-grpo-js"]
+    argv = ["--config", str(DEMO_RECIPE), *QUICK_FLAGS, "--output_dir", str(output_dir), *flags]
     with pytest.MonkeyPatch.context() as patch:  # the card records the command line the script was started with
         patch.setattr("sys.orig_argv", [sys.executable, "scripts/grpo_t2i.py", *argv])
         patch.setattr(hub, "_parent_argv", lambda: ["bash"])
-        return main(*make_parser().parse_args_and_config(argv))
+        return train_tiny_recipe(output_dir, *flags)
 
 
 class FakeHub:
@@ -69,7 +65,7 @@ def test_model_card_metadata_and_content(trained):
     for expected in ["`js`", "`exact`", "| β | 0.04 |", "5.0 / `guided`", "`colour_match` (1)", "`colour_objects`"]:
         assert expected in body, expected
     assert "divergence/js" in body and "reward" in body  # final metrics
-    assert f"python scripts/grpo_t2i.py --config {DEMO}" in body  # the command line
+    assert f"python scripts/grpo_t2i.py --config {DEMO_RECIPE}" in body  # the command line
     assert 'PeftModel.from_pretrained(load_model("trl-t2i/tiny-janus"' in body
     assert f"![Samples from the end of training]({hub.SAMPLE_GRID})" in body
     assert (Path(trained.args.output_dir) / hub.SAMPLE_GRID).is_file()

@@ -3,26 +3,21 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import train_tiny_recipe
 
 import trl_t2i
-from trl_t2i.cli.grpo import main, make_parser
 from trl_t2i.run_settings import RUN_SETTINGS_FILE, RunSettings
 from trl_t2i.sampling import SamplingConfig
-
-
-DEMO = Path(__file__).parents[1] / "recipes" / "tiny" / "cpu_demo.yaml"
 
 
 @pytest.fixture(scope="module")
 def alpha_run(tmp_path_factory):
     """A 2-step LoRA run of the tiny recipe with the α-divergence at its default α, saved after every step."""
-    output_dir = tmp_path_factory.mktemp("alpha-run")
-    argv = ["--config", str(DEMO), "--output_dir", str(output_dir), "--max_steps", "2", "--save_steps", "1",
-            "--per_device_train_batch_size", "8", "--num_generations", "4", "--image_log_steps", "0",
-            "--divergence", "alpha", "--divergence_estimator", "sampled", "--beta", "0.1", "--top_k", "7"]  # fmt: skip
-    with pytest.MonkeyPatch.context() as monkeypatch:  # the session's tiny-model cache, for a module fixture too
-        monkeypatch.setenv("TRL_T2I_CACHE", str(tmp_path_factory.getbasetemp() / "trl_t2i_cache"))
-        return main(*make_parser().parse_args_and_config(argv))
+    return train_tiny_recipe(
+        tmp_path_factory.mktemp("alpha-run"),
+        *["--save_steps", "1", "--image_log_steps", "0", "--divergence", "alpha"],
+        *["--divergence_estimator", "sampled", "--beta", "0.1", "--top_k", "7"],
+    )
 
 
 def test_every_save_writes_the_run_settings(alpha_run):
