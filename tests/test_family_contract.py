@@ -220,3 +220,22 @@ def test_an_unpatched_model_is_a_clear_error_not_text_logits(tiny_family, prompt
     family = get_family(model, processor)
     with pytest.raises(RuntimeError, match="patch_forward"):
         image_logp_table(family, model, family.encode_prompts(prompts), _random_tokens(family, len(prompts)))
+
+
+def test_sampler_entropies_are_those_of_the_teacher_forced_distribution(tiny_family, prompts):
+    from trl_t2i.metrics import position_entropy
+
+    model, _, family, _ = tiny_family
+    conditioning, sampling = family.encode_prompts(prompts), SamplingConfig(top_k=10)
+    sample = sample_image_tokens(family, model, conditioning, sampling, return_entropies=True)
+    table = image_logp_table(family, model, conditioning, sample.image_tokens, sampling)
+    torch.testing.assert_close(sample.entropies, position_entropy(table), atol=1e-5, rtol=1e-5)
+
+
+def test_image_token_embeddings_embed_each_token(tiny_family):
+    model, _, family, _ = tiny_family
+    tokens = _random_tokens(family, 3)
+    embeddings = family.image_token_embeddings(model, tokens)
+    assert embeddings.shape[:2] == tokens.shape and embeddings.dim() == 3
+    same = family.image_token_embeddings(model, tokens[:, :1].expand_as(tokens))
+    torch.testing.assert_close(same[:, 1:], same[:, :1].expand_as(same[:, 1:]))  # a token's embedding, wherever it is

@@ -8,6 +8,7 @@ from peft import LoraConfig
 from trl import GRPOTrainer
 
 from trl_t2i import TINY_JANUS, T2IGRPOTrainer
+from trl_t2i.beta_schedule import BetaSchedule
 from trl_t2i.divergences import DIVERGENCES
 from trl_t2i.models import build_tiny_janus, load_model
 from trl_t2i.rewards import colour_match
@@ -215,20 +216,74 @@ def test_exact_js_penalty_equals_an_independent_full_codebook_sum(tmp_path):
     torch.testing.assert_close(ours.double(), without_penalty.double() + beta * js.mean(), rtol=1e-4, atol=1e-6)
 
 
-def test_beta_schedules(tmp_path):
-    trainer = make_trainer(tmp_path, beta=0.1, beta_schedule="linear", beta_end=0.3, max_steps=10)
-    trainer.state.max_steps = 10
-    values = {}
-    for schedule in ("linear", "cosine"):
-        trainer.args.beta_schedule = schedule
-        for step in (0, 5, 10):
-            trainer.state.global_step = step
-            values[schedule, step] = trainer.current_beta()
-    assert values["linear", 0] == pytest.approx(0.1) and values["linear", 10] == pytest.approx(0.3)
-    assert values["linear", 5] == pytest.approx(0.2) and values["cosine", 5] == pytest.approx(0.2)
-    assert values["cosine", 0] == pytest.approx(0.1) and values["cosine", 10] == pytest.approx(0.3)
-    trainer.state.global_step = 2
-    assert trainer.current_beta() < 0.1 + 0.2 * 0.2  # cosine starts slower than linear
+def test_beta_schedules():
+    linear, cosine = BetaSchedule("linear", 0.1, 0.3), BetaSchedule("cosine", 0.1, 0.3)
+    assert [linear.value(step, 10) for step in (0, 5, 10, 20)] == pytest.approx([0.1, 0.2, 0.3, 0.3])
+    assert [cosine.value(step, 10) for step in (0, 5, 10)] == pytest.approx([0.1, 0.2, 0.3])
+    assert cosine.value(2, 10) < linear.value(2, 10)  # cosine starts slower than linear
+
+
+def test_adaptive_beta_moves_against_the_measured_divergence():
+    schedule = BetaSchedule("adaptive", beta=0.1, target=0.2, rate=0.5, beta_min=0.01, beta_max=0.12)
+    schedule.measure(0.3)  # 50% above target: the error is clipped to +0.2
+    schedule.measure(0.5)
+    schedule.update()
+    assert schedule.value(1, 10) == pytest.approx(0.1 * (1 + 0.5 * 0.2))
+    schedule.measure(0.21)  # 5% above: β grows by 0.5 × 5%, up to beta_max
+    schedule.update()
+    assert schedule.value(2, 10) == pytest.approx(min(0.11 * 1.025, 0.12))
+    for _ in range(100):  # far below target: β shrinks, down to beta_min
+        schedule.measure(0.0)
+        schedule.update()
+    assert schedule.value(3, 10) == pytest.approx(0.01)
+    schedule.update()  # no measurement: no change
+    assert schedule.value(4, 10) == pytest.approx(0.01)
+
+
+ADAPTIVE = {
+    "divergence": "reverse_kl",
+    "divergence_estimator": "exact",
+    "beta_schedule": "adaptive",
+    "beta": 0.1,
+    "beta_adaptive_rate": 2.0,
+    "beta_max": 100.0,
+    "learning_rate": 3e-3,
+    "max_steps": 60,
+    "log_level": "error",
+}
+
+
+def _reverse_kl_and_beta(trainer):
+    logs = [log for log in trainer.state.log_history if "loss" in log]
+    return [log["divergence/reverse_kl"] for log in logs], {log["step"]: log["beta"] for log in logs}
+
+
+def test_adaptive_beta_steers_the_divergence_to_its_target(tmp_path):
+    def settled_divergence(target):
+        trainer = make_trainer(tmp_path / str(target), divergence_target=target, **ADAPTIVE)
+        trainer.train()
+        divergences, _ = _reverse_kl_and_beta(trainer)
+        return sum(divergences[30:]) / 30  # the second half of the run
+
+    free = make_trainer(tmp_path / "free", **{**ADAPTIVE, "beta_schedule": "constant", "beta": 0.0})
+    free.train()
+    unconstrained = sum(_reverse_kl_and_beta(free)[0][30:]) / 30
+    low, high = settled_divergence(0.3), settled_divergence(1.0)
+    # measured: 0.36 and 0.80 against 3.3 without a penalty
+    assert 0.3 / 1.6 < low < 0.3 * 1.6 and 1.0 / 1.6 < high < 1.0 * 1.6, (low, high)
+    assert high < unconstrained / 2
+
+
+def test_adaptive_beta_resumes_from_the_checkpoint(tmp_path):
+    settings = {**ADAPTIVE, "divergence_target": 0.3, "max_steps": 12, "save_strategy": "steps", "save_steps": 6}
+    trainer = make_trainer(tmp_path, **settings)
+    trainer.train()
+    _, betas = _reverse_kl_and_beta(trainer)
+    assert len(set(betas.values())) > 3 and betas[7] != pytest.approx(0.1)  # β moved
+    resumed = make_trainer(tmp_path, **settings)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-6"))
+    _, resumed_betas = _reverse_kl_and_beta(resumed)
+    assert resumed_betas[7] == pytest.approx(betas[7])  # where the controller was, not the initial β
 
 
 def test_image_grids_are_written_and_log_completions_works(tmp_path):

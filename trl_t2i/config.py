@@ -7,7 +7,8 @@ from .sampling import CFG_LOGPROBS, SamplingConfig
 
 
 DIVERGENCE_ESTIMATORS = ("sampled", "exact")
-BETA_SCHEDULES = ("constant", "linear", "cosine")
+BETA_SCHEDULES = ("constant", "linear", "cosine", "adaptive")
+TOKEN_SELECTIONS = ("all", "critical")
 
 # Settings of GRPOConfig that cannot apply to image tokens: (field, value that means "off", why). The config rejects
 # them instead of ignoring them, and `trl-t2i grpo --help` hides them.
@@ -58,10 +59,39 @@ class T2IGRPOConfig(GRPOConfig):
             divergence summed over the whole codebook at every position — zero variance and the exact gradient,
             for one extra no-grad reference forward per micro-batch.
         beta_schedule (`str`, *optional*, defaults to `"constant"`):
-            How `beta` evolves over training: `"constant"`, or `"linear"` / `"cosine"` from `beta` to `beta_end` over
-            the run's optimizer steps.
+            How `beta` evolves over training: `"constant"`, `"linear"` / `"cosine"` from `beta` to `beta_end` over
+            the run's optimizer steps, or `"adaptive"`: starting at `beta`, a proportional controller (PPO's adaptive
+            KL) steers the measured divergence to `divergence_target` after every optimizer step,
+            `β ← clip(β · (1 + beta_adaptive_rate · clip((D − target)/target, −0.2, 0.2)), beta_min, beta_max)`.
         beta_end (`float` or `None`, *optional*):
-            Final coefficient of a `linear` or `cosine` schedule (required for them, invalid for `constant`).
+            Final coefficient of a `linear` or `cosine` schedule (required for them, invalid otherwise).
+        divergence_target (`float` or `None`, *optional*):
+            The divergence (per token, nats for the KLs) the `adaptive` schedule steers to; required for it.
+        beta_adaptive_rate (`float`, *optional*, defaults to `0.1`):
+            Gain of the `adaptive` controller: the largest relative change of β per optimizer step is 0.2 × this.
+        beta_min (`float`, *optional*, defaults to `1e-4`) and beta_max (`float`, *optional*, defaults to `10.0`):
+            Bounds of the `adaptive` β.
+
+        > Parameters that control which tokens the loss covers (the paper's code)
+
+        token_selection (`str`, *optional*, defaults to `"all"`):
+            `"all"`: every image token. `"critical"`: GCPO's critical tokens, about 30% of each image (see
+            `trl_t2i.token_selection`), chosen at rollout time; the policy-gradient term and the penalty cover only
+            them. Needs the images of a prompt on one process (`per_device_train_batch_size × steps_per_generation`
+            a multiple of `num_generations`).
+        critical_first_fraction, critical_entropy_fraction, critical_similarity_fraction (`float`, *optional*,
+            default to `0.1`):
+            The fractions of the three rules: the first positions, the largest spatial entropy gradients (inside
+            `[critical_first_fraction, critical_window_end)`), and the tokens least similar to the rest of their group.
+            The paper's Janus code effectively ran `critical_entropy_fraction=1.0` (see the Janus paper recipes).
+        critical_window_end (`float`, *optional*, defaults to `0.9`):
+            End of the window of the entropy rule, as a fraction of the positions.
+        dynamic_advantage (`bool`, *optional*, defaults to `False`):
+            Multiply the policy-gradient term at position t by the running mean over positions ≤ t of
+            `exp(clamp(log π − log π_ref, ±dynamic_advantage_clamp))`, differentiably, as the paper's LlamaGen code
+            does (its Janus code computes it but never applies it).
+        dynamic_advantage_clamp (`float`, *optional*, defaults to `0.5`):
+            Clamp of the log-ratio in the dynamic-advantage weight (0.5 in the LlamaGen code, 0.2 in the Janus code).
 
         > Parameters that control generation
 
@@ -118,6 +148,42 @@ class T2IGRPOConfig(GRPOConfig):
             "choices": list(CFG_LOGPROBS),
         },
     )
+    divergence_target: float | None = field(
+        default=None,
+        metadata={"help": "Divergence the `adaptive` beta schedule steers to (required for it)."},
+    )
+    beta_adaptive_rate: float = field(
+        default=0.1,
+        metadata={"help": "Gain of the `adaptive` beta controller per optimizer step."},
+    )
+    beta_min: float = field(default=1e-4, metadata={"help": "Lower bound of the `adaptive` beta."})
+    beta_max: float = field(default=10.0, metadata={"help": "Upper bound of the `adaptive` beta."})
+    token_selection: str = field(
+        default="all",
+        metadata={
+            "help": "Tokens the loss covers: `all`, or `critical` (GCPO's ~30% critical tokens, as the paper's code).",
+            "choices": list(TOKEN_SELECTIONS),
+        },
+    )
+    critical_first_fraction: float = field(
+        default=0.1, metadata={"help": "Critical tokens: fraction of first positions always trained on."}
+    )
+    critical_entropy_fraction: float = field(
+        default=0.1, metadata={"help": "Critical tokens: fraction chosen by the largest spatial entropy gradient."}
+    )
+    critical_similarity_fraction: float = field(
+        default=0.1, metadata={"help": "Critical tokens: fraction chosen as least similar to the rest of the group."}
+    )
+    critical_window_end: float = field(
+        default=0.9, metadata={"help": "Critical tokens: end of the entropy rule's window (fraction of positions)."}
+    )
+    dynamic_advantage: bool = field(
+        default=False,
+        metadata={"help": "Weight the policy-gradient term by the running mean of exp(clamped log π/π_ref)."},
+    )
+    dynamic_advantage_clamp: float = field(
+        default=0.5, metadata={"help": "Clamp of the log-ratio in the dynamic-advantage weight."}
+    )
     image_log_steps: int = field(
         default=50,
         metadata={"help": "Log a captioned image grid every this many optimizer steps (0 disables it)."},
@@ -156,6 +222,7 @@ class T2IGRPOConfig(GRPOConfig):
         self._validate_choices()
         self._validate_divergence()
         self._validate_generation()
+        self._validate_token_selection()
         for name, off_value, reason in UNSUPPORTED_SETTINGS:
             if getattr(self, name, off_value) != off_value:
                 raise ValueError(
@@ -168,6 +235,7 @@ class T2IGRPOConfig(GRPOConfig):
             ("divergence", sorted(DIVERGENCES)),
             ("divergence_estimator", DIVERGENCE_ESTIMATORS),
             ("beta_schedule", BETA_SCHEDULES),
+            ("token_selection", TOKEN_SELECTIONS),
             ("cfg_logprobs", CFG_LOGPROBS),
         ]:
             if getattr(self, name) not in choices:
@@ -181,18 +249,46 @@ class T2IGRPOConfig(GRPOConfig):
             )
         if self.beta < 0 or (self.beta_end is not None and self.beta_end < 0):
             raise ValueError(f"`beta` and `beta_end` must be >= 0, got beta={self.beta}, beta_end={self.beta_end}.")
-        if self.beta_schedule == "constant" and self.beta_end is not None:
+        ramps = self.beta_schedule in ("linear", "cosine")
+        if not ramps and self.beta_end is not None:
             raise ValueError(
-                f"`beta_end={self.beta_end}` has no effect with `beta_schedule='constant'`; "
+                f"`beta_end={self.beta_end}` has no effect with `beta_schedule={self.beta_schedule!r}`; "
                 "use beta_schedule='linear' or 'cosine', or drop beta_end."
             )
-        if self.beta_schedule != "constant" and self.beta_end is None:
+        if ramps and self.beta_end is None:
             raise ValueError(f"`beta_schedule={self.beta_schedule!r}` needs `beta_end` (the final beta).")
+        adaptive = self.beta_schedule == "adaptive"
+        if adaptive != (self.divergence_target is not None):
+            raise ValueError(
+                f"`divergence_target={self.divergence_target}` goes with `beta_schedule='adaptive'` and only with it "
+                f"(got beta_schedule={self.beta_schedule!r})."
+            )
+        if adaptive and not (0 < self.beta_min <= self.beta <= self.beta_max and self.divergence_target > 0):
+            raise ValueError(
+                f"The adaptive schedule needs 0 < beta_min <= beta <= beta_max and divergence_target > 0, got "
+                f"beta_min={self.beta_min}, beta={self.beta}, beta_max={self.beta_max}, "
+                f"divergence_target={self.divergence_target}."
+            )
 
     @property
     def sampling(self) -> SamplingConfig:
         """The distribution images are sampled from and scored under: guidance, temperature, top-k, top-p."""
         return SamplingConfig(self.cfg_scale, self.temperature, self.top_k, self.top_p)
+
+    def _validate_token_selection(self):
+        fractions = {
+            name: getattr(self, name)
+            for name in ("critical_first_fraction", "critical_similarity_fraction", "critical_window_end")
+        }
+        if not all(0 <= value <= 1 for value in fractions.values()) or self.critical_entropy_fraction < 0:
+            raise ValueError(
+                f"Critical-token fractions must lie in [0, 1], got {fractions} and "
+                f"critical_entropy_fraction={self.critical_entropy_fraction}."
+            )
+        if self.critical_window_end < self.critical_first_fraction:
+            raise ValueError("`critical_window_end` must not lie before `critical_first_fraction`.")
+        if self.dynamic_advantage_clamp <= 0:
+            raise ValueError(f"`dynamic_advantage_clamp` must be > 0, got {self.dynamic_advantage_clamp}.")
 
     def _validate_generation(self):
         self.sampling  # noqa: B018 -- validates the four fields with SamplingConfig's messages

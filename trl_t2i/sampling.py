@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from tqdm.auto import trange
 
+from .metrics import position_entropy
 from .models.base import Conditioning, ModelFamily, unwrap_model
 
 
@@ -87,11 +88,13 @@ class SampleOutput:
         logps: `(B, N)` log-prob of each token under the distribution it was sampled from.
         conditional_logps: `(B, N)` log-prob of each token under the conditional branch alone (same temperature,
             no top-k/top-p), when asked for; else `None`.
+        entropies: `(B, N)` entropy of the distribution each token was sampled from, when asked for; else `None`.
     """
 
     image_tokens: torch.LongTensor
     logps: torch.Tensor
     conditional_logps: torch.Tensor | None = None
+    entropies: torch.Tensor | None = None
 
 
 def warp_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -145,6 +148,7 @@ def sample_image_tokens(
     do_sample: bool = True,
     generator: torch.Generator | None = None,
     return_conditional_logps: bool = False,
+    return_entropies: bool = False,
     show_progress: bool = False,
 ) -> SampleOutput:
     """Sample one image per conditional row with a KV cache, all rows in one batch.
@@ -157,6 +161,7 @@ def sample_image_tokens(
         do_sample: sample (`True`) or take the most likely token (greedy).
         generator: RNG for `torch.multinomial`; `None` uses the global RNG (as `generate` does).
         return_conditional_logps: also record the conditional-branch log-prob of each token.
+        return_entropies: also record the entropy of the distribution each token was sampled from.
         show_progress: show a progress bar over image positions.
     """
     model = unwrap_model(model)
@@ -167,7 +172,7 @@ def sample_image_tokens(
         raise ValueError("With cfg_scale=1 the sampled distribution is the conditional one; use `logps`.")
 
     logits, state = family.prefill(model, conditioning)
-    tokens, logps, conditional_logps = [], [], []
+    tokens, logps, conditional_logps, entropies = [], [], [], []
     for position in trange(family.num_image_tokens, desc="Sampling image tokens", disable=not show_progress):
         conditional, unconditional = (logits[:batch_size], logits[batch_size:]) if sampling.guided else (logits, None)
         warped = token_logits(conditional, unconditional, sampling)
@@ -176,7 +181,10 @@ def sample_image_tokens(
         else:
             token = warped.argmax(dim=-1)
         tokens.append(token)
-        logps.append(warped.log_softmax(dim=-1).gather(-1, token[:, None]).squeeze(-1))
+        logp_table = warped.log_softmax(dim=-1)
+        logps.append(logp_table.gather(-1, token[:, None]).squeeze(-1))
+        if return_entropies:
+            entropies.append(position_entropy(logp_table))
         if return_conditional_logps:
             conditional_table = token_logits(conditional, None, sampling, truncate=False).log_softmax(dim=-1)
             conditional_logps.append(conditional_table.gather(-1, token[:, None]).squeeze(-1))
@@ -187,6 +195,7 @@ def sample_image_tokens(
         image_tokens=torch.stack(tokens, dim=1),
         logps=torch.stack(logps, dim=1),
         conditional_logps=torch.stack(conditional_logps, dim=1) if return_conditional_logps else None,
+        entropies=torch.stack(entropies, dim=1) if return_entropies else None,
     )
 
 

@@ -1,6 +1,5 @@
 import contextlib
 import copy
-import math
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,10 +14,12 @@ from trl.models import prepare_deepspeed, prepare_fsdp, unwrap_model_for_generat
 from trl.trainer.callbacks import SyncRefModelCallback
 from trl.trainer.utils import disable_dropout_in_model, use_adapter
 
-from . import hub
+from . import checkpoints, hub
 from . import trl_boundary as trl
+from .beta_schedule import BetaSchedule
 from .config import T2IGRPOConfig
 from .divergences import MAX_LOG_RATIO, get_divergence
+from .gcpo import critical_token_mask, dynamic_advantage_weight
 from .image_logging import ImageGridCallback
 from .images import to_pil
 from .metrics import position_entropy
@@ -41,9 +42,12 @@ class PolicyScores:
             floored at `MIN_LOGP` outside its support. One tensor per scored chunk, differentiable.
         untruncated_logps: the same tokens' log-probs before top-k/top-p, which the penalty uses.
         untruncated_tables: the `(B, N, V)` log-probs before top-k/top-p, when `keep_tables`.
+        weighted_inputs: with `dynamic_advantage`, the micro-batch whose `advantages` the policy forward weighs
+            (TRL reads them after that forward).
     """
 
     keep_tables: bool
+    weighted_inputs: dict | None = None
     logps: list[torch.Tensor] = field(default_factory=list)
     untruncated_logps: list[torch.Tensor] = field(default_factory=list)
     untruncated_tables: list[torch.Tensor] = field(default_factory=list)
@@ -157,7 +161,7 @@ class T2IGRPOTrainer(GRPOTrainer):
         # The reference: with adapters, the same model with its adapters disabled (free, so it is always there and
         # the divergences are logged even at β = 0); without, a frozen copy of the initial model, only for a penalty.
         uses_adapters = peft_config is not None or is_peft_model(model)
-        self.has_reference = uses_adapters or args.beta > 0 or (args.beta_end or 0) > 0
+        self.has_reference = uses_adapters or args.beta > 0 or (args.beta_end or 0) > 0 or args.dynamic_advantage
         reference = None
         if self.has_reference and not uses_adapters:
             reference = self._build_reference(model, model_init_kwargs)
@@ -191,6 +195,7 @@ class T2IGRPOTrainer(GRPOTrainer):
             callback_handler=self.callback_handler,
         )
         self.add_callback(self.image_grids)
+        self.add_callback(BetaSchedule.from_config(args))
         # Set by `_compute_loss` for the duration of TRL's loss, filled by the policy forward inside it, else `None`.
         self._policy_scores: PolicyScores | None = None
 
@@ -255,9 +260,17 @@ class T2IGRPOTrainer(GRPOTrainer):
             self.accelerator.autocast(),  # the same numerics as the scoring forward
         ):
             sample = sample_image_tokens(
-                self.family, unwrapped_model, conditioning, self.args.sampling, return_conditional_logps=conditional
+                self.family,
+                unwrapped_model,
+                conditioning,
+                self.args.sampling,
+                return_conditional_logps=conditional,
+                return_entropies=self.args.token_selection == "critical",
             )
             images = to_pil(self.family.decode(unwrap_model(unwrapped_model), sample.image_tokens))
+            loss_mask = (
+                self._critical_tokens(unwrap_model(unwrapped_model), sample) if sample.entropies is not None else None
+            )
 
         if self.model.training:
             self.state.num_input_tokens_seen += self.accelerator.gather(prompt_mask.sum().to(device)).sum().item()
@@ -267,8 +280,29 @@ class T2IGRPOTrainer(GRPOTrainer):
             image_tokens=sample.image_tokens.tolist(),
             images=images,
             sampling_logps=(sample.conditional_logps if conditional else sample.logps).tolist(),
+            loss_mask=None if loss_mask is None else loss_mask.int().tolist(),
         )
         return rollout.to_trl()
+
+    def _critical_tokens(self, model, sample) -> torch.Tensor:
+        """The rollout's critical tokens `(B, N)` (`token_selection="critical"`), from the sampled distributions'
+        entropies and the sampled tokens' embeddings; every group of images must be on this process."""
+        if len(sample.image_tokens) % self.num_generations:
+            raise ValueError(
+                f"token_selection='critical' compares the {self.num_generations} images of a prompt, but this process "
+                f"generated {len(sample.image_tokens)} images: make per_device_train_batch_size × "
+                "steps_per_generation (and per_device_eval_batch_size) multiples of num_generations."
+            )
+        args = self.args
+        return critical_token_mask(
+            sample.entropies,
+            self.family.image_token_embeddings(model, sample.image_tokens),
+            self.num_generations,
+            first_fraction=args.critical_first_fraction,
+            entropy_fraction=args.critical_entropy_fraction,
+            similarity_fraction=args.critical_similarity_fraction,
+            window_end=args.critical_window_end,
+        )
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         # TRL's rewards; the main process also keeps its images and their rewards for the logged image grids.
@@ -285,7 +319,7 @@ class T2IGRPOTrainer(GRPOTrainer):
         # TRL's, plus the per-token reference log-probs of the sampled estimator (the exact one recomputes the whole
         # reference distribution in `_compute_loss` instead).
         batch = super()._generate_and_score_completions(inputs)
-        if self.has_reference and self.args.divergence_estimator == "sampled":
+        if self.has_reference and (self.args.divergence_estimator == "sampled" or self.args.dynamic_advantage):
             batch["ref_per_token_logps"] = self._reference_logps(batch)
         return batch
 
@@ -320,8 +354,20 @@ class T2IGRPOTrainer(GRPOTrainer):
             if self._policy_scores is not None:  # the policy forward of `_compute_loss`
                 untruncated_table = logp_table if truncated is logits else logits.log_softmax(dim=-1)
                 self._policy_scores.add(logps, _gather(untruncated_table, image_tokens[rows]), untruncated_table)
+        scores = self._policy_scores
+        if scores is not None and scores.weighted_inputs is not None:
+            self._weigh_advantages(scores.weighted_inputs, torch.cat(scores.untruncated_logps))
         entropies = torch.cat(all_entropies) if compute_entropy else None
         return torch.cat(all_logps), entropies, None
+
+    def _weigh_advantages(self, inputs: dict, logps: torch.Tensor) -> None:
+        """`dynamic_advantage`: the per-token advantages `A · w_t` with GCPO's differentiable weight (see
+        `trl_t2i.gcpo`); w > 0, so TRL's clipped objective scales by w exactly."""
+        weight = dynamic_advantage_weight(logps, inputs["ref_per_token_logps"], self.args.dynamic_advantage_clamp)
+        inputs["advantages"] = inputs["advantages"].reshape(len(logps), -1) * weight
+        trl.record_metric(
+            self, "dynamic_advantage/weight", trl.global_masked_mean(self, weight, inputs["completion_mask"])
+        )
 
     def _teacher_forced_logits(self, model, prompt_ids, prompt_mask, image_tokens) -> torch.Tensor:
         """Teacher-forced `(B, N, V)` logits of the distribution `cfg_logprobs` names, before top-k/top-p."""
@@ -359,19 +405,22 @@ class T2IGRPOTrainer(GRPOTrainer):
 
     # ------------------------------------------------------------------ loss
 
+    @property
+    def beta_schedule(self) -> BetaSchedule:
+        # looked up, not kept: resuming with `restore_callback_states_from_checkpoint` replaces the callback
+        return next(callback for callback in self.callback_handler.callbacks if isinstance(callback, BetaSchedule))
+
     def current_beta(self) -> float:
         """The penalty coefficient at the current optimizer step, following `beta_schedule`."""
-        args = self.args
-        if args.beta_schedule == "constant":
-            return args.beta
-        progress = min(self.state.global_step / max(self.state.max_steps, 1), 1.0)
-        if args.beta_schedule == "linear":
-            return args.beta + (args.beta_end - args.beta) * progress
-        return args.beta_end + (args.beta - args.beta_end) * 0.5 * (1 + math.cos(math.pi * progress))
+        return self.beta_schedule.value(self.state.global_step, self.state.max_steps)
 
     def _compute_loss(self, model, inputs):
         # TRL's loss (clipping, importance sampling, `loss_type`), without its k3 KL; plus our divergence penalty.
-        self._policy_scores = PolicyScores(keep_tables=self.args.divergence_estimator == "exact")
+        inputs = dict(inputs)  # the buffered batch stays as it is when the dynamic-advantage weight is applied
+        self._policy_scores = PolicyScores(
+            keep_tables=self.args.divergence_estimator == "exact",
+            weighted_inputs=inputs if self.args.dynamic_advantage else None,
+        )
         try:
             loss = super()._compute_loss(model, inputs)
             policy = self._policy_scores
@@ -379,6 +428,11 @@ class T2IGRPOTrainer(GRPOTrainer):
             self._policy_scores = None
         policy_logps = torch.cat(policy.logps)
         self._log_sampling_agreement(inputs, policy_logps.detach())
+        trl.record_metric(
+            self,
+            "tokens/trained_fraction",
+            trl.global_masked_mean(self, trl.loss_mask(inputs).float(), inputs["completion_mask"]),
+        )
         if not self.has_reference:
             return loss
         untruncated_table = torch.cat(policy.untruncated_tables) if policy.keep_tables else None
@@ -394,7 +448,7 @@ class T2IGRPOTrainer(GRPOTrainer):
         temperature, without its top-k/top-p), which share their support, so it is finite for every divergence:
         exactly with the exact estimator, else one term per sampled token (see `_penalty_importance_ratio`).
         """
-        mask = inputs["completion_mask"]
+        mask, image_mask = trl.loss_mask(inputs), inputs["completion_mask"]
         ref_logps, ref_table = inputs.get("ref_per_token_logps"), None
         if untruncated_table is not None:
             ref_table = self._reference_logp_table(
@@ -410,13 +464,20 @@ class T2IGRPOTrainer(GRPOTrainer):
         trl.record_metric(self, "beta", beta)
         penalty_mean = trl.global_masked_mean(self, per_token, mask)
         trl.record_metric(self, f"divergence/{self.args.divergence}_penalty", penalty_mean)
-        with torch.no_grad():
+        with torch.no_grad():  # over every image token, whichever the loss covers
             for name, divergence in self.metric_divergences.items():
-                if ref_table is not None:
-                    value = divergence.exact(untruncated_table, ref_table)
-                else:
+                if ref_table is None:
                     value = divergence.sampled(untruncated_logps, ref_logps)
-                trl.record_metric(self, f"divergence/{name}", trl.global_masked_mean(self, value, mask))
+                elif name == self.args.divergence:  # the penalty is this very divergence
+                    value = per_token
+                else:
+                    value = divergence.exact(untruncated_table, ref_table)
+                trl.record_metric(self, f"divergence/{name}", trl.global_masked_mean(self, value, image_mask))
+            if self.model.training and self.args.beta_schedule == "adaptive":
+                measured = (
+                    per_token if ref_table is not None else self.divergence.sampled(untruncated_logps, ref_logps)
+                )
+                self.beta_schedule.measure(trl.global_masked_mean(self, measured, image_mask))
         trl.record_metric(self, "divergence/exact", float(ref_table is not None))
         return beta * trl.aggregate_like_trl(self, per_token, mask, inputs)
 
@@ -428,7 +489,7 @@ class T2IGRPOTrainer(GRPOTrainer):
         could draw, and keeps pulling tokens that have since left the policy's truncated support. Its log is capped at
         `MAX_LOG_RATIO` (as the sampled estimator's), and a token outside π_old's support counts 0.
         """
-        mask = inputs["completion_mask"]
+        mask = trl.loss_mask(inputs)
         old_logps = inputs.get("old_per_token_logps")
         if not truncates(self.args.sampling, self.args.cfg_logprobs):
             return trl.importance_ratio(self, policy_logps, old_logps, mask)
@@ -458,6 +519,12 @@ class T2IGRPOTrainer(GRPOTrainer):
         super().log(logs, start_time)
 
     # ------------------------------------------------------------------ saving and sharing
+
+    def _save_checkpoint(self, model, trial):
+        # Atomic checkpoints: written into a staging folder, renamed to checkpoint-N once complete, so that a crash or
+        # a full disk never leaves a checkpoint-N that resuming would take for a complete one.
+        with checkpoints.staged(self, trial):
+            super()._save_checkpoint(model, trial)
 
     def _save(self, output_dir: str | None = None, state_dict=None):
         # Also write the run's resolved settings, at every save (checkpoints too): evaluate, frontier and the model

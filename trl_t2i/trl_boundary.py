@@ -7,13 +7,15 @@ that changes one fails loudly there, not as a silently wrong loss. Written again
 
 The assumptions:
 
-* `_generate` returns an 8-tuple (`Rollout.to_trl` lays it out);
+* `_generate` returns an 8-tuple (`Rollout.to_trl` lays it out), whose `tool_mask` slot masks the loss only;
 * `_metrics[mode][name]` is a list of floats that `log` averages (and clears);
 * `_calculate_rewards` returns the rewards of every rank, gathered in rank order;
 * `_logs["completion"]` / `_logs["images"]` feed the completions table when `log_completions=True`;
 * `_dist.summon_full_params` gathers FSDP parameters for generation;
 * the importance ratio and the per-`loss_type` loss normalisers of `_compute_loss`, reproduced by `importance_ratio`
   and `aggregate_like_trl` so our penalty is weighted and normalised exactly like TRL's own KL term;
+* `_compute_loss` reads `inputs["advantages"]` after the policy forward, so that forward may weigh them
+  (`dynamic_advantage`, tested in `tests/test_gcpo.py`), and accepts `(B, N)` advantages;
 * `__init__` reads `args.beta`, `args.sync_ref_model` and `args.model_init_kwargs` to decide about the reference
   model (see `init_settings`).
 """
@@ -34,18 +36,27 @@ class Rollout:
         image_tokens: image tokens, one list of `N` per image.
         images: the decoded images, which the reward functions score.
         sampling_logps: log-prob of every image token under the distribution it was sampled from.
+        loss_mask: 1 for the image tokens the loss covers, 0 for the others; `None`: all of them.
     """
 
     prompt_ids: list[list[int]]
     image_tokens: list[list[int]]
     images: list[Image.Image]
     sampling_logps: list[list[float]]
+    loss_mask: list[list[int]] | None = None
 
     def to_trl(self) -> tuple:
         """TRL's `_generate` return: `(prompt_ids, completion_ids, tool_mask, completions, logprobs, extra_fields,
-        images, tool_images)`. The `images` slot holds *prompt* images (a non-`None` value would run the processor
-        on them), so ours stay in `completions`."""
-        return self.prompt_ids, self.image_tokens, None, self.images, self.sampling_logps, {}, None, []
+        images, tool_images)`. TRL's `tool_mask` marks the completion tokens its loss covers (for text: not tool
+        output) without changing attention: it carries our `loss_mask`. The `images` slot holds *prompt* images (a
+        non-`None` value would run the processor on them), so ours stay in `completions`."""
+        return self.prompt_ids, self.image_tokens, self.loss_mask, self.images, self.sampling_logps, {}, None, []
+
+
+def loss_mask(inputs: dict) -> torch.Tensor:
+    """The tokens TRL's loss covers in a micro-batch: `completion_mask`, times `tool_mask` (our `Rollout.loss_mask`)."""
+    mask = inputs["completion_mask"]
+    return mask if "tool_mask" not in inputs else mask * inputs["tool_mask"]
 
 
 @contextlib.contextmanager

@@ -107,6 +107,10 @@ class ModelFamily(ABC):
         """Feed one image token per row `(rows,)`, updating `state` in place: logits `(rows, V)` for the next one."""
 
     @abstractmethod
+    def image_token_embeddings(self, model: nn.Module, image_tokens: torch.LongTensor) -> torch.Tensor:
+        """The input embeddings `(B, N, D)` the model gives image tokens `(B, N)` (bare model)."""
+
+    @abstractmethod
     def decode(self, model: nn.Module, image_tokens: torch.LongTensor) -> torch.Tensor:
         """VQ-decode `(B, N)` image tokens to `uint8` images `(B, H, W, 3)`."""
 

@@ -109,6 +109,9 @@ class JanusFamily(ModelFamily):
         state.cache = output.cache
         return model.model.generation_head(output.last_hidden_state[:, -1])
 
+    def image_token_embeddings(self, model, image_tokens):
+        return model.prepare_embeddings_for_image_generation(image_tokens)
+
     def decode(self, model: nn.Module, image_tokens: torch.LongTensor) -> torch.Tensor:
         pixels = model.decode_image_tokens(image_tokens)  # (B, H, W, 3) in about [-1, 1]
         return ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
