@@ -9,10 +9,11 @@ import pytest
 import torch
 from datasets import Dataset
 from peft import LoraConfig
+from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from trl_t2i import TINY_JANUS, T2IGRPOConfig, T2IGRPOTrainer
 from trl_t2i.cli import grpo
-from trl_t2i.models import build_tiny_janus, get_family
+from trl_t2i.models import build_tiny_janus, build_tiny_llamagen, get_family
 from trl_t2i.rewards import colour_match
 from trl_t2i.sampling import SamplingConfig
 
@@ -61,11 +62,44 @@ def _janus_generate(model, family, conditioning, sampling: SamplingConfig, do_sa
     )
 
 
+def _llamagen_generate(model, family, conditioning, sampling: SamplingConfig, do_sample: bool) -> torch.Tensor:
+    """LlamaGen's generation loop (`autoregressive/models/generate.py`) without a KV cache: the whole sequence is
+    recomputed at every step; CFG rows are the captions then the same captions with the null caption; logits
+    `u + s·(c − u)`, then transformers' warpers in `generate`'s order, then multinomial (or argmax)."""
+    ids, mask = conditioning.tensors["input_ids"], conditioning.tensors["attention_mask"]
+    rows = 2 if sampling.guided else 1
+    inputs = {
+        "input_ids": ids.repeat(rows, 1),
+        "attention_mask": mask.repeat(rows, 1),
+        "null_caption": torch.arange(rows * len(ids)) >= len(ids),
+    }
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(sampling.temperature)])
+    if sampling.top_k:
+        warpers.append(TopKLogitsWarper(sampling.top_k))
+    if sampling.top_p < 1.0:
+        warpers.append(TopPLogitsWarper(sampling.top_p))
+    tokens = ids.new_zeros(len(ids), 0)
+    for _ in range(family.num_image_tokens):
+        logits = model(**inputs, image_tokens=tokens.repeat(rows, 1)).logits[:, -1]
+        if sampling.guided:
+            conditional, unconditional = logits.chunk(2)
+            logits = unconditional + (conditional - unconditional) * sampling.cfg_scale
+        scores = warpers(tokens, logits)
+        token = torch.multinomial(scores.softmax(-1), 1) if do_sample else scores.argmax(-1, keepdim=True)
+        tokens = torch.cat([tokens, token], dim=1)
+    return tokens
+
+
 FAMILY_CASES = {
     "janus": FamilyCase(
         build=lambda seed=0: build_tiny_janus(seed=seed),
         reference_generate=_janus_generate,
         language_model_prefix=".language_model.layers.",
+    ),
+    "llamagen": FamilyCase(
+        build=lambda seed=0: build_tiny_llamagen(seed=seed),
+        reference_generate=_llamagen_generate,
+        language_model_prefix=".transformer.layers.",
     ),
 }
 

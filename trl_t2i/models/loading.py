@@ -8,11 +8,20 @@ from transformers import AutoConfig, AutoProcessor, BitsAndBytesConfig, PreTrain
 
 from .base import ModelFamily, unwrap_model
 from .janus import JanusFamily
-from .tiny import resolve_tiny
+from .llamagen import TINY_LLAMAGEN, LlamaGenFamily, resolve_tiny_llamagen
+from .tiny import TINY_JANUS, resolve_tiny
 
 
-FAMILIES: dict[str, type[ModelFamily]] = {JanusFamily.model_type: JanusFamily}
+FAMILIES: dict[str, type[ModelFamily]] = {family.model_type: family for family in (JanusFamily, LlamaGenFamily)}
 """Every supported model family, by the `config.model_type` it serves."""
+
+TINY_MODELS = {TINY_JANUS: resolve_tiny, TINY_LLAMAGEN: resolve_tiny_llamagen}
+"""The tiny models' names, and how each resolves to a local directory (built on first use)."""
+
+
+def resolve_name(name_or_path: str) -> str:
+    """The local directory of a tiny model's name; any other hub id or path as it is."""
+    return TINY_MODELS[name_or_path](name_or_path) if name_or_path in TINY_MODELS else name_or_path
 
 
 def family_class(config) -> type[ModelFamily]:
@@ -55,11 +64,11 @@ def disable_bnb_cpu_repack(model: torch.nn.Module) -> None:
 
 
 def load_model(name_or_path: str, **model_kwargs) -> PreTrainedModel:
-    """Load a text-to-image model by hub id or local path (`trl-t2i/tiny-janus` is built locally).
+    """Load a text-to-image model by hub id or local path (the tiny models of `TINY_MODELS` are built locally).
 
     `model_kwargs` go to `from_pretrained`; a bitsandbytes `quantization_config` gets the family's skip modules.
     """
-    path = resolve_tiny(name_or_path)
+    path = resolve_name(name_or_path)
     config = AutoConfig.from_pretrained(path, trust_remote_code=model_kwargs.get("trust_remote_code", False))
     family = family_class(config)
     if isinstance(model_kwargs.get("quantization_config"), BitsAndBytesConfig):
@@ -69,4 +78,4 @@ def load_model(name_or_path: str, **model_kwargs) -> PreTrainedModel:
 
 def load_processor(name_or_path: str, **kwargs):
     """Load the processing class (processor or tokenizer) that goes with `load_model(name_or_path)`."""
-    return AutoProcessor.from_pretrained(resolve_tiny(name_or_path), **kwargs)
+    return AutoProcessor.from_pretrained(resolve_name(name_or_path), **kwargs)

@@ -1,0 +1,83 @@
+"""The family of `LlamaGenForImageGeneration` (LlamaGen-T2I converted by `trl-t2i convert_llamagen`).
+
+The prompt ids TRL carries are the captions' T5 ids (left-padded, at most `caption_length`); the frozen T5 encoder
+runs inside the model, in the same forward for sampling and for teacher-forced scoring, so both see the same ids,
+padding and masks. A row of the conditioning is `(input_ids, attention_mask, null_caption)`: the unconditional row
+of a caption is the same ids and mask with `null_caption` set, which the model reads as LlamaGen's null caption
+under the caption's mask (LlamaGen's `generate`).
+"""
+
+import torch
+from torch import nn
+
+from ..base import Conditioning, DecodeState, ModelFamily
+from .modeling_llamagen import LlamaGenForImageGeneration
+
+
+class LlamaGenDecodeState(DecodeState):
+    """A `DecodeState` that also carries the conditioning: every step passes the caption's mask again (the model
+    finds the caption length and the grid position of the new token from it)."""
+
+    def __init__(self, cache, conditioning: Conditioning):
+        super().__init__(cache=cache, attention_mask=conditioning.tensors["attention_mask"])
+        self.conditioning = conditioning
+
+
+class LlamaGenFamily(ModelFamily):
+    model_type = "llamagen"
+    model_class = LlamaGenForImageGeneration
+    lora_target_modules = (
+        r".*transformer\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))"
+    )
+    # Full paths from the root: transformers matches skip entries from there.
+    quantization_skip_modules = ["text_encoder", "caption_embedder", "image_head", "vqmodel"]
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.config.num_image_tokens
+
+    @property
+    def codebook_size(self) -> int:
+        return self.config.codebook_size
+
+    def tokenize_prompts(self, texts: list[str]) -> tuple[torch.LongTensor, torch.LongTensor]:
+        # LlamaGen cleans captions (PixArt's `clean_caption`, which lowercases them) before T5; plain prompts only
+        # need the lowercasing.
+        encoding = self.processing_class(
+            [text.lower().strip() for text in texts],
+            padding=True,
+            padding_side="left",
+            truncation=True,
+            max_length=self.config.caption_length,
+            return_tensors="pt",
+        )
+        return encoding["input_ids"], encoding["attention_mask"]
+
+    def build_conditioning(self, prompt_ids, prompt_mask) -> Conditioning:
+        null_caption = torch.zeros(len(prompt_ids), dtype=torch.bool, device=prompt_ids.device)
+        return Conditioning({"input_ids": prompt_ids, "attention_mask": prompt_mask, "null_caption": null_caption})
+
+    def unconditional(self, conditioning: Conditioning) -> Conditioning:
+        return Conditioning(
+            {**conditioning.tensors, "null_caption": torch.ones_like(conditioning.tensors["null_caption"])}
+        )
+
+    def teacher_forced_logits(self, model, conditioning, image_tokens):
+        return model(**conditioning.tensors, image_tokens=image_tokens[:, :-1]).logits
+
+    def prefill(self, model, conditioning):
+        output = model(**conditioning.tensors, use_cache=True)
+        return output.logits[:, -1], LlamaGenDecodeState(output.cache, conditioning)
+
+    def step(self, model, image_tokens, state):
+        output = model(
+            **state.conditioning.tensors, image_tokens=image_tokens[:, None], cache=state.cache, use_cache=True
+        )
+        return output.logits[:, -1]
+
+    def image_token_embeddings(self, model, image_tokens):
+        return model.transformer.embed_tokens(image_tokens)
+
+    def decode(self, model: nn.Module, image_tokens: torch.LongTensor) -> torch.Tensor:
+        pixels = model.decode_image_tokens(image_tokens)  # (B, H, W, 3) in about [-1, 1]
+        return ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
