@@ -357,3 +357,19 @@ def test_generator_is_convex_with_f_of_1_zero(name, params):
     values = divergence.f(u)
     torch.testing.assert_close(values, REFERENCE_F[name](u, **params))
     assert (values[2:] - 2 * values[1:-1] + values[:-2] >= -1e-12).all()
+
+
+def test_the_gradient_figure_shows_each_divergences_own_gradient():
+    # scripts/plot_divergences.py: with bias correction the pull on log π is β·(f'(1) − f'(π/π_ref)), at
+    # curvature-matched β: reverse KL r, forward KL e^r − 1, JS 2·log((e^r + 1)/2), with r = log(π_ref/π)
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "scripts" / "plot_divergences.py"
+    spec = importlib.util.spec_from_file_location("plot_divergences", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    r = torch.linspace(-6, 4, 11, dtype=torch.float64)
+    expected = {"reverse_kl": r, "forward_kl": r.exp() - 1, "js": 2 * torch.log((r.exp() + 1) / 2)}
+    for name, pull in expected.items():
+        torch.testing.assert_close(script.penalty_and_pull(name, r)[1], pull)
