@@ -171,6 +171,8 @@ def test_every_divergence_estimator_and_cfg_mode_trains_and_logs(tmp_path, diver
     for key in [*METRICS, f"divergence/{divergence}_penalty", "rewards/colour_match/mean", "rewards/colour_match/std"]:
         assert math.isfinite(first[key]) and math.isfinite(second[key]), key
     assert first["divergence/exact"] == float(estimator == "exact")
+    stages = {"sampling", "decoding", "rewards", "reference", "policy_loss", "penalty"}
+    assert all(first[f"time/{stage}"] > 0 for stage in stages)  # where the step's time goes
     # the first step starts at the reference; after one update the policy has moved away from it
     assert first["divergence/reverse_kl"] == pytest.approx(0.0, abs=1e-6)
     assert second["divergence/reverse_kl"] > 1e-4 and second[f"divergence/{divergence}_penalty"] > 0

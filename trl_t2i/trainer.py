@@ -1,6 +1,7 @@
 import contextlib
 import copy
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -259,15 +260,17 @@ class T2IGRPOTrainer(GRPOTrainer):
             trl.gathered_parameters(self),
             self.accelerator.autocast(),  # the same numerics as the scoring forward
         ):
-            sample = sample_image_tokens(
-                self.family,
-                unwrapped_model,
-                conditioning,
-                self.args.sampling,
-                return_conditional_logps=conditional,
-                return_entropies=self.args.token_selection == "critical",
-            )
-            images = to_pil(self.family.decode(unwrap_model(unwrapped_model), sample.image_tokens))
+            with self._timed("sampling"):
+                sample = sample_image_tokens(
+                    self.family,
+                    unwrapped_model,
+                    conditioning,
+                    self.args.sampling,
+                    return_conditional_logps=conditional,
+                    return_entropies=self.args.token_selection == "critical",
+                )
+            with self._timed("decoding"):
+                images = to_pil(self.family.decode(unwrap_model(unwrapped_model), sample.image_tokens))
             loss_mask = (
                 self._critical_tokens(unwrap_model(unwrapped_model), sample) if sample.entropies is not None else None
             )
@@ -306,7 +309,8 @@ class T2IGRPOTrainer(GRPOTrainer):
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         # TRL's rewards; the main process also keeps its images and their rewards for the logged image grids.
-        rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        with self._timed("rewards"):
+            rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
         if self.state.global_step == 0:
             _check_rewards_apply(rewards, self.reward_func_names)
         if self.model.training and self.accelerator.is_main_process and self.args.image_log_steps:
@@ -320,7 +324,8 @@ class T2IGRPOTrainer(GRPOTrainer):
         # reference distribution in `_compute_loss` instead).
         batch = super()._generate_and_score_completions(inputs)
         if self.has_reference and (self.args.divergence_estimator == "sampled" or self.args.dynamic_advantage):
-            batch["ref_per_token_logps"] = self._reference_logps(batch)
+            with self._timed("reference"):
+                batch["ref_per_token_logps"] = self._reference_logps(batch)
         return batch
 
     # ------------------------------------------------------------------ scoring
@@ -422,7 +427,8 @@ class T2IGRPOTrainer(GRPOTrainer):
             weighted_inputs=inputs if self.args.dynamic_advantage else None,
         )
         try:
-            loss = super()._compute_loss(model, inputs)
+            with self._timed("policy_loss"):
+                loss = super()._compute_loss(model, inputs)
             policy = self._policy_scores
         finally:
             self._policy_scores = None
@@ -436,9 +442,10 @@ class T2IGRPOTrainer(GRPOTrainer):
         if not self.has_reference:
             return loss
         untruncated_table = torch.cat(policy.untruncated_tables) if policy.keep_tables else None
-        penalty = self._divergence_penalty(
-            inputs, policy_logps, torch.cat(policy.untruncated_logps), untruncated_table
-        )
+        with self._timed("penalty"):
+            penalty = self._divergence_penalty(
+                inputs, policy_logps, torch.cat(policy.untruncated_logps), untruncated_table
+            )
         return loss + penalty
 
     def _divergence_penalty(self, inputs, policy_logps, untruncated_logps, untruncated_table) -> torch.Tensor:
@@ -451,9 +458,10 @@ class T2IGRPOTrainer(GRPOTrainer):
         mask, image_mask = trl.loss_mask(inputs), inputs["completion_mask"]
         ref_logps, ref_table = inputs.get("ref_per_token_logps"), None
         if untruncated_table is not None:
-            ref_table = self._reference_logp_table(
-                inputs["prompt_ids"], inputs["prompt_mask"], inputs["completion_ids"]
-            )
+            with self._timed("reference"):
+                ref_table = self._reference_logp_table(
+                    inputs["prompt_ids"], inputs["prompt_mask"], inputs["completion_ids"]
+                )
             per_token = self.divergence.exact(untruncated_table, ref_table)
         else:
             per_token = self.divergence.sampled(untruncated_logps, ref_logps)
@@ -512,6 +520,16 @@ class T2IGRPOTrainer(GRPOTrainer):
         trl.record_metric(self, "sampling/logp_gap_max", trl.global_masked_max(self, gap, inside))
 
     # ------------------------------------------------------------------ logging
+
+    @contextlib.contextmanager
+    def _timed(self, stage: str):
+        """Log the seconds a stage of the step takes as `time/<stage>` (averaged over its calls between logs)."""
+        synchronize = torch.cuda.synchronize if self.accelerator.device.type == "cuda" else lambda: None
+        synchronize()
+        start = time.perf_counter()
+        yield
+        synchronize()  # CUDA runs asynchronously: count the stage's kernels, not just their launch
+        trl.record_metric(self, f"time/{stage}", time.perf_counter() - start)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         # TRL writes completions to parquet/tables as text: give it captions and move the images to its image column.
