@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from conftest import PROMPTS
 
-from trl_t2i.models import LlamaGenForImageGeneration, build_tiny_llamagen, get_family, load_processor
+from trl_t2i.cli import main as cli_main
+from trl_t2i.models import LlamaGenForImageGeneration, build_tiny_llamagen, get_family, load_model, load_processor
 from trl_t2i.models.llamagen.conversion import convert_llamagen
 
 
@@ -287,3 +288,14 @@ def test_checkpoints_given_the_wrong_way_round_are_named(checkpoints):
     directory, _, _ = checkpoints
     with pytest.raises(ValueError, match="Not a LlamaGen-T2I GPT checkpoint: it lacks tok_embeddings.weight"):
         convert_llamagen(directory / "vq.pt", directory / "t2i_gpt.pt", str(directory / "t5"), None, 8, HEADS)
+
+
+def test_the_cli_converts_into_a_folder_that_load_model_reads(checkpoints, tmp_path, capsys):
+    directory, _, _ = checkpoints
+    flags = ["--gpt_checkpoint", str(directory / "t2i_gpt.pt"), "--vq_checkpoint", str(directory / "vq.pt")]
+    flags += ["--text_encoder", str(directory / "t5"), "--image_size", "8", "--num_attention_heads", str(HEADS)]
+    cli_main(["convert_llamagen", *flags, "--output_dir", str(tmp_path)])
+    assert "2 layers × 32, 16 image tokens over 64 codes" in capsys.readouterr().out
+    converted = LlamaGenForImageGeneration.from_pretrained(directory / "converted").state_dict()
+    reloaded = load_model(str(tmp_path)).state_dict()
+    assert converted.keys() == reloaded.keys() and all(torch.equal(converted[k], reloaded[k]) for k in converted)

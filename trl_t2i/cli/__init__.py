@@ -27,11 +27,13 @@ COMMANDS = {
     "evaluate": "Evaluate runs on reward and diversity; draw the frontier.",
     "frontier": "Sweep divergences × beta, then evaluate.",
     "push": "Upload a training output to the Hub.",
+    "convert_llamagen": "Convert official LlamaGen-T2I checkpoints into a model folder.",
 }
 
 
 def usage() -> str:
-    listing = "\n".join(f"  {name:<10}{help}" for name, help in COMMANDS.items())
+    width = max(map(len, COMMANDS)) + 2
+    listing = "\n".join(f"  {name:<{width}}{help}" for name, help in COMMANDS.items())
     return (
         "usage: trl-t2i <command> [--config recipe.yaml] [--option value ...]\n\n"
         f"commands:\n{listing}\n\n"
