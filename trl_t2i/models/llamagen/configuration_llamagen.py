@@ -57,6 +57,9 @@ class LlamaGenConfig(PreTrainedConfig):
     vq_config (`dict` or `JanusVQVAEConfig`, *optional*):
         The VQ tokenizer, whose decoder turns image tokens into pixels (VQ-16 by default: transformers' Janus VQ-VAE
         is LlamaGen's VQ-16 architecture).
+    pad_token_id (`int`, *optional*, defaults to 0), eos_token_id (`int`, *optional*, defaults to 1):
+        The caption tokenizer's (T5's) padding and end ids. Only bookkeeping: trainers align them with the tokenizer.
+        Image tokens are never compared with them (image code 1 is not an end of anything).
     """
 
     model_type = "llamagen"
@@ -77,6 +80,8 @@ class LlamaGenConfig(PreTrainedConfig):
     caption_length: int = 120
     text_encoder_config: dict | PreTrainedConfig | None = None
     vq_config: dict | PreTrainedConfig | None = None
+    pad_token_id: int | None = 0
+    eos_token_id: int | None = 1
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)

@@ -255,8 +255,9 @@ class LlamaGenForImageGeneration(LlamaGenPreTrainedModel):
         self.image_head = nn.Linear(config.hidden_size, config.codebook_size, bias=False)
         self.vqmodel = JanusVQVAE._from_config(config.vq_config)
         self.freeze_t5_and_vq()
-        # TRL reads and writes the pad/eos ids of `generation_config`; LlamaGen has no `generate`, so an empty one.
-        self.generation_config = GenerationConfig()
+        # TRL reads and aligns the pad/eos ids of `generation_config` with the tokenizer's: LlamaGen has no
+        # `generate`, so it holds only those.
+        self.generation_config = GenerationConfig(pad_token_id=config.pad_token_id, eos_token_id=config.eos_token_id)
         self.post_init()
 
     @classmethod
