@@ -6,16 +6,27 @@
 Every field of `T2IScriptArguments`, `T2IGRPOConfig` and TRL's `ModelConfig` is a `--flag` and a YAML key; flags
 override the YAML. Installed users run the same thing as `trl-t2i grpo --config ...` (one process) or
 `accelerate launch -m trl_t2i.cli grpo --config ...`.
+
+A run owns its `output_dir`: a second run into it fails while the first is running, and a new run into the folder
+of an earlier one fails unless it continues it, `--resume_from_checkpoint true` (its latest checkpoint-N) or
+`--resume_from_checkpoint <output_dir>/checkpoint-N`, or starts over, `--overwrite_output_dir true`. On SIGTERM (a
+cluster's preemption) or Ctrl-C, the run saves a checkpoint at the end of the step and prints the command that
+resumes it.
 """
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config, get_quantization_config
 
+from .. import output_dir
+from ..checkpoints import resolve_resume
 from ..config import UNSUPPORTED_SETTINGS, T2IGRPOConfig
 from ..data import PROMPT_SETS, load_prompt_dataset
+from ..preemption import PreemptionCallback
 from ..rewards import get_reward
+from ..sharding import check_sharding
 from ..trainer import T2IGRPOTrainer
 from .parsing import RecipeParser, field_names, group_options
 
@@ -36,6 +47,11 @@ class T2IScriptArguments(ScriptArguments):
         reward_funcs (`list[str]`, *optional*, defaults to `["colour_match"]`):
             Reward names (see `trl_t2i.rewards.REWARDS`) or import paths `package.module:function`. Weights go in
             `reward_weights`.
+        overwrite_output_dir (`bool`, *optional*, defaults to `False`):
+            Start a new run in an `output_dir` that holds an earlier run's outputs: its `checkpoint-*` folders and
+            image grids are deleted (resuming would otherwise take them for this run's), its other files are
+            overwritten as this run saves. Without it such a run is refused; `--resume_from_checkpoint true`
+            continues the earlier run instead (and then nothing is deleted).
     """
 
     dataset_name: str = field(
@@ -49,6 +65,13 @@ class T2IScriptArguments(ScriptArguments):
     reward_funcs: list[str] = field(
         default_factory=lambda: ["colour_match"],
         metadata={"help": "Reward names or import paths `package.module:function`."},
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Start over in an `output_dir` that holds an earlier run's outputs, deleting its checkpoints and "
+            "image grids. To continue that run instead: `--resume_from_checkpoint true` (its latest checkpoint)."
+        },
     )
 
 
@@ -85,6 +108,11 @@ def check_model_args(model_args: ModelConfig, script_args: T2IScriptArguments, t
 
 def main(script_args: T2IScriptArguments, training_args: T2IGRPOConfig, model_args: ModelConfig) -> T2IGRPOTrainer:
     check_model_args(model_args, script_args, training_args)
+    check_sharding(training_args)
+    writer = training_args.should_save  # the process that writes `output_dir` checks and locks it
+    if writer:
+        output_dir.check_output_dir(training_args.output_dir)
+    resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
     train_dataset = load_prompt_dataset(
         script_args.dataset_name,
         script_args.dataset_train_split,
@@ -109,27 +137,36 @@ def main(script_args: T2IScriptArguments, training_args: T2IGRPOConfig, model_ar
         "dtype": model_args.dtype,
         **(training_args.model_init_kwargs or {}),
     }
-    trainer = T2IGRPOTrainer(
-        model=model_args.model_name_or_path,
-        reward_funcs=reward_funcs,
-        args=training_args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        quantization_config=get_quantization_config(model_args),
-        peft_config=get_peft_config(model_args),
+    claimed = output_dir.claimed(
+        training_args.output_dir, new_run=resume is None, overwrite=script_args.overwrite_output_dir
     )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.save_model(training_args.output_dir)
-    trainer.save_state()  # trainer_state.json: every logged metric
-    trainer.create_model_card(dataset_name=script_args.dataset_name)
-    if training_args.push_to_hub:
-        trainer.push_to_hub(dataset_name=script_args.dataset_name)
+    with claimed if writer else contextlib.nullcontext():
+        trainer = T2IGRPOTrainer(
+            model=model_args.model_name_or_path,
+            reward_funcs=reward_funcs,
+            args=training_args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            quantization_config=get_quantization_config(model_args),
+            peft_config=get_peft_config(model_args),
+        )
+        preemption = PreemptionCallback()
+        trainer.add_callback(preemption)
+        with preemption.catching_signals():
+            trainer.train(resume_from_checkpoint=resume)
+        if preemption.stopped_at is not None:  # it printed how to resume; a final save would look like a finished run
+            return trainer
+        trainer.save_model(training_args.output_dir)
+        trainer.save_state()  # trainer_state.json: every logged metric
+        trainer.create_model_card(dataset_name=script_args.dataset_name)
+        if training_args.push_to_hub:
+            trainer.push_to_hub(dataset_name=script_args.dataset_name)
     if trainer.accelerator.is_main_process:
-        output_dir = Path(training_args.output_dir).resolve()
-        print(f"\nSaved {'the adapter' if model_args.use_peft else 'the model'} and model card to {output_dir}")
-        print(f"Image grids: {output_dir / 'samples'}")
+        output = Path(training_args.output_dir).resolve()
+        print(f"\nSaved {'the adapter' if model_args.use_peft else 'the model'} and model card to {output}")
+        print(f"Image grids: {output / 'samples'}")
         trackers = ", ".join(training_args.report_to) or "none"
-        print(f"Metrics: {output_dir / 'trainer_state.json'} (log_history; trackers: {trackers})")
+        print(f"Metrics: {output / 'trainer_state.json'} (log_history; trackers: {trackers})")
     return trainer
 
 

@@ -1,0 +1,288 @@
+"""A run fails early and clearly on bad input, owns its output directory, writes checkpoints atomically, names a
+damaged checkpoint at resume, and stops on SIGTERM/SIGINT with a checkpoint and the command that resumes it."""
+
+import errno
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+from conftest import make_config, make_trainer
+from test_cli import DEMO, QUICK, no_model_loading  # noqa: F401 -- a fixture
+from transformers import TrainerControl, TrainerState
+
+from trl_t2i import checkpoints, output_dir
+from trl_t2i.cli.grpo import main, make_parser
+from trl_t2i.preemption import PreemptionCallback, resume_command
+from trl_t2i.sharding import check_sharding
+
+
+def _parse(*argv):
+    return make_parser().parse_args_and_config(["--config", str(DEMO), *QUICK, "--image_log_steps", "0", *argv])
+
+
+def _run(out, *argv):
+    return main(*_parse("--output_dir", str(out), *argv))
+
+
+# ------------------------------------------------------------------ prompts
+
+
+def test_empty_prompt_file_fails_before_loading_the_model(tmp_path, no_model_loading):  # noqa: F811
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n")
+    with pytest.raises(ValueError, match=f"Prompt file '{prompts}' has no prompts"):
+        _run(tmp_path / "out", "--dataset_name", str(prompts))
+
+
+# ------------------------------------------------------------------ the output directory
+
+
+@pytest.mark.parametrize("where", ["is_a_file", "under_a_file"])
+def test_output_dir_that_cannot_be_a_folder_fails_before_loading_the_model(
+    tmp_path,
+    no_model_loading,  # noqa: F811
+    where,
+):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("not a folder")
+    out = a_file if where == "is_a_file" else a_file / "run"
+    with pytest.raises(NotADirectoryError, match=f"output_dir '{out}' cannot be created: '{a_file}' is a file"):
+        _run(out)
+
+
+@pytest.mark.parametrize("where", ["existing", "missing_under_existing"])
+def test_unwritable_output_dir_is_reported_naming_the_folder(tmp_path, monkeypatch, where):
+    # Tests run as root, which writes into read-only folders: the probe's failure is simulated.
+    def refuse(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr("tempfile.TemporaryFile", refuse)
+    out = tmp_path if where == "existing" else tmp_path / "new" / "run"
+    with pytest.raises(PermissionError, match=f"output_dir '{out}' is not writable: .* in '{tmp_path}' .*Permission"):
+        output_dir.check_output_dir(out)
+
+
+def test_writable_output_dir_passes_the_probe_and_leaves_nothing(tmp_path):
+    output_dir.check_output_dir(tmp_path / "new" / "run")
+    assert list(tmp_path.iterdir()) == []
+
+
+HOLD_LOCK = """
+import sys
+from trl_t2i.output_dir import locked
+with locked(sys.argv[1]):
+    print("locked", flush=True)
+    sys.stdin.read()  # until killed
+"""
+
+
+def test_second_run_into_a_locked_output_dir_fails_naming_the_first_and_a_killed_run_frees_it(
+    tmp_path,
+    no_model_loading,  # noqa: F811
+):
+    out = tmp_path / "out"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    try:
+        assert holder.stdout.readline() == b"locked\n"
+        other_run = f"in use by another run \\(pid {holder.pid} on host {socket.gethostname()}\\)"
+        with pytest.raises(RuntimeError, match=other_run):
+            _run(out)
+    finally:
+        holder.kill()  # a crash: the kernel releases the lock
+        holder.wait()
+    with output_dir.locked(out):
+        pass
+
+
+@pytest.mark.parametrize("earlier", ["checkpoint-4", "adapter_model.safetensors", "run_settings.json", "samples"])
+def test_new_run_into_an_earlier_runs_output_dir_is_refused(tmp_path, no_model_loading, earlier):  # noqa: F811
+    (tmp_path / earlier).mkdir() if "." not in earlier else (tmp_path / earlier).write_text("{}")
+    message = f"earlier run's outputs \\({earlier}\\).*--resume_from_checkpoint true.*--overwrite_output_dir true"
+    with pytest.raises(FileExistsError, match=message):
+        _run(tmp_path)
+
+
+def test_overwrite_output_dir_starts_over_without_the_earlier_checkpoints(tmp_path):
+    (tmp_path / "checkpoint-40").mkdir()
+    (tmp_path / "samples").mkdir()
+    (tmp_path / "samples" / "step_000040.png").write_bytes(b"")
+    trainer = _run(tmp_path, "--overwrite_output_dir", "true", "--save_steps", "1")
+    assert trainer.state.global_step == 2
+    assert sorted(path.name for path in tmp_path.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    assert not (tmp_path / "samples").exists()  # image_log_steps 0: no grid of this run, none of the earlier one
+
+
+# ------------------------------------------------------------------ resuming
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory):
+    """A 2-step run that saved checkpoint-1 and checkpoint-2."""
+    out = tmp_path_factory.mktemp("saved_run")
+    _run(out, "--save_steps", "1", "--overwrite_output_dir", "true")
+    return out
+
+
+def test_resume_true_is_the_latest_checkpoint(saved_run):
+    assert checkpoints.resolve_resume("true", saved_run) == str(saved_run / "checkpoint-2")
+    assert checkpoints.resolve_resume(True, saved_run) == str(saved_run / "checkpoint-2")  # from a YAML `true`
+    assert checkpoints.resolve_resume("false", saved_run) is None
+
+
+def test_resume_true_without_a_checkpoint_fails_before_loading_the_model(tmp_path, no_model_loading):  # noqa: F811
+    with pytest.raises(FileNotFoundError, match=f"latest checkpoint-N in output_dir '{tmp_path}', but there is none"):
+        _run(tmp_path, "--resume_from_checkpoint", "true")
+
+
+@pytest.mark.parametrize("damaged", ["adapter_model.safetensors", "optimizer.pt", "trainer_state.json"])
+def test_truncated_checkpoint_file_is_named_at_resume_with_the_previous_checkpoint(
+    tmp_path,
+    saved_run,
+    no_model_loading,  # noqa: F811
+    damaged,
+):
+    out = tmp_path / "out"
+    shutil.copytree(saved_run, out)
+    file = out / "checkpoint-2" / damaged
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+    message = (
+        f"Checkpoint file '{file}' is damaged .*Checkpoints in '{out}': checkpoint-1, checkpoint-2. "
+        f"Resume from the previous one: `--resume_from_checkpoint {out / 'checkpoint-1'}`"
+    )
+    with pytest.raises(ValueError, match=message):
+        _run(out, "--resume_from_checkpoint", "true")
+
+
+# ------------------------------------------------------------------ atomic checkpoints
+
+
+def test_checkpoints_appear_only_once_complete_and_still_rotate(tmp_path, monkeypatch):
+    trainer = make_trainer(tmp_path, save_strategy="steps", save_steps=1, save_total_limit=1)
+    visible_while_written = []
+    save_rng_state = trainer._save_rng_state
+
+    def recording_save_rng_state(folder):
+        visible_while_written.append((tmp_path / f"checkpoint-{trainer.state.global_step}").exists())
+        save_rng_state(folder)
+
+    monkeypatch.setattr(trainer, "_save_rng_state", recording_save_rng_state)
+    trainer.train()
+    assert visible_while_written == [False, False]
+    assert sorted(path.name for path in tmp_path.iterdir() if path.name.startswith(("checkpoint", "."))) == [
+        "checkpoint-2"  # save_total_limit=1 rotated checkpoint-1 out; no staging folder left
+    ]
+    checkpoints.check_checkpoint(tmp_path / "checkpoint-2")
+    assert {"adapter_model.safetensors", "optimizer.pt", "rng_state.pth", "run_settings.json"} <= {
+        path.name for path in (tmp_path / "checkpoint-2").iterdir()
+    }
+
+
+def test_full_disk_while_saving_leaves_no_checkpoint_and_says_so(tmp_path, monkeypatch):
+    trainer = make_trainer(tmp_path, save_strategy="steps", save_steps=1)
+    save_optimizer = trainer._save_optimizer_and_scheduler
+
+    def disk_full_at_step_2(folder):
+        if trainer.state.global_step == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        save_optimizer(folder)
+
+    monkeypatch.setattr(trainer, "_save_optimizer_and_scheduler", disk_full_at_step_2)
+    message = (
+        f"no space left on device while saving checkpoint-2 to {tmp_path}; "
+        f"the previous checkpoint {tmp_path / 'checkpoint-1'} is intact"
+    )
+    with pytest.raises(OSError, match=re.escape(message)):
+        trainer.train()
+    assert sorted(path.name for path in tmp_path.iterdir() if path.name.startswith(("checkpoint", "."))) == [
+        "checkpoint-1"
+    ]
+    checkpoints.check_checkpoint(tmp_path / "checkpoint-1")
+
+
+# ------------------------------------------------------------------ preemption
+
+
+def test_sigterm_saves_a_checkpoint_prints_the_resume_command_and_the_run_resumes(tmp_path, monkeypatch, capsys):
+    import trl_t2i.trainer as trainer_module
+
+    generate = trainer_module.T2IGRPOTrainer._generate
+
+    def preempted_during_the_first_step(self, prompts):
+        if self.state.global_step == 0:
+            os.kill(os.getpid(), signal.SIGTERM)  # as a cluster scheduler would
+        return generate(self, prompts)
+
+    monkeypatch.setattr(trainer_module.T2IGRPOTrainer, "_generate", preempted_during_the_first_step)
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    trainer = _run(tmp_path, "--max_steps", "3", "--save_strategy", "no")
+    assert {signum: signal.getsignal(signum) for signum in handlers} == handlers  # restored
+    assert trainer.state.global_step == 1
+    assert [path.name for path in tmp_path.glob("checkpoint-*")] == ["checkpoint-1"]
+    assert not (tmp_path / "adapter_model.safetensors").exists()  # no final save: the run is not finished
+    printed = capsys.readouterr().out
+    assert f"--resume_from_checkpoint {tmp_path / 'checkpoint-1'}" in printed.splitlines()[-1]
+
+    monkeypatch.setattr(trainer_module.T2IGRPOTrainer, "_generate", generate)
+    resumed = _run(tmp_path, "--max_steps", "3", "--save_strategy", "no", "--resume_from_checkpoint", "true")
+    assert resumed.state.global_step == 3 and (tmp_path / "adapter_model.safetensors").is_file()
+    assert [log["step"] for log in resumed.state.log_history if "loss" in log] == [1, 2, 3]
+
+
+def test_ctrl_c_requests_a_save_at_the_next_step_end_and_twice_stops_at_once(tmp_path):
+    preemption = PreemptionCallback()
+    args, state, control = make_config(tmp_path), TrainerState(global_step=4, max_steps=10), TrainerControl()
+    with preemption.catching_signals():
+        preemption.on_step_end(args, state, control)
+        assert not control.should_save and preemption.stopped_at is None
+        os.kill(os.getpid(), signal.SIGINT)
+        preemption.on_step_end(args, state, control)
+        assert control.should_save and control.should_training_stop and preemption.stopped_at == 4
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_resume_command_replaces_earlier_resume_and_overwrite_options():
+    argv = ["trl-t2i", "grpo", "--config", "r.yaml", "--resume_from_checkpoint=old", "--overwrite_output_dir", "true"]
+    assert resume_command("/runs/a/checkpoint-7", argv) == (
+        "trl-t2i grpo --config r.yaml --resume_from_checkpoint /runs/a/checkpoint-7"
+    )
+
+
+# ------------------------------------------------------------------ sharding
+
+
+@pytest.mark.parametrize(
+    ("environment", "flags", "message"),
+    [
+        ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, {}, "FSDP2.*deepspeed_zero3.yaml.*fsdp_version: 1"),
+        ({}, {"fsdp": "full_shard"}, "FSDP2"),  # transformers' `--fsdp` defaults to version 2
+        ({"ACCELERATE_USE_FSDP": "true"}, {"use_cpu": True}, "FSDP is set up but so is `use_cpu`.*cpu_ddp.yaml"),
+        ({"ACCELERATE_USE_DEEPSPEED": "true"}, {"use_cpu": True}, "DeepSpeed is set up but so is `use_cpu`"),
+    ],
+)
+def test_sharded_setups_that_would_not_train_as_asked_are_refused(tmp_path, monkeypatch, environment, flags, message):
+    args = make_config(tmp_path, **{"use_cpu": False, **flags})
+    for name, value in environment.items():  # after the config: with DeepSpeed's, it imports deepspeed (not installed)
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=message):
+        check_sharding(args)
+
+
+def test_fsdp1_on_gpus_is_accepted(tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    check_sharding(make_config(tmp_path, use_cpu=False))
+
+
+def test_fsdp_on_cpu_fails_before_loading_the_model(tmp_path, monkeypatch, no_model_loading):  # noqa: F811
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    with pytest.raises(ValueError, match="FSDP is set up but so is `use_cpu`"):
+        _run(tmp_path)

@@ -1,0 +1,98 @@
+"""Stopping a run cleanly on SIGTERM (cluster preemption) or SIGINT (Ctrl-C): a checkpoint, and how to resume."""
+
+import contextlib
+import os
+import shlex
+import signal
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from transformers import TrainerCallback
+
+from .hub import launch_command
+
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class PreemptionCallback(TrainerCallback):
+    """Ends training at the next step boundary after SIGTERM or SIGINT, saving a checkpoint to resume from.
+
+    The signal handlers are installed for the duration of `catching_signals()` and restored after it. A second Ctrl-C
+    stops at once (`KeyboardInterrupt`). Every process stops at the same step: the signal flag is reduced over the
+    processes at each step end (a launcher may deliver the signal to each at a slightly different time). At the end
+    of training, the main process prints the command that resumes from the checkpoint (`resume_command`).
+
+    ```python
+    preemption = PreemptionCallback()
+    trainer.add_callback(preemption)
+    with preemption.catching_signals():
+        trainer.train()
+    finished = preemption.stopped_at is None
+    ```
+    """
+
+    def __init__(self):
+        self.received: signal.Signals | None = None
+        """The first signal received."""
+        self.stopped_at: int | None = None
+        """The step whose checkpoint was saved when training stopped for a signal."""
+
+    @contextlib.contextmanager
+    def catching_signals(self):
+        previous = {signum: signal.signal(signum, self._handle) for signum in SIGNALS}
+        try:
+            yield
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    def _handle(self, signum, frame):
+        if signum == signal.SIGINT and self.received == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = self.received or signal.Signals(signum)
+        # os.write, not print: a handler may run while `sys.stderr` is in the middle of a write (progress bars)
+        again = " (Ctrl-C again: stop at once, without it)" if signum == signal.SIGINT else ""
+        message = (
+            f"\n{signal.Signals(signum).name}: saving a checkpoint at the end of this step, then stopping{again}.\n"
+        )
+        os.write(2, message.encode())
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if _on_any_process(self.received is not None, args.device) and state.global_step < state.max_steps:
+            control.should_save = control.should_training_stop = True
+            self.stopped_at = state.global_step
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.stopped_at is not None and state.is_world_process_zero:
+            checkpoint = Path(args.output_dir) / f"checkpoint-{self.stopped_at}"
+            print(f"\nStopped after step {self.stopped_at}, saved to {checkpoint}. Resume with:\n")
+            print(f"  {resume_command(checkpoint)}")
+
+
+def _on_any_process(flag: bool, device: torch.device) -> bool:
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    flags = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return bool(flags.item())
+
+
+RESUME_REPLACES = ("--resume_from_checkpoint", "--overwrite_output_dir")
+"""Options of the launch command that the resume command drops: its own, and one that would delete checkpoints."""
+
+
+def resume_command(checkpoint: str | Path, argv: list[str] | None = None) -> str:
+    """The command that started this run (`hub.launch_command`, or `argv`), resuming from `checkpoint`."""
+    argv = shlex.split(launch_command()) if argv is None else argv
+    kept, skip_value = [], False
+    for index, arg in enumerate(argv):
+        if skip_value:
+            skip_value = False
+        elif arg.split("=", 1)[0] in RESUME_REPLACES:
+            # the option's value too, unless it is `--option=value` or a bare boolean flag
+            skip_value = "=" not in arg and index + 1 < len(argv) and not argv[index + 1].startswith("--")
+        else:
+            kept.append(arg)
+    return shlex.join([*kept, "--resume_from_checkpoint", str(Path(checkpoint).absolute())])
