@@ -5,7 +5,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from trl_t2i.models import TINY_JANUS, JanusFamily, get_family, load_model, load_processor, resolve_tiny
+from trl_t2i.models import TINY_JANUS, JanusFamily, get_family, load_model, load_processor, resolve_name
 
 
 LM_LINEARS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
@@ -71,5 +71,5 @@ def test_unknown_model_type_lists_the_supported_ones():
 
 
 def test_saved_tiny_processor_keeps_the_chat_template():
-    processor = load_processor(resolve_tiny(TINY_JANUS))
+    processor = load_processor(resolve_name(TINY_JANUS))
     assert processor.chat_template and "<|User|>" in processor.chat_template

@@ -1,7 +1,6 @@
 import torch
 
-from trl_t2i.models import TINY_JANUS, build_tiny_janus, get_family, load_model, load_processor
-from trl_t2i.models.tiny import resolve_tiny
+from trl_t2i.models import TINY_JANUS, build_tiny_janus, get_family, load_model, load_processor, resolve_name
 
 
 def _state(model):
@@ -24,9 +23,9 @@ def test_build_does_not_touch_the_global_rng():
 
 
 def test_name_resolves_to_a_saved_model_that_reloads_identically():
-    path = resolve_tiny(TINY_JANUS)
-    assert resolve_tiny(TINY_JANUS) == path  # built once, then reused
-    assert resolve_tiny("some/other-model") == "some/other-model"
+    path = resolve_name(TINY_JANUS)
+    assert resolve_name(TINY_JANUS) == path  # built once, then reused
+    assert resolve_name("some/other-model") == "some/other-model"
     reloaded, built = load_model(TINY_JANUS), build_tiny_janus(seed=0)[0]
     loaded_state, built_state = _state(reloaded), _state(built)
     assert loaded_state.keys() == built_state.keys()

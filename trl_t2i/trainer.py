@@ -155,7 +155,7 @@ class T2IGRPOTrainer(GRPOTrainer):
         processing_class = processing_class or load_processor(model_id, padding_side="left")
         self.family = get_family(model, processing_class)
         _set_completion_length(args, self.family.num_image_tokens)
-        peft_config = self._with_default_lora_targets(peft_config)
+        peft_config = self._prepare_lora_config(peft_config, model)
         self.divergence = get_divergence(args.divergence, alpha=args.divergence_alpha)
         self.metric_divergences = {name: get_divergence(name) for name in METRIC_DIVERGENCES}
 
@@ -214,10 +214,17 @@ class T2IGRPOTrainer(GRPOTrainer):
         model_init_kwargs.setdefault("trust_remote_code", args.trust_remote_code)
         return model_init_kwargs
 
-    def _with_default_lora_targets(self, peft_config: PeftConfig | None) -> PeftConfig | None:
-        if isinstance(peft_config, LoraConfig) and not peft_config.target_modules:
-            peft_config = copy.deepcopy(peft_config)
+    def _prepare_lora_config(self, peft_config: PeftConfig | None, model: PreTrainedModel) -> PeftConfig | None:
+        """Default LoRA targets: the family's language-model linears. PEFT's causal-LM wrapper (TRL's default task
+        type) needs `prepare_inputs_for_generation`, which an image-only model (LlamaGen) lacks: it gets the plain
+        wrapper, which trains the same adapters."""
+        if not isinstance(peft_config, LoraConfig):
+            return peft_config
+        peft_config = copy.deepcopy(peft_config)
+        if not peft_config.target_modules:
             peft_config.target_modules = self.family.lora_target_modules
+        if peft_config.task_type == "CAUSAL_LM" and not hasattr(unwrap_model(model), "prepare_inputs_for_generation"):
+            peft_config.task_type = None
         return peft_config
 
     def _build_reference(self, model: PreTrainedModel, model_init_kwargs: dict | None) -> PreTrainedModel:

@@ -13,7 +13,7 @@ from .loading import (
     resolve_name,
     with_skip_modules,
 )
-from .tiny import TINY_JANUS, build_tiny_janus, resolve_tiny
+from .tiny import TINY_JANUS, build_tiny_janus
 
 
 __all__ = [
@@ -35,7 +35,6 @@ __all__ = [
     "load_model",
     "load_processor",
     "resolve_name",
-    "resolve_tiny",
     "unwrap_model",
     "with_skip_modules",
 ]

@@ -6,22 +6,27 @@ import sys
 import torch
 from transformers import AutoConfig, AutoProcessor, BitsAndBytesConfig, PreTrainedModel
 
+from . import llamagen, tiny
 from .base import ModelFamily, unwrap_model
 from .janus import JanusFamily
-from .llamagen import TINY_LLAMAGEN, LlamaGenFamily, resolve_tiny_llamagen
-from .tiny import TINY_JANUS, resolve_tiny
+from .llamagen import LlamaGenFamily
 
 
 FAMILIES: dict[str, type[ModelFamily]] = {family.model_type: family for family in (JanusFamily, LlamaGenFamily)}
 """Every supported model family, by the `config.model_type` it serves."""
 
-TINY_MODELS = {TINY_JANUS: resolve_tiny, TINY_LLAMAGEN: resolve_tiny_llamagen}
-"""The tiny models' names, and how each resolves to a local directory (built on first use)."""
+TINY_MODELS = {
+    tiny.TINY_JANUS: ("tiny-janus", tiny.TINY_REVISION, tiny.build_tiny_janus),
+    llamagen.TINY_LLAMAGEN: ("tiny-llamagen", llamagen.tiny.TINY_REVISION, llamagen.build_tiny_llamagen),
+}
+"""The tiny models by name: cache folder name, revision (bumped when the builder changes) and builder."""
 
 
 def resolve_name(name_or_path: str) -> str:
-    """The local directory of a tiny model's name; any other hub id or path as it is."""
-    return TINY_MODELS[name_or_path](name_or_path) if name_or_path in TINY_MODELS else name_or_path
+    """The local directory of a tiny model's name (built on first use); any other hub id or path as it is."""
+    if name_or_path not in TINY_MODELS:
+        return name_or_path
+    return tiny.cached_tiny_model(*TINY_MODELS[name_or_path])
 
 
 def family_class(config) -> type[ModelFamily]:

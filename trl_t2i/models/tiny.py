@@ -21,6 +21,7 @@ every image, so a code's colour does not depend on its neighbours. `conv_out` th
 import math
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -38,7 +39,8 @@ from transformers import (
 
 
 TINY_JANUS = "trl-t2i/tiny-janus"
-"""Name under which recipes and scripts refer to the tiny Janus; resolved to a local directory by `resolve_tiny`."""
+"""Name under which recipes and scripts refer to the tiny Janus; resolved to a local directory by
+`trl_t2i.models.resolve_name`."""
 
 TINY_REVISION = 2
 """Bump whenever `build_tiny_janus` changes, so that copies cached by older versions are not reused."""
@@ -158,7 +160,7 @@ def build_tiny_janus(
     )
     generator = torch.Generator().manual_seed(seed)
     colours = torch.rand(codebook_size, 3, generator=generator)
-    _init_colour_decoder(model.model.vqmodel, colours)
+    init_colour_decoder(model.model.vqmodel, colours)
     _init_image_head(model.model.generation_head, generator)
     image_processor = JanusImageProcessorPil(
         size={"height": config.vision_config.image_size, "width": config.vision_config.image_size},
@@ -185,7 +187,7 @@ COLOUR_SPAN = 4 * math.pi / 3
 
 
 @torch.no_grad()
-def _init_colour_decoder(vqmodel: torch.nn.Module, colours: torch.Tensor) -> None:
+def init_colour_decoder(vqmodel: torch.nn.Module, colours: torch.Tensor) -> None:
     """Make code `k` decode to a flat patch of colour `colours[k]` (values in [0, 1]) through the real decoder."""
     angles = COLOUR_SPAN * colours  # (K, 3)
     codebook = torch.zeros_like(vqmodel.quantize.embedding.weight)
@@ -245,25 +247,19 @@ def tiny_cache_dir() -> Path:
     return Path(os.environ.get("TRL_T2I_CACHE", Path.home() / ".cache" / "trl_t2i"))
 
 
-def resolve_tiny(name_or_path: str) -> str:
-    """Return a local directory for `trl-t2i/tiny-janus` (built and saved on first use); other names pass through."""
-    if name_or_path != TINY_JANUS:
-        return name_or_path
-    directory = tiny_cache_dir() / f"tiny-janus-r{TINY_REVISION}"
+def cached_tiny_model(name: str, revision: int, build: Callable[[], tuple]) -> str:
+    """The local directory of the tiny model `name` at `revision`: `build()` (a model and its processing class) is
+    saved under `tiny_cache_dir()` on first use, atomically (staging folder, then rename), and reused afterwards."""
+    directory = tiny_cache_dir() / f"{name}-r{revision}"
     # Under torch.distributed, transformers saves weights on the main process only: the other ranks wait for it.
     with PartialState().main_process_first():
         if not (directory / "config.json").exists():
-            _save_tiny_janus(directory)
+            model, processing_class = build()
+            staging = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")
+            model.save_pretrained(staging)
+            processing_class.save_pretrained(staging)
+            try:
+                staging.rename(directory)
+            except OSError:  # another process saved it first
+                shutil.rmtree(staging)
     return str(directory)
-
-
-def _save_tiny_janus(directory: Path) -> None:
-    """Build and save the tiny Janus into `directory` atomically (staging folder, then rename)."""
-    model, processor = build_tiny_janus()
-    staging = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")
-    model.save_pretrained(staging)
-    processor.save_pretrained(staging)
-    try:
-        staging.rename(directory)
-    except OSError:  # another process saved it first
-        shutil.rmtree(staging)

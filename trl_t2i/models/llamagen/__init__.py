@@ -5,7 +5,7 @@ from transformers import AutoConfig
 from .configuration_llamagen import LlamaGenConfig
 from .family import LlamaGenFamily
 from .modeling_llamagen import LlamaGenForImageGeneration
-from .tiny import TINY_LLAMAGEN, build_tiny_llamagen, resolve_tiny_llamagen
+from .tiny import TINY_LLAMAGEN, build_tiny_llamagen
 
 
 # `AutoConfig` (hence `load_model`, `load_processor`) recognises a saved LlamaGen by its `model_type`.
@@ -17,5 +17,4 @@ __all__ = [
     "LlamaGenFamily",
     "LlamaGenForImageGeneration",
     "build_tiny_llamagen",
-    "resolve_tiny_llamagen",
 ]

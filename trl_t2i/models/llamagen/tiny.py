@@ -8,16 +8,12 @@ logits, so that the `colour_match` reward has a signal that a short RL run can f
 """
 
 import math
-import os
-import shutil
-from pathlib import Path
 
 import torch
-from accelerate import PartialState
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-from ..tiny import PUNCTUATION, WORDS, _init_colour_decoder, tiny_cache_dir
+from ..tiny import PUNCTUATION, WORDS, init_colour_decoder
 from .configuration_llamagen import LlamaGenConfig
 from .modeling_llamagen import LlamaGenForImageGeneration
 
@@ -93,32 +89,7 @@ def build_tiny_llamagen(
         torch.manual_seed(seed)
         model = LlamaGenForImageGeneration(config)
     generator = torch.Generator().manual_seed(seed)
-    _init_colour_decoder(model.vqmodel, torch.rand(codebook_size, 3, generator=generator))
+    init_colour_decoder(model.vqmodel, torch.rand(codebook_size, 3, generator=generator))
     with torch.no_grad():  # unit-variance logits (see the module docstring)
         model.image_head.weight.normal_(0.0, 1.0 / math.sqrt(hidden_size), generator=generator)
     return model.eval(), tokenizer
-
-
-def resolve_tiny_llamagen(name_or_path: str) -> str:
-    """Return a local directory for `trl-t2i/tiny-llamagen` (built and saved on first use); other names pass
-    through."""
-    if name_or_path != TINY_LLAMAGEN:
-        return name_or_path
-    directory = tiny_cache_dir() / f"tiny-llamagen-r{TINY_REVISION}"
-    # Under torch.distributed, transformers saves weights on the main process only: the other ranks wait for it.
-    with PartialState().main_process_first():
-        if not (directory / "config.json").exists():
-            _save_tiny_llamagen(directory)
-    return str(directory)
-
-
-def _save_tiny_llamagen(directory: Path) -> None:
-    """Build and save the tiny LlamaGen into `directory` atomically (staging folder, then rename)."""
-    model, tokenizer = build_tiny_llamagen()
-    staging = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    try:
-        staging.rename(directory)
-    except OSError:  # another process saved it first
-        shutil.rmtree(staging)
