@@ -16,13 +16,14 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # CPU threads of the demo. Passing them (accelerate would pick the physical cores) keeps accelerate from printing
-# which defaults it used. DEMO_ARGS: more training flags, e.g. DEMO_ARGS="--max_steps 20".
+# which defaults it used. The demo starts over each time (--overwrite_output_dir). DEMO_ARGS: more training flags,
+# e.g. DEMO_ARGS="--max_steps 20".
 CPU_THREADS ?= $(shell getconf _NPROCESSORS_ONLN)
 DEMO_ARGS ?=
 
 demo: install
 	$(VENV)/bin/accelerate launch --config_file recipes/accelerate/cpu.yaml --num_cpu_threads_per_process $(CPU_THREADS) \
-		scripts/grpo_t2i.py --config recipes/tiny/cpu_demo.yaml --divergence js $(DEMO_ARGS)
+		scripts/grpo_t2i.py --config recipes/tiny/cpu_demo.yaml --divergence js --overwrite_output_dir true $(DEMO_ARGS)
 
 test: install
 	$(PYTHON) -m pytest -q

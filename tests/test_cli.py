@@ -9,6 +9,7 @@ import pytest
 import torch
 import yaml
 from accelerate.commands.config.config_args import load_config_from_file
+from conftest import DEMO_RECIPE, QUICK_FLAGS
 
 from trl_t2i.cli import COMMANDS
 from trl_t2i.cli import main as cli_main
@@ -23,8 +24,6 @@ from trl_t2i.rewards import REWARDS
 ROOT = Path(__file__).parents[1]
 TRAINING_RECIPES = sorted(path for path in RECIPES.rglob("*.yaml") if path.parent.name != "accelerate")
 ACCELERATE_CONFIGS = sorted((RECIPES / "accelerate").glob("*.yaml"))
-DEMO = RECIPES / "tiny" / "cpu_demo.yaml"
-QUICK = ["--max_steps", "2", "--per_device_train_batch_size", "8", "--num_generations", "4", "--logging_steps", "1"]
 
 
 def _parse(*argv):
@@ -69,11 +68,11 @@ ACCELERATE_PROMISES = {
         **GPU_NODE,
         "distributed_type": "FSDP",
         "fsdp_config": {
-            "fsdp_version": 2,
+            "fsdp_version": 1,
             "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
             "fsdp_transformer_layer_cls_to_wrap": "LlamaDecoderLayer",  # Janus' decoder layer (see below)
             "fsdp_state_dict_type": "SHARDED_STATE_DICT",
-            "fsdp_reshard_after_forward": True,
+            "fsdp_reshard_after_forward": "FULL_SHARD",
         },
     },
 }
@@ -138,7 +137,7 @@ def test_grpo_help_shows_trl_t2i_options_first_and_hides_rejected_settings():
 )
 def test_hidden_settings_still_parse_and_are_rejected_by_the_config(flags, message):
     with pytest.raises(ValueError, match=message):
-        _parse("--config", str(DEMO), *flags)
+        _parse("--config", str(DEMO_RECIPE), *flags)
 
 
 @pytest.mark.parametrize(
@@ -162,31 +161,20 @@ def test_recipes_ship_in_the_package_and_the_checkout_links_to_them():
 
 
 def test_cli_flags_override_the_recipe():
-    _, training_args, _ = _parse("--config", str(DEMO), "--divergence", "forward_kl", "--beta", "0.5")
+    _, training_args, _ = _parse("--config", str(DEMO_RECIPE), "--divergence", "forward_kl", "--beta", "0.5")
     assert training_args.divergence == "forward_kl" and training_args.beta == 0.5
-
-
-@pytest.fixture
-def no_model_loading(monkeypatch):
-    """Bad input must be caught before any model is loaded."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was loaded before the bad input was reported")
-
-    monkeypatch.setattr("trl_t2i.trainer.load_model", refuse)
-    monkeypatch.setattr("trl_t2i.models.loading.load_model", refuse)
 
 
 def test_unknown_yaml_key_is_an_error(tmp_path):
     recipe = tmp_path / "bad.yaml"
-    recipe.write_text(DEMO.read_text() + "\ndivergance: js\n")
+    recipe.write_text(DEMO_RECIPE.read_text() + "\ndivergance: js\n")
     with pytest.raises(ValueError, match="divergance"):
         _parse("--config", str(recipe))
 
 
 def test_bad_divergence_name_is_an_error(capsys):
     with pytest.raises(SystemExit):
-        _parse("--config", str(DEMO), "--divergence", "kl")
+        _parse("--config", str(DEMO_RECIPE), "--divergence", "kl")
     assert "invalid choice: 'kl'" in capsys.readouterr().err
 
 
@@ -201,7 +189,7 @@ def test_bad_divergence_name_is_an_error(capsys):
     ],
 )
 def test_bad_settings_fail_before_loading_the_model(tmp_path, no_model_loading, flags, message):
-    args = _parse("--config", str(DEMO), "--output_dir", str(tmp_path), *flags)
+    args = _parse("--config", str(DEMO_RECIPE), "--output_dir", str(tmp_path), *flags)
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         main(*args)
 
@@ -224,7 +212,17 @@ def test_cli_without_a_valid_command_fails_with_the_listing(argv, problem):
 
 
 def test_resumed_run_matches_an_uninterrupted_one(tmp_path):
-    common = ["--config", str(DEMO), *QUICK, "--max_steps", "4", "--save_steps", "2", "--image_log_steps", "0"]
+    common = [
+        "--config",
+        str(DEMO_RECIPE),
+        *QUICK_FLAGS,
+        "--max_steps",
+        "4",
+        "--save_steps",
+        "2",
+        "--image_log_steps",
+        "0",
+    ]
     full = main(*_parse(*common, "--output_dir", str(tmp_path / "full")))
     checkpoint = tmp_path / "full" / "checkpoint-2"
     assert {"adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"} <= {
@@ -272,7 +270,7 @@ def test_two_process_cpu_ddp_ends_with_identical_weights(tmp_path):
     output_dir = tmp_path / "ddp"
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(RECIPES / "accelerate" / "cpu_ddp.yaml"),
-        str(probe), "--config", str(DEMO), *QUICK, "--max_steps", "3", "--output_dir", str(output_dir),
+        str(probe), "--config", str(DEMO_RECIPE), *QUICK_FLAGS, "--max_steps", "3", "--output_dir", str(output_dir),
         "--divergence", "js", "--image_log_steps", "0", "--save_strategy", "no",
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -290,7 +288,11 @@ def test_two_process_cpu_ddp_ends_with_identical_weights(tmp_path):
 
 
 def test_installed_cli_samples_images_with_a_trained_adapter(tmp_path):
-    run = main(*_parse("--config", str(DEMO), *QUICK, "--output_dir", str(tmp_path / "run"), "--save_strategy", "no"))
+    run = main(
+        *_parse(
+            "--config", str(DEMO_RECIPE), *QUICK_FLAGS, "--output_dir", str(tmp_path / "run"), "--save_strategy", "no"
+        )
+    )
     command = [
         sys.executable, "-m", "trl_t2i.cli", "sample", "--adapter", run.args.output_dir, "--prompts", "a red cat",
         "a blue car", "--num_images_per_prompt", "3", "--output_dir", str(tmp_path / "samples"),

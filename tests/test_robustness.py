@@ -11,8 +11,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import make_config, make_trainer
-from test_cli import DEMO, QUICK, no_model_loading  # noqa: F401 -- a fixture
+from conftest import DEMO_RECIPE, QUICK_FLAGS, make_config, make_trainer
 from transformers import TrainerControl, TrainerState
 
 from trl_t2i import checkpoints, output_dir
@@ -22,7 +21,9 @@ from trl_t2i.sharding import check_sharding
 
 
 def _parse(*argv):
-    return make_parser().parse_args_and_config(["--config", str(DEMO), *QUICK, "--image_log_steps", "0", *argv])
+    return make_parser().parse_args_and_config(
+        ["--config", str(DEMO_RECIPE), *QUICK_FLAGS, "--image_log_steps", "0", *argv]
+    )
 
 
 def _run(out, *argv):

@@ -161,7 +161,7 @@ class T2IGRPOConfig(GRPOConfig):
     token_selection: str = field(
         default="all",
         metadata={
-            "help": "Tokens the loss covers: `all`, or `critical` (GCPO's ~30% critical tokens, as the paper's code).",
+            "help": "Tokens the loss covers: `all`, or `critical` (GCPO's ~30%% critical tokens, as the paper's code).",
             "choices": list(TOKEN_SELECTIONS),
         },
     )
