@@ -264,13 +264,14 @@ torch.save(
 """
 
 
-def test_two_process_cpu_ddp_ends_with_identical_weights(tmp_path):
+@pytest.mark.parametrize("recipe", ["cpu_demo.yaml", "llamagen_demo.yaml"])
+def test_two_process_cpu_ddp_ends_with_identical_weights(tmp_path, recipe):
     probe = tmp_path / "probe.py"
     probe.write_text(PROBE)
     output_dir = tmp_path / "ddp"
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(RECIPES / "accelerate" / "cpu_ddp.yaml"),
-        str(probe), "--config", str(DEMO_RECIPE), *QUICK_FLAGS, "--max_steps", "3", "--output_dir", str(output_dir),
+        str(probe), "--config", str(RECIPES / "tiny" / recipe), *QUICK_FLAGS, "--max_steps", "3", "--output_dir", str(output_dir),
         "--divergence", "js", "--image_log_steps", "0", "--save_strategy", "no",
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -82,6 +82,15 @@ def test_card_settings_are_the_run_settings_with_their_defaults(trained, tmp_pat
     assert "# my-run" in card
 
 
+def test_a_missing_or_non_finite_metric_never_breaks_the_card(trained, tmp_path):
+    # a reward that scored nothing in a logging window is logged as None (and NaN may reach the history)
+    settings = RunSettings.load(trained.args.output_dir)
+    metrics = {"rewards/colour_match/mean": None, "reward": float("nan"), "divergence/js": 0.01234567}
+    card = hub.model_card(settings=settings, output_dir=tmp_path / "run", is_adapter=True, metrics=metrics)
+    assert "| rewards/colour_match/mean | — |" in card and "| reward | — |" in card
+    assert "| divergence/js | 0.01235 |" in card
+
+
 def test_usage_snippet_in_the_card_runs_on_the_available_device(trained):
     _, body = _card(Path(trained.args.output_dir))
     snippet = body.split("```python\n")[1].split("```")[0]

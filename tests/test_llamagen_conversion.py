@@ -6,7 +6,11 @@ equations of the original (complex-number 2D RoPE, explicit masked softmax atten
 MLP, GroupNorm/SiLU convolutions, nearest upsampling), never our modules.
 """
 
+import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -299,3 +303,20 @@ def test_the_cli_converts_into_a_folder_that_load_model_reads(checkpoints, tmp_p
     converted = LlamaGenForImageGeneration.from_pretrained(directory / "converted").state_dict()
     reloaded = load_model(str(tmp_path)).state_dict()
     assert converted.keys() == reloaded.keys() and all(torch.equal(converted[k], reloaded[k]) for k in converted)
+
+
+def test_a_converted_checkpoint_trains_end_to_end_through_accelerate_launch(checkpoints, tmp_path):
+    directory, _, _ = checkpoints
+    root = Path(__file__).parents[1]
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", "recipes/accelerate/cpu.yaml",
+        "--num_cpu_threads_per_process", "1", "scripts/grpo_t2i.py", "--config", "recipes/tiny/llamagen_demo.yaml",
+        "--model_name_or_path", str(directory / "converted"), "--divergence", "js", "--max_steps", "2",
+        "--per_device_train_batch_size", "8", "--num_generations", "4", "--image_log_steps", "0",
+        "--logging_steps", "1", "--output_dir", str(tmp_path / "run"),
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
+    history = json.loads((tmp_path / "run" / "trainer_state.json").read_text())["log_history"]
+    assert [log["step"] for log in history if "loss" in log] == [1, 2]
