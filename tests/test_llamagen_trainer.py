@@ -5,15 +5,11 @@ import math
 import pytest
 import torch
 from conftest import QUICK_FLAGS, clone_parameters, make_trainer
-from datasets import Dataset
 
 from trl_t2i.cli import grpo
 from trl_t2i.cli.parsing import RECIPES
 from trl_t2i.divergences import DIVERGENCES
-from trl_t2i.images import to_pil
 from trl_t2i.models import TINY_LLAMAGEN
-from trl_t2i.rewards import colour_match
-from trl_t2i.sampling import sample_image_tokens
 
 
 @pytest.mark.parametrize("estimator", ["sampled", "exact"])
@@ -45,39 +41,6 @@ def test_full_finetuning_never_touches_t5_or_the_vq_model(tmp_path):
     changed = {name.split(".")[0] for name in before if not torch.equal(before[name], after[name])}
     assert changed == {"caption_embedder", "transformer", "image_head"}
     assert trainer.ref_model is not None  # a frozen copy is the reference
-
-
-def test_learning_raises_the_colour_reward(tmp_path):
-    """Deterministic short run: the reward of samples on held-out captions and seeds rises clearly."""
-    colours = ["red", "green", "blue"]
-    train = [f"a {colour} {noun}" for colour in colours for noun in ("cat", "dog", "car", "house", "hat", "ball")]
-    held_out = [f"a {colour} {noun}" for colour in colours for noun in ("bird", "flower", "apple", "chair")]
-
-    def mean_reward(trainer):
-        model = trainer.model.eval()
-        conditioning = trainer.family.encode_prompts(held_out * 8)
-        generator = torch.Generator().manual_seed(1234)
-        tokens = sample_image_tokens(trainer.family, model, conditioning, trainer.args.sampling, generator=generator)
-        images = to_pil(trainer.family.decode(trainer.accelerator.unwrap_model(model), tokens.image_tokens))
-        model.train()
-        rewards = torch.tensor(colour_match(held_out * 8, images))
-        return rewards.mean().item(), rewards.std().item()
-
-    trainer = make_trainer(
-        tmp_path,
-        model=TINY_LLAMAGEN,
-        dataset=Dataset.from_dict({"prompt": train}),
-        per_device_train_batch_size=32,
-        num_generations=8,
-        max_steps=60,
-        learning_rate=3e-3,
-        beta=0.0,
-    )
-    before, std = mean_reward(trainer)
-    trainer.train()
-    after, _ = mean_reward(trainer)
-    # measured: 0.52 → 0.67 with a per-image std of 0.066, a gain of 2.3 standard deviations
-    assert after - before > 2.0 * std, (before, after, std)
 
 
 def test_the_demo_recipe_trains(tmp_path):

@@ -10,7 +10,7 @@ from trl import GRPOTrainer
 from trl_t2i import TINY_JANUS, T2IGRPOTrainer
 from trl_t2i.beta_schedule import BetaSchedule
 from trl_t2i.divergences import DIVERGENCES
-from trl_t2i.models import build_tiny_janus, load_model
+from trl_t2i.models import TINY_LLAMAGEN, build_tiny_janus, load_model
 from trl_t2i.rewards import colour_match
 
 
@@ -310,8 +310,9 @@ def test_image_grids_reach_tensorboard(tmp_path):
     assert {"train/divergence/reverse_kl", "train/divergence/js", "train/beta"} <= set(accumulator.Tags()["scalars"])
 
 
-def test_learning_raises_the_colour_reward(tmp_path):
-    """Deterministic short run on the tiny model: the reward of samples on held-out seeds rises clearly."""
+@pytest.mark.parametrize("model", [TINY_JANUS, TINY_LLAMAGEN])
+def test_learning_raises_the_colour_reward(tmp_path, model):
+    """Deterministic short run on a tiny model: the reward of samples on held-out captions and seeds rises clearly."""
     from trl_t2i.images import to_pil
     from trl_t2i.sampling import sample_image_tokens
 
@@ -331,6 +332,7 @@ def test_learning_raises_the_colour_reward(tmp_path):
 
     trainer = make_trainer(
         tmp_path,
+        model=model,
         dataset=Dataset.from_dict({"prompt": train}),
         per_device_train_batch_size=32,
         num_generations=8,
@@ -341,7 +343,7 @@ def test_learning_raises_the_colour_reward(tmp_path):
     before, std = mean_reward(trainer)
     trainer.train()
     after, _ = mean_reward(trainer)
-    # measured: 0.50 → 0.76 with a per-image std of 0.086, a gain of 2.9 standard deviations
+    # measured: Janus 0.50 → 0.76 with a per-image std of 0.086 (2.9 std); LlamaGen 0.52 → 0.67, std 0.066 (2.3 std)
     assert after - before > 2.0 * std, (before, after, std)
 
 

@@ -75,23 +75,30 @@ WORDS = (
 PUNCTUATION = list(".,:;!?'\"-()")
 
 
-def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """Word-level fast tokenizer with Janus's special tokens, a BOS post-processor and left padding."""
-    specials = [UNK, BOS, EOS, PAD, USER, ASSISTANT, IMAGE, BOI, EOI]
+def word_level_tokenizer(specials: list[str], single: str, pair: str, added: str, **kwargs) -> PreTrainedTokenizerFast:
+    """A fast word-level tokenizer over `WORDS` and `PUNCTUATION` after `specials`, whose post-processor applies the
+    templates `single`/`pair` (adding the special token `added`); `kwargs` go to `PreTrainedTokenizerFast`."""
     vocab = {token: i for i, token in enumerate(specials + WORDS + PUNCTUATION)}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
+    backend = Tokenizer(models.WordLevel(vocab, unk_token=kwargs["unk_token"]))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     backend.add_special_tokens(specials)
     backend.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, vocab[BOS])]
+        single=single, pair=pair, special_tokens=[(added, vocab[added])]
     )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
+    return PreTrainedTokenizerFast(tokenizer_object=backend, padding_side="left", **kwargs)
+
+
+def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """Word-level fast tokenizer with Janus's special tokens, a BOS post-processor and left padding."""
+    return word_level_tokenizer(
+        [UNK, BOS, EOS, PAD, USER, ASSISTANT, IMAGE, BOI, EOI],
+        single=f"{BOS} $A",
+        pair=f"{BOS} $A {BOS} $B",
+        added=BOS,
         bos_token=BOS,
         eos_token=EOS,
         pad_token=PAD,
         unk_token=UNK,
-        padding_side="left",
         extra_special_tokens={"image_token": IMAGE, "boi_token": BOI, "eoi_token": EOI},
     )
 

@@ -10,10 +10,9 @@ logits, so that the `colour_match` reward has a signal that a short RL run can f
 import math
 
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-from ..tiny import PUNCTUATION, WORDS, init_colour_decoder
+from ..tiny import PUNCTUATION, WORDS, init_colour_decoder, word_level_tokenizer
 from .configuration_llamagen import LlamaGenConfig
 from .modeling_llamagen import LlamaGenForImageGeneration
 
@@ -30,20 +29,14 @@ PAD, EOS, UNK = "<pad>", "</s>", "<unk>"
 
 def build_tiny_t5_tokenizer(caption_length: int) -> PreTrainedTokenizerFast:
     """Word-level fast tokenizer with T5's special tokens and ids, `</s>` appended, left padding."""
-    specials = [PAD, EOS, UNK]
-    vocab = {token: i for i, token in enumerate(specials + WORDS + PUNCTUATION)}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.add_special_tokens(specials)
-    backend.post_processor = processors.TemplateProcessing(
-        single=f"$A {EOS}", pair=f"$A {EOS} $B {EOS}", special_tokens=[(EOS, vocab[EOS])]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
+    return word_level_tokenizer(
+        [PAD, EOS, UNK],
+        single=f"$A {EOS}",
+        pair=f"$A {EOS} $B {EOS}",
+        added=EOS,
         pad_token=PAD,
         eos_token=EOS,
         unk_token=UNK,
-        padding_side="left",
         model_max_length=caption_length,
     )
 
