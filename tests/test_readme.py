@@ -46,3 +46,9 @@ def test_the_sampler_example_runs(tmp_path, monkeypatch):
     example = re.search(r"Using the sampler directly:\n\n```python\n(.*?)```", README.read_text(), re.DOTALL).group(1)
     exec(compile(example, str(README), "exec"), {})  # noqa: S102 -- the README's own code
     assert (tmp_path / "red_cat.png").is_file()
+
+
+def test_the_demo_time_agrees_across_readme_and_recipe():
+    recipe = (README.parent / "recipes" / "tiny" / "cpu_demo.yaml").read_text()
+    readme = README.read_text()
+    assert "about 30 s on 2 cores" in recipe and "On 2 CPU cores it takes about 30 s" in readme
