@@ -83,8 +83,8 @@ class T2IGRPOTrainer(GRPOTrainer):
     trainer.train()
     ```
 
-    The subclass overrides four parts of TRL's `GRPOTrainer` and reuses the rest (grouping, buffering, old and
-    reference log-probs, rewards, advantages, every `loss_type`, clipping, checkpointing):
+    The subclass overrides these parts of TRL's `GRPOTrainer` and reuses the rest (grouping, buffering, old
+    log-probs, rewards, advantages, every `loss_type`, clipping, checkpointing):
 
     * `_generate`: KV-cached classifier-free-guidance sampling of image tokens, VQ decoding, PIL images to the
       reward functions;
@@ -94,14 +94,16 @@ class T2IGRPOTrainer(GRPOTrainer):
     * `_get_per_token_logps_and_entropies`: teacher-forced image-token log-probs through the (wrapped) model's
       forward — TRL's own scorer would run image ids through the text head;
     * `_compute_loss`: TRL's loss, plus `current_beta() · D` normalised like TRL's loss;
-    * `log`: images in `log_completions`.
+    * `log`: images in `log_completions`;
+    * `_save_checkpoint` / `_save`: atomic checkpoints, and `run_settings.json` at every save.
 
     Every use of TRL's private surface goes through `trl_t2i.trl_boundary`.
 
     Args:
         model (`str` or `PreTrainedModel`):
-            Hub id or local path of a supported text-to-image model (loaded with `args.model_init_kwargs` and
-            `quantization_config`), or an instantiated model. `"trl-t2i/tiny-janus"` is built locally.
+            Hub id or local path of a supported text-to-image model (Janus, or LlamaGen converted with
+            `trl-t2i convert_llamagen`; loaded with `args.model_init_kwargs` and `quantization_config`), or an
+            instantiated model. `"trl-t2i/tiny-janus"` and `"trl-t2i/tiny-llamagen"` are built locally.
         reward_funcs (callable or list of callables):
             Reward functions `f(prompts, completions, **kwargs) -> list[float | None]`, where `completions` are PIL
             images and `prompts` the raw captions. Each gets the other dataset columns as keyword arguments.
@@ -110,12 +112,12 @@ class T2IGRPOTrainer(GRPOTrainer):
         train_dataset, eval_dataset (`Dataset`, *optional*):
             Prompt datasets with a `prompt` column of captions (strings).
         processing_class (`ProcessorMixin`, *optional*):
-            The model's processor; loaded from `model` when omitted.
+            The model's processor (Janus) or caption tokenizer (LlamaGen); loaded from `model` when omitted.
         callbacks, optimizers:
             As in `transformers.Trainer`.
         quantization_config (`BitsAndBytesConfig`, *optional*):
             4-bit/8-bit loading of a `model` given by name (QLoRA). The model family's unquantized modules (image
-            head, aligners, vision tower, VQ model) are added to its skip list.
+            head, aligners, vision tower, caption encoder, VQ model) are added to its skip list.
         peft_config (`PeftConfig`, *optional*):
             LoRA configuration. With adapters, the reference is the same model with adapters disabled (no copy in
             memory). A `LoraConfig` without `target_modules` gets the family's language-model linears.
