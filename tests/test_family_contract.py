@@ -239,3 +239,21 @@ def test_image_token_embeddings_embed_each_token(tiny_family):
     assert embeddings.shape[:2] == tokens.shape and embeddings.dim() == 3
     same = family.image_token_embeddings(model, tokens[:, :1].expand_as(tokens))
     torch.testing.assert_close(same[:, 1:], same[:, :1].expand_as(same[:, 1:]))  # a token's embedding, wherever it is
+
+
+def _cached_keys(state):
+    """The keys of every layer of a decode's cache (transformers' `Cache` layers or `LlamaGenKVCache` pairs)."""
+    return [layer.keys if hasattr(layer, "keys") else layer[0] for layer in state.cache.layers]
+
+
+def test_the_decode_cache_is_allocated_once_not_grown_every_step(tiny_family, prompts):
+    model, _, family, _ = tiny_family
+    conditioning = family.guided_rows(family.encode_prompts(prompts))
+    with torch.no_grad():
+        _, state = family.prefill(model, conditioning)
+        storages = [keys.untyped_storage().data_ptr() for keys in _cached_keys(state)]
+        prompt_length = _cached_keys(state)[0].size(2)
+        for _ in range(family.num_image_tokens - 1):  # every step the sampler takes
+            family.step(model, torch.zeros(len(conditioning), dtype=torch.long), state)
+    assert [keys.untyped_storage().data_ptr() for keys in _cached_keys(state)] == storages
+    assert all(keys.size(2) == prompt_length + family.num_image_tokens - 1 for keys in _cached_keys(state))

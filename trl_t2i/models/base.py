@@ -43,10 +43,15 @@ class Conditioning:
 
 @dataclass
 class DecodeState:
-    """What one KV-cached decode carries from step to step: the cache and the attention mask so far."""
+    """What one KV-cached decode carries from step to step: the cache and the attention mask.
+
+    A family may allocate both for the whole sequence at prefill; then `attention_mask[:, :length]` is the mask of
+    the `length` positions fed so far.
+    """
 
     cache: Any
     attention_mask: torch.LongTensor
+    length: int = 0
 
 
 class ModelFamily(ABC):

@@ -8,9 +8,43 @@ exactly like `JanusForConditionalGeneration.generate(generation_mode="image")`.
 
 import torch
 from torch import nn
-from transformers import DynamicCache, JanusForConditionalGeneration
+from transformers import JanusForConditionalGeneration
+from transformers.cache_utils import Cache, DynamicLayer
 
 from .base import Conditioning, DecodeState, ModelFamily
+
+
+class PreallocatedLayer(DynamicLayer):
+    """A `DynamicLayer` whose keys and values live in buffers allocated once for `max_length` positions: `update`
+    writes the new positions in place and returns views of the positions so far, instead of concatenating the whole
+    cache at every step. Attention sees exactly the tensors a `DynamicLayer` would give it (same length, same
+    values), so the masks, positions and logits are those of `generate`'s `DynamicCache`."""
+
+    def __init__(self, max_length: int):
+        super().__init__()
+        self.max_length = max_length
+        self.length = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        self.key_buffer = key_states.new_empty((*key_states.shape[:2], self.max_length, key_states.shape[-1]))
+        self.value_buffer = value_states.new_empty((*value_states.shape[:2], self.max_length, value_states.shape[-1]))
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.size(-2)
+        if end > self.max_length:
+            raise ValueError(f"The cache holds {self.max_length} positions; {end} were fed.")
+        self.key_buffer[:, :, self.length : end] = key_states
+        self.value_buffer[:, :, self.length : end] = value_states
+        self.length = end
+        self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
 
 
 class JanusFamily(ModelFamily):
@@ -86,7 +120,11 @@ class JanusFamily(ModelFamily):
 
     def prefill(self, model, conditioning):
         input_ids, attention_mask = conditioning.tensors["input_ids"], conditioning.tensors["attention_mask"]
-        cache = DynamicCache(config=model.config.get_text_config())
+        # Cache and mask are allocated once for the prompt and every image token (not grown at every step).
+        max_length = input_ids.size(1) + self.num_image_tokens
+        num_layers = model.config.get_text_config().num_hidden_layers
+        cache = Cache(layers=[PreallocatedLayer(max_length) for _ in range(num_layers)])
+        full_mask = torch.cat([attention_mask, attention_mask.new_ones(len(input_ids), self.num_image_tokens)], 1)
         output = model.model.language_model(
             inputs_embeds=model.get_input_embeddings()(input_ids),
             attention_mask=attention_mask,
@@ -94,19 +132,16 @@ class JanusFamily(ModelFamily):
             use_cache=True,
         )
         logits = model.model.generation_head(output.last_hidden_state[:, -1])
-        return logits, DecodeState(cache=output.cache, attention_mask=attention_mask)
+        return logits, DecodeState(cache=cache, attention_mask=full_mask, length=input_ids.size(1))
 
     def step(self, model, image_tokens, state):
-        state.attention_mask = torch.cat(
-            [state.attention_mask, state.attention_mask.new_ones(len(image_tokens), 1)], 1
-        )
+        state.length += 1
         output = model.model.language_model(
             inputs_embeds=model.prepare_embeddings_for_image_generation(image_tokens[:, None]),
-            attention_mask=state.attention_mask,
+            attention_mask=state.attention_mask[:, : state.length],
             cache=state.cache,
             use_cache=True,
         )
-        state.cache = output.cache
         return model.model.generation_head(output.last_hidden_state[:, -1])
 
     def image_token_embeddings(self, model, image_tokens):

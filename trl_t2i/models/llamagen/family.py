@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..base import Conditioning, DecodeState, ModelFamily
-from .modeling_llamagen import LlamaGenForImageGeneration
+from .modeling_llamagen import LlamaGenForImageGeneration, LlamaGenKVCache
 
 
 class LlamaGenDecodeState(DecodeState):
@@ -66,7 +66,9 @@ class LlamaGenFamily(ModelFamily):
         return model(**conditioning.tensors, image_tokens=image_tokens[:, :-1]).logits
 
     def prefill(self, model, conditioning):
-        output = model(**conditioning.tensors, use_cache=True)
+        # Allocated once for the caption and every image token (not grown at every step).
+        cache = LlamaGenKVCache(max_length=conditioning.tensors["input_ids"].size(1) + self.num_image_tokens)
+        output = model(**conditioning.tensors, cache=cache, use_cache=True)
         return output.logits[:, -1], LlamaGenDecodeState(output.cache, conditioning)
 
     def step(self, model, image_tokens, state):

@@ -38,9 +38,16 @@ from .configuration_llamagen import LlamaGenConfig
 
 
 class LlamaGenKVCache:
-    """Keys and values of every layer so far (one `(B, H, S, D)` pair per layer)."""
+    """Keys and values of every layer so far (one `(B, H, S, D)` pair per layer).
 
-    def __init__(self):
+    With `max_length`, each layer's keys and values live in buffers allocated once for that many positions (the
+    caption and every image token): `update` writes in place and returns views of the positions so far, instead of
+    concatenating the whole cache at every step. Without it the cache grows by concatenation.
+    """
+
+    def __init__(self, max_length: int | None = None):
+        self.max_length = max_length
+        self.buffers: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.layers: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def __len__(self) -> int:
@@ -49,11 +56,25 @@ class LlamaGenKVCache:
 
     def update(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append this call's keys and values of one layer; return all of that layer's so far."""
+        if self.max_length is None:
+            if layer_idx == len(self.layers):
+                self.layers.append((keys, values))
+            else:
+                past_keys, past_values = self.layers[layer_idx]
+                self.layers[layer_idx] = (torch.cat([past_keys, keys], 2), torch.cat([past_values, values], 2))
+            return self.layers[layer_idx]
         if layer_idx == len(self.layers):
-            self.layers.append((keys, values))
-        else:
-            past_keys, past_values = self.layers[layer_idx]
-            self.layers[layer_idx] = (torch.cat([past_keys, keys], dim=2), torch.cat([past_values, values], dim=2))
+            shape = (*keys.shape[:2], self.max_length, keys.shape[3])
+            self.buffers.append((keys.new_empty(shape), values.new_empty(shape)))
+            self.layers.append((keys[:, :, :0], values[:, :, :0]))
+        start = self.layers[layer_idx][0].size(2)
+        end = start + keys.size(2)
+        if end > self.max_length:
+            raise ValueError(f"The cache holds {self.max_length} positions; {end} were fed.")
+        key_buffer, value_buffer = self.buffers[layer_idx]
+        key_buffer[:, :, start:end] = keys
+        value_buffer[:, :, start:end] = values
+        self.layers[layer_idx] = (key_buffer[:, :, :end], value_buffer[:, :, :end])
         return self.layers[layer_idx]
 
 
@@ -326,7 +347,7 @@ class LlamaGenForImageGeneration(LlamaGenPreTrainedModel):
         cache (`LlamaGenKVCache`, *optional*):
             Cache of the positions already run; with `use_cache=True` a new one is started when it is `None`.
         """
-        cache = (cache or LlamaGenKVCache()) if use_cache else None
+        cache = (cache if cache is not None else LlamaGenKVCache()) if use_cache else None
         first_call = cache is None or len(cache) == 0
         embeds = [self.embed_captions(input_ids, attention_mask, null_caption)] if first_call else []
         if image_tokens is not None:
