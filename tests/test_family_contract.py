@@ -257,3 +257,24 @@ def test_the_decode_cache_is_allocated_once_not_grown_every_step(tiny_family, pr
             family.step(model, torch.zeros(len(conditioning), dtype=torch.long), state)
     assert [keys.untyped_storage().data_ptr() for keys in _cached_keys(state)] == storages
     assert all(keys.size(2) == prompt_length + family.num_image_tokens - 1 for keys in _cached_keys(state))
+
+
+def test_a_group_of_copies_of_a_prompt_is_prefilled_once_and_samples_like_the_reference(tiny_family, prompts):
+    model, _, family, case = tiny_family
+    conditioning, sampling = family.encode_prompts([p for p in prompts for _ in range(3)]), SamplingConfig(top_k=10)
+    rows = []
+
+    def counting_prefill(model, conditioning, _prefill=family.prefill):
+        rows.append(len(conditioning))
+        return _prefill(model, conditioning)
+
+    family.prefill = counting_prefill
+    torch.manual_seed(3)
+    sample = sample_image_tokens(family, model, conditioning, sampling)
+    assert rows[0] <= 2 * len(prompts)  # one conditional (and at most one unconditional) row per distinct prompt
+    torch.manual_seed(3)
+    assert torch.equal(sample.image_tokens, case.reference_generate(model, family, conditioning, sampling, True))
+    scored = image_logp_table(family, model, conditioning, sample.image_tokens, sampling)
+    torch.testing.assert_close(
+        scored.gather(-1, sample.image_tokens[..., None]).squeeze(-1), sample.logps, atol=1e-5, rtol=0
+    )

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from trl_t2i.sampling import SamplingConfig, warp_logits
+from trl_t2i.models import Conditioning
+from trl_t2i.sampling import SamplingConfig, distinct_rows, warp_logits
 
 
 @pytest.mark.parametrize("top_k", [1, 3, 7])
@@ -48,3 +49,11 @@ def test_bad_sampling_settings_are_named(settings, message):
 
 def test_guidance_is_off_exactly_at_scale_one():
     assert not SamplingConfig(cfg_scale=1.0).guided and SamplingConfig(cfg_scale=1.01).guided
+
+
+def test_distinct_rows_index_runs_of_identical_consecutive_rows():
+    ids = torch.tensor([[1, 2], [1, 2], [3, 4], [3, 4], [1, 2]])
+    flags = torch.tensor([False, False, False, False, True])
+    assert distinct_rows(Conditioning({"ids": ids, "flag": flags})).tolist() == [0, 0, 1, 1, 2]
+    assert distinct_rows(Conditioning({"ids": ids[1:3], "flag": flags[1:3]})) is None
+    assert distinct_rows(Conditioning({"ids": ids[:2], "flag": flags[3:]})) is None  # a differing tensor splits a run

@@ -151,7 +151,8 @@ def sample_image_tokens(
     return_entropies: bool = False,
     show_progress: bool = False,
 ) -> SampleOutput:
-    """Sample one image per conditional row with a KV cache, all rows in one batch.
+    """Sample one image per conditional row with a KV cache, all rows in one batch. Consecutive identical rows (a
+    group's copies of a prompt) share one prefill (`prefill_distinct_rows`).
 
     Args:
         family: the model family.
@@ -171,7 +172,7 @@ def sample_image_tokens(
     elif return_conditional_logps:
         raise ValueError("With cfg_scale=1 the sampled distribution is the conditional one; use `logps`.")
 
-    logits, state = family.prefill(model, conditioning)
+    logits, state = prefill_distinct_rows(family, model, conditioning)
     tokens, logps, conditional_logps, entropies = [], [], [], []
     for position in trange(family.num_image_tokens, desc="Sampling image tokens", disable=not show_progress):
         conditional, unconditional = (logits[:batch_size], logits[batch_size:]) if sampling.guided else (logits, None)
@@ -197,6 +198,30 @@ def sample_image_tokens(
         conditional_logps=torch.stack(conditional_logps, dim=1) if return_conditional_logps else None,
         entropies=torch.stack(entropies, dim=1) if return_entropies else None,
     )
+
+
+def distinct_rows(conditioning: Conditioning) -> torch.LongTensor | None:
+    """Index of each row among the rows that differ from the row before (GRPO's `num_generations` consecutive copies
+    of a prompt, and identical unconditional rows), or `None` when every row differs from the one before."""
+    same = torch.ones(len(conditioning) - 1, dtype=torch.bool, device=next(iter(conditioning.tensors.values())).device)
+    for tensor in conditioning.tensors.values():
+        same &= (tensor[1:] == tensor[:-1]).flatten(1).all(dim=1) if tensor.dim() > 1 else tensor[1:] == tensor[:-1]
+    if not same.any():
+        return None
+    return torch.cat([same.new_zeros(1), same]).logical_not().cumsum(0) - 1
+
+
+def prefill_distinct_rows(family: ModelFamily, model: nn.Module, conditioning: Conditioning):
+    """`family.prefill` once per run of identical consecutive rows, then expanded to every row."""
+    index = distinct_rows(conditioning) if len(conditioning) > 1 else None
+    if index is None:
+        return family.prefill(model, conditioning)
+    first = torch.cat([index.new_zeros(1), (index[1:] != index[:-1]).nonzero().flatten() + 1])
+    logits, state = family.prefill(
+        model, Conditioning({name: tensor[first] for name, tensor in conditioning.tensors.items()})
+    )
+    state.select_rows(index)
+    return logits[index], state
 
 
 def teacher_forced_logits(

@@ -53,6 +53,12 @@ class DecodeState:
     attention_mask: torch.LongTensor
     length: int = 0
 
+    def select_rows(self, index: torch.LongTensor) -> None:
+        """Keep (or repeat) the rows `index` of the cache and mask, e.g. to expand a prefill shared by the rows that
+        repeat a prompt. The cache must implement transformers' `batch_select_indices`."""
+        self.cache.batch_select_indices(index)
+        self.attention_mask = self.attention_mask[index]
+
 
 class ModelFamily(ABC):
     """Everything model-family specific that GRPO on image tokens needs.

@@ -22,6 +22,10 @@ class LlamaGenDecodeState(DecodeState):
         super().__init__(cache=cache, attention_mask=conditioning.tensors["attention_mask"])
         self.conditioning = conditioning
 
+    def select_rows(self, index: torch.LongTensor) -> None:
+        super().select_rows(index)
+        self.conditioning = Conditioning({name: tensor[index] for name, tensor in self.conditioning.tensors.items()})
+
 
 class LlamaGenFamily(ModelFamily):
     model_type = "llamagen"

@@ -77,6 +77,15 @@ class LlamaGenKVCache:
         self.layers[layer_idx] = (key_buffer[:, :, :end], value_buffer[:, :, :end])
         return self.layers[layer_idx]
 
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep (or repeat) the rows `indices` of every layer (transformers' `Cache` method of the same name)."""
+        self.buffers = [(keys[indices], values[indices]) for keys, values in self.buffers]
+        length = len(self)
+        if self.buffers:
+            self.layers = [(keys[:, :, :length], values[:, :, :length]) for keys, values in self.buffers]
+        else:
+            self.layers = [(keys[indices], values[indices]) for keys, values in self.layers]
+
 
 @dataclass
 class LlamaGenOutput(ModelOutput):
