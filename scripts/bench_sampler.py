@@ -1,7 +1,7 @@
 """Benchmark the KV-cached CFG sampler against `JanusForConditionalGeneration.generate`, and measure how closely the
 sampler's recorded log-probs match teacher forcing in fp32 and in bf16 autocast.
 
-    python scripts/bench_sampler.py [--images 4] [--repeats 3] [--threads 1] [--widths tiny,mid,pro1b]
+    python scripts/bench_sampler.py [--images 4] [--repeats 3] [--threads 1] [--widths tiny,mid,long,pro1b]
 
 Both are timed in one process on the same random Janus models (built locally, random weights), repeats interleaved
 (generate, ours, generate, ours, ...) and the median reported, so that load on the machine hits both alike. Our
@@ -24,6 +24,10 @@ WIDTHS = {  # name: (description, build_tiny_janus kwargs); 4 attention heads th
     "mid": (
         "mid: h1024, 8 layers, 144 tok, 4096 codes",
         {"hidden_size": 1024, "num_layers": 8, "image_tokens_per_side": 12, "codebook_size": 4096},
+    ),
+    "long": (
+        "long: h1024, 2 layers, 576 tok (Janus' 24×24), 4096 codes",
+        {"hidden_size": 1024, "num_layers": 2, "image_tokens_per_side": 24, "codebook_size": 4096},
     ),
     "pro1b": (
         "Janus-Pro-1B width: h2048, 2 layers, 64 tok, 16384 codes",
