@@ -287,3 +287,10 @@ def test_fsdp_on_cpu_fails_before_loading_the_model(tmp_path, monkeypatch, no_mo
     monkeypatch.setenv("FSDP_VERSION", "2")
     with pytest.raises(ValueError, match="FSDP is set up but so is `use_cpu`"):
         _run(tmp_path)
+
+
+def test_the_trainer_refuses_fsdp2_for_python_users_too(tmp_path, monkeypatch, no_model_loading):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    with pytest.raises(ValueError, match="FSDP"):
+        make_trainer(tmp_path)

@@ -27,6 +27,7 @@ from .metrics import position_entropy
 from .models import disable_bnb_cpu_repack, get_family, load_model, load_processor, unwrap_model
 from .run_settings import RunSettings
 from .sampling import MIN_LOGP, sample_image_tokens, teacher_forced_logits, truncate_logits, truncates
+from .sharding import check_sharding
 
 
 METRIC_DIVERGENCES = ("reverse_kl", "forward_kl", "js")
@@ -144,6 +145,7 @@ class T2IGRPOTrainer(GRPOTrainer):
             args = T2IGRPOConfig(f"{(model_id or 'model').rstrip('/').split('/')[-1]}-T2I-GRPO")
         if not isinstance(args, T2IGRPOConfig):
             raise TypeError(f"`args` must be a T2IGRPOConfig, got {type(args).__name__}.")
+        check_sharding(args)  # before any model is loaded
         reward_funcs = _check_reward_funcs(reward_funcs)
         for dataset in (train_dataset, eval_dataset):
             _check_prompt_dataset(dataset)
