@@ -418,3 +418,17 @@ def test_a_reward_that_scores_nothing_fails_at_the_first_step_naming_it(tmp_path
     with pytest.raises(ValueError, match="'broken_reward' returned no finite value"):
         trainer.train()
     assert not list(tmp_path.glob("checkpoint-*"))  # nothing was trained or saved
+
+
+def test_exact_metric_divergences_are_computed_only_for_logged_steps(tmp_path):
+    # at 576 × 16,384 every extra full-codebook divergence costs about as much as the penalty itself
+    trainer = make_trainer(tmp_path, divergence="js", divergence_estimator="exact", max_steps=4, logging_steps=2)
+    calls = []
+    for divergence in trainer.metric_divergences.values():
+        exact = divergence.exact
+        divergence.exact = lambda *tables, _exact=exact: calls.append(trainer.state.global_step + 1) or _exact(*tables)
+    trainer.train()
+    assert sorted(set(calls)) == [2, 4]  # reverse and forward KL; JS is the penalty itself
+    logged = [log for log in trainer.state.log_history if "loss" in log]
+    assert [log["step"] for log in logged] == [2, 4]
+    assert all(log["divergence/reverse_kl"] > 0 and log["divergence/js"] > 0 for log in logged)

@@ -489,8 +489,10 @@ class T2IGRPOTrainer(GRPOTrainer):
                     value = divergence.sampled(untruncated_logps, ref_logps)
                 elif name == self.args.divergence:  # the penalty is this very divergence
                     value = per_token
-                else:
+                elif self._logs_this_step():  # a full-codebook pass: only for the steps that are logged
                     value = divergence.exact(untruncated_table, ref_table)
+                else:
+                    continue
                 trl.record_metric(self, f"divergence/{name}", trl.global_masked_mean(self, value, image_mask))
             if self.model.training and self.args.beta_schedule == "adaptive":
                 measured = (
@@ -499,6 +501,13 @@ class T2IGRPOTrainer(GRPOTrainer):
                 self.beta_schedule.measure(trl.global_masked_mean(self, measured, image_mask))
         trl.record_metric(self, "divergence/exact", float(ref_table is not None))
         return beta * trl.aggregate_like_trl(self, per_token, mask, inputs)
+
+    def _logs_this_step(self) -> bool:
+        """Whether the optimizer step being computed will be logged (always in evaluation)."""
+        if not self.model.training or self.args.logging_strategy != "steps":
+            return True
+        step = self.state.global_step + 1
+        return step % max(int(self.state.logging_steps), 1) == 0 or (step == 1 and self.args.logging_first_step)
 
     def _penalty_importance_ratio(self, inputs, policy_logps, untruncated_logps) -> torch.Tensor:
         """The sampled penalty's importance weight π/π_old, which makes its expected gradient the divergence's.
