@@ -9,6 +9,7 @@ from huggingface_hub import HfApi
 
 from trl_t2i import hub
 from trl_t2i.run_settings import RunSettings
+from trl_t2i.sampling import SamplingConfig
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +83,14 @@ def test_card_settings_are_the_run_settings_with_their_defaults(trained, tmp_pat
     assert "# my-run" in card
 
 
+def test_the_usage_snippet_samples_with_the_runs_settings(trained, tmp_path):
+    settings = dataclasses.replace(
+        RunSettings.load(trained.args.output_dir), sampling=SamplingConfig(cfg_scale=3.0, top_k=16)
+    )
+    card = hub.model_card(settings=settings, output_dir=tmp_path / "run", is_adapter=True, metrics={})
+    assert "SamplingConfig(cfg_scale=3.0, top_k=16)" in card
+
+
 def test_a_missing_or_non_finite_metric_never_breaks_the_card(trained, tmp_path):
     # a reward that scored nothing in a logging window is logged as None (and NaN may reach the history)
     settings = RunSettings.load(trained.args.output_dir)
@@ -103,7 +112,9 @@ def test_usage_snippet_in_the_card_runs_on_the_available_device(trained):
 
 
 def test_usage_snippet_of_a_full_model_loads_it_without_peft():
-    snippet = hub._usage("deepseek-community/Janus-Pro-7B", "me/janus-grpo", is_adapter=False, cfg_scale=3.0)
+    snippet = hub._usage(
+        "deepseek-community/Janus-Pro-7B", "me/janus-grpo", is_adapter=False, sampling=SamplingConfig(cfg_scale=3.0)
+    )
     compile(snippet, "usage.py", "exec")
     assert "PeftModel" not in snippet and 'load_model("me/janus-grpo", dtype=dtype)' in snippet
     assert "torch.cuda.is_available()" in snippet and "SamplingConfig(cfg_scale=3.0)" in snippet

@@ -9,6 +9,7 @@ from pathlib import Path
 from huggingface_hub import CommitOperationAdd, HfApi
 
 from .run_settings import RunSettings
+from .sampling import SamplingConfig
 
 
 SAMPLE_GRID = "sample_grid.png"
@@ -114,7 +115,7 @@ def model_card(
         "## Usage",
         "",
         "```python",
-        _usage(base_model, repo, is_adapter, settings.sampling.cfg_scale),
+        _usage(base_model, repo, is_adapter, settings.sampling),
         "```",
         "",
     ]
@@ -198,8 +199,15 @@ def _model_link(model_id: str) -> str:
     return f"[`{model_id}`](https://huggingface.co/{model_id})"
 
 
-def _usage(base_model: str, repo: str, is_adapter: bool, cfg_scale: float) -> str:
-    """A snippet that samples from the trained model on GPU, or on CPU where there is none."""
+def _usage(base_model: str, repo: str, is_adapter: bool, sampling: SamplingConfig) -> str:
+    """A snippet that samples from the trained model on GPU, or on CPU where there is none, with the run's guidance
+    and its other sampling settings that differ from the defaults."""
+    defaults = SamplingConfig()
+    changed = [
+        f"{name}={getattr(sampling, name)!r}"
+        for name in ("cfg_scale", "temperature", "top_k", "top_p")
+        if name == "cfg_scale" or getattr(sampling, name) != getattr(defaults, name)
+    ]
     load = (
         f'PeftModel.from_pretrained(load_model("{base_model}", dtype=dtype), "{repo}")'
         if is_adapter
@@ -217,7 +225,7 @@ def _usage(base_model: str, repo: str, is_adapter: bool, cfg_scale: float) -> st
             f"model = {load}.to(device).eval()",
             f'family = get_family(model, load_processor("{base_model}"))',
             'conditioning = family.encode_prompts(["a photo of a red fox in the snow"] * 4).to(device)',
-            f"sample = sample_image_tokens(family, model, conditioning, SamplingConfig(cfg_scale={cfg_scale}))",
+            f"sample = sample_image_tokens(family, model, conditioning, SamplingConfig({', '.join(changed)}))",
             'to_pil(family.decode(model, sample.image_tokens))[0].save("fox.png")',
         ]
     )
