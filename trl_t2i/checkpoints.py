@@ -25,6 +25,11 @@ DISK_FULL_BYTES = 1 << 20
 """A save that fails with less free space than this on the disk failed because the disk is full."""
 
 
+def latest_checkpoint(output_dir: str | Path) -> str | None:
+    """The latest `checkpoint-N` in `output_dir`; `None` when there is none, or no such directory."""
+    return get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
+
+
 def resolve_resume(resume_from_checkpoint: str | bool | None, output_dir: str | Path) -> str | None:
     """The checkpoint a run resumes from, checked (`check_checkpoint`): `true` is the latest `checkpoint-N` in
     `output_dir`, a path is that checkpoint; `None`, `false`: none."""
@@ -32,7 +37,7 @@ def resolve_resume(resume_from_checkpoint: str | bool | None, output_dir: str | 
         return None
     if str(resume_from_checkpoint).lower() != "true":
         checkpoint = str(resume_from_checkpoint)
-    elif not Path(output_dir).is_dir() or (checkpoint := get_last_checkpoint(output_dir)) is None:
+    elif (checkpoint := latest_checkpoint(output_dir)) is None:
         raise FileNotFoundError(
             f"`--resume_from_checkpoint true` resumes from the latest checkpoint-N in output_dir {str(output_dir)!r}, "
             "but there is none. Pass the path of a checkpoint, or leave `--resume_from_checkpoint` out to start a "
@@ -141,5 +146,5 @@ def _disk_full(error: Exception, path: str) -> bool:
 
 
 def _previous(run_dir: str) -> str:
-    last = get_last_checkpoint(run_dir)
+    last = latest_checkpoint(run_dir)
     return f"the previous checkpoint {last} is intact" if last else "no earlier checkpoint was saved"

@@ -280,11 +280,10 @@ class T2IGRPOTrainer(GRPOTrainer):
                     return_conditional_logps=conditional,
                     return_entropies=self.args.token_selection == "critical",
                 )
+            bare_model = unwrap_model(unwrapped_model)
             with self._timed("decoding"):
-                images = to_pil(self.family.decode(unwrap_model(unwrapped_model), sample.image_tokens))
-            loss_mask = (
-                self._critical_tokens(unwrap_model(unwrapped_model), sample) if sample.entropies is not None else None
-            )
+                images = to_pil(self.family.decode(bare_model, sample.image_tokens))
+            loss_mask = self._critical_tokens(bare_model, sample) if sample.entropies is not None else None
 
         if self.model.training:
             self.state.num_input_tokens_seen += self.accelerator.gather(prompt_mask.sum().to(device)).sum().item()

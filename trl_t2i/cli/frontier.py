@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers.trainer_utils import get_last_checkpoint
 from trl import TrlParser
 
+from ..checkpoints import latest_checkpoint
 from ..data import load_prompt_dataset
 from ..divergences import DIVERGENCES
 from ..evaluation import BASE, DIVERSITY_METRICS, EvaluationSettings, Run, evaluate_runs, print_table, read_run
@@ -139,7 +139,7 @@ def main(args: FrontierArguments) -> list[dict]:
         run_dir = output_dir / "runs" / run_name(divergence, beta)
         run_dirs.append(run_dir)
         argv = ["--config", str(recipe), *overrides, "--divergence", divergence, "--beta", str(beta)]
-        if run_dir.is_dir() and get_last_checkpoint(run_dir):  # an interrupted run goes on from its last checkpoint
+        if latest_checkpoint(run_dir):  # an interrupted run goes on from its last checkpoint
             argv += ["--resume_from_checkpoint", "true"]
         run_script_args, run_training_args, run_model_args = grpo.make_parser().parse_args_and_config(
             [*argv, "--output_dir", str(run_dir)]
