@@ -103,6 +103,15 @@ class T2IGRPOConfig(GRPOConfig):
             was sampled (exactly on-policy; scoring runs the conditional and unconditional rows). `"conditional"`:
             the conditional branch only, as T2I-R1 and the paper's Janus code do — off-policy, hence biased, when
             `cfg_scale != 1`; supported for reproduction.
+        merge_adapters_for_rollouts (`bool`, *optional*, defaults to `True`):
+            With LoRA, fold the adapters into the base weights while sampling (one matmul per linear instead of
+            three) and put the original weights back afterwards, bit for bit. Costs one extra copy of the adapted
+            weights during rollouts. Skipped, with a log line, where the base weights cannot take the fold: 4-bit or
+            8-bit (QLoRA), DoRA, or sharded (ZeRO-3, FSDP).
+        compile_rollouts (`bool`, *optional*, defaults to `False`):
+            Sample with a static KV cache and a `torch.compile`d decode step (a CUDA graph on GPU): the same tokens
+            and log-probs, much less per-step overhead for small models and host-bound GPUs. The first rollout of
+            each batch shape compiles (tens of seconds). Families with a static decode only (Janus).
 
         > Parameters that control logging
 
@@ -147,6 +156,14 @@ class T2IGRPOConfig(GRPOConfig):
             "`conditional` (cond branch only; off-policy when cfg_scale != 1).",
             "choices": list(CFG_LOGPROBS),
         },
+    )
+    merge_adapters_for_rollouts: bool = field(
+        default=True,
+        metadata={"help": "Fold LoRA into the base weights while sampling (restored exactly afterwards)."},
+    )
+    compile_rollouts: bool = field(
+        default=False,
+        metadata={"help": "Sample with a static KV cache and a torch.compile'd decode step (CUDA graphs on GPU)."},
     )
     divergence_target: float | None = field(
         default=None,

@@ -149,6 +149,7 @@ def sample_image_tokens(
     generator: torch.Generator | None = None,
     return_conditional_logps: bool = False,
     return_entropies: bool = False,
+    compile: bool = False,
     show_progress: bool = False,
 ) -> SampleOutput:
     """Sample one image per conditional row with a KV cache, all rows in one batch. Consecutive identical rows (a
@@ -163,6 +164,9 @@ def sample_image_tokens(
         generator: RNG for `torch.multinomial`; `None` uses the global RNG (as `generate` does).
         return_conditional_logps: also record the conditional-branch log-prob of each token.
         return_entropies: also record the entropy of the distribution each token was sampled from.
+        compile: decode with a static KV cache and a `torch.compile`d step (CUDA graphs on GPU), compiled at the
+            first call and reused while the shapes stay the same: the same tokens and log-probs as the eager loop,
+            much less per-step overhead where the model is small or the host is the bottleneck.
         show_progress: show a progress bar over image positions.
     """
     model = unwrap_model(model)
@@ -172,7 +176,8 @@ def sample_image_tokens(
     elif return_conditional_logps:
         raise ValueError("With cfg_scale=1 the sampled distribution is the conditional one; use `logps`.")
 
-    logits, state = prefill_distinct_rows(family, model, conditioning)
+    step = compiled_step(family, cuda_graphs=model.device.type == "cuda") if compile else family.step
+    logits, state = prefill_distinct_rows(family, model, conditioning, static=compile)
     tokens, logps, conditional_logps, entropies = [], [], [], []
     for position in trange(family.num_image_tokens, desc="Sampling image tokens", disable=not show_progress):
         conditional, unconditional = (logits[:batch_size], logits[batch_size:]) if sampling.guided else (logits, None)
@@ -190,7 +195,7 @@ def sample_image_tokens(
             conditional_table = token_logits(conditional, None, sampling, truncate=False).log_softmax(dim=-1)
             conditional_logps.append(conditional_table.gather(-1, token[:, None]).squeeze(-1))
         if position + 1 < family.num_image_tokens:
-            logits = family.step(model, token.repeat(2) if sampling.guided else token, state)
+            logits = step(model, token.repeat(2) if sampling.guided else token, state)
 
     return SampleOutput(
         image_tokens=torch.stack(tokens, dim=1),
@@ -211,14 +216,30 @@ def distinct_rows(conditioning: Conditioning) -> torch.LongTensor | None:
     return torch.cat([same.new_zeros(1), same]).logical_not().cumsum(0) - 1
 
 
-def prefill_distinct_rows(family: ModelFamily, model: nn.Module, conditioning: Conditioning):
+def compiled_step(family: ModelFamily, cuda_graphs: bool = False):
+    """`family.step` compiled for a static `DecodeState` (kernel fusion, no per-op Python dispatch), and with
+    `cuda_graphs` captured as a CUDA graph (`mode="reduce-overhead"`) replayed at every position. Dynamo caches the
+    compiled code on the step's code, so later rollouts of the same shapes reuse it."""
+    if not family.supports_static_decoding:
+        raise ValueError(f"{type(family).__name__} has no static decode to compile; sample with `compile=False`.")
+    compiled = torch.compile(family.step, dynamic=False, mode="reduce-overhead" if cuda_graphs else None)
+
+    def step(model, image_tokens, state):
+        if cuda_graphs:  # the previous step's logits are consumed: the graph may overwrite them
+            torch.compiler.cudagraph_mark_step_begin()
+        return compiled(model, image_tokens, state)
+
+    return step
+
+
+def prefill_distinct_rows(family: ModelFamily, model: nn.Module, conditioning: Conditioning, static: bool = False):
     """`family.prefill` once per run of identical consecutive rows, then expanded to every row."""
     index = distinct_rows(conditioning) if len(conditioning) > 1 else None
     if index is None:
-        return family.prefill(model, conditioning)
+        return family.prefill(model, conditioning, static=static)
     first = torch.cat([index.new_zeros(1), (index[1:] != index[:-1]).nonzero().flatten() + 1])
     logits, state = family.prefill(
-        model, Conditioning({name: tensor[first] for name, tensor in conditioning.tensors.items()})
+        model, Conditioning({name: tensor[first] for name, tensor in conditioning.tensors.items()}), static=static
     )
     state.select_rows(index)
     return logits[index], state

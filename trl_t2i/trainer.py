@@ -10,6 +10,7 @@ from accelerate.utils import is_peft_model
 from datasets import Dataset, IterableDataset
 from peft import LoraConfig, PeftConfig
 from transformers import BitsAndBytesConfig, PreTrainedModel, TrainerCallback
+from transformers.utils import logging
 from trl import GRPOTrainer
 from trl.models import prepare_deepspeed, prepare_fsdp, unwrap_model_for_generation
 from trl.trainer.callbacks import SyncRefModelCallback
@@ -23,12 +24,15 @@ from .divergences import MAX_LOG_RATIO, get_divergence
 from .gcpo import critical_token_mask, dynamic_advantage_weight
 from .image_logging import ImageGridCallback
 from .images import to_pil
+from .merged_adapters import merged_adapters, why_not_mergeable
 from .metrics import position_entropy
 from .models import disable_bnb_cpu_repack, get_family, load_model, load_processor, unwrap_model
 from .run_settings import RunSettings
 from .sampling import MIN_LOGP, sample_image_tokens, teacher_forced_logits, truncate_logits, truncates
 from .sharding import check_sharding
 
+
+logger = logging.get_logger(__name__)
 
 METRIC_DIVERGENCES = ("reverse_kl", "forward_kl", "js")
 """Divergences logged at every step whatever is optimised."""
@@ -159,6 +163,11 @@ class T2IGRPOTrainer(GRPOTrainer):
         processing_class = processing_class or load_processor(model_id, padding_side="left")
         self.family = get_family(model, processing_class)
         _set_completion_length(args, self.family.num_image_tokens)
+        if args.compile_rollouts and not self.family.supports_static_decoding:
+            raise ValueError(
+                f"`compile_rollouts=True` needs a static decode, which the {self.family.model_type!r} family does not "
+                "have yet; leave it off."
+            )
         peft_config = self._prepare_lora_config(peft_config, model)
         self.divergence = get_divergence(args.divergence, alpha=args.divergence_alpha)
         self.metric_divergences = {name: get_divergence(name) for name in METRIC_DIVERGENCES}
@@ -271,7 +280,7 @@ class T2IGRPOTrainer(GRPOTrainer):
             trl.gathered_parameters(self),
             self.accelerator.autocast(),  # the same numerics as the scoring forward
         ):
-            with self._timed("sampling"):
+            with self._timed("sampling"), self._rollout_weights(unwrapped_model):
                 sample = sample_image_tokens(
                     self.family,
                     unwrapped_model,
@@ -279,6 +288,7 @@ class T2IGRPOTrainer(GRPOTrainer):
                     self.args.sampling,
                     return_conditional_logps=conditional,
                     return_entropies=self.args.token_selection == "critical",
+                    compile=self.args.compile_rollouts,
                 )
             bare_model = unwrap_model(unwrapped_model)
             with self._timed("decoding"):
@@ -296,6 +306,19 @@ class T2IGRPOTrainer(GRPOTrainer):
             loss_mask=None if loss_mask is None else loss_mask.int().tolist(),
         )
         return rollout.to_trl()
+
+    def _rollout_weights(self, model):
+        """The adapters folded into the base weights for sampling (`merge_adapters_for_rollouts`), where they can
+        be; the reason is logged once where they cannot."""
+        if not (self.args.merge_adapters_for_rollouts and is_peft_model(model)):
+            return contextlib.nullcontext()
+        reason = "the weights are sharded by FSDP" if self.is_fsdp_enabled else why_not_mergeable(model)
+        if reason is None:
+            return merged_adapters(model)
+        if not getattr(self, "_logged_unmerged_rollouts", False):
+            logger.info(f"Sampling with the adapters unmerged: {reason}.")
+            self._logged_unmerged_rollouts = True
+        return contextlib.nullcontext()
 
     def _critical_tokens(self, model, sample) -> torch.Tensor:
         """The rollout's critical tokens `(B, N)` (`token_selection="critical"`), from the sampled distributions'

@@ -46,12 +46,14 @@ class DecodeState:
     """What one KV-cached decode carries from step to step: the cache and the attention mask.
 
     A family may allocate both for the whole sequence at prefill; then `attention_mask[:, :length]` is the mask of
-    the `length` positions fed so far.
+    the `length` positions fed so far. A `static` state keeps every shape fixed for the whole decode (the mask covers
+    every position, the cache counts its own length in a tensor), so a step can be compiled once and replayed.
     """
 
     cache: Any
     attention_mask: torch.LongTensor
     length: int = 0
+    static: bool = False
 
     def select_rows(self, index: torch.LongTensor) -> None:
         """Keep (or repeat) the rows `index` of the cache and mask, e.g. to expand a prefill shared by the rows that
@@ -75,6 +77,9 @@ class ModelFamily(ABC):
     """Regex (PEFT full match) of the language-model linears that LoRA adapts: never the vision tower or VQ model."""
     quantization_skip_modules: ClassVar[list[str]]
     """Full module paths (from the root) that 4-bit loading must leave unquantized."""
+    supports_static_decoding: ClassVar[bool] = False
+    """Whether `prefill(..., static=True)` is implemented: a fixed-shape decode whose `step` can be compiled
+    (`torch.compile`, CUDA graphs)."""
 
     def __init__(self, config, processing_class):
         self.config = config
@@ -110,12 +115,21 @@ class ModelFamily(ABC):
         """
 
     @abstractmethod
-    def prefill(self, model: nn.Module, conditioning: Conditioning) -> tuple[torch.Tensor, DecodeState]:
-        """Run the prompt rows through `model` (bare) with a fresh KV cache: logits `(rows, V)` for image token 0."""
+    def prefill(
+        self, model: nn.Module, conditioning: Conditioning, static: bool = False
+    ) -> tuple[torch.Tensor, DecodeState]:
+        """Run the prompt rows through `model` (bare) with a fresh KV cache: logits `(rows, V)` for image token 0.
+
+        `static=True` (families with `supports_static_decoding` only) returns a `static` `DecodeState`.
+        """
 
     @abstractmethod
     def step(self, model: nn.Module, image_tokens: torch.LongTensor, state: DecodeState) -> torch.Tensor:
-        """Feed one image token per row `(rows,)`, updating `state` in place: logits `(rows, V)` for the next one."""
+        """Feed one image token per row `(rows,)`, updating `state` in place: logits `(rows, V)` for the next one.
+
+        On a `static` state it must only update tensors in place (no Python-side counters, no new shapes), so that
+        `torch.compile` captures it once for every position.
+        """
 
     @abstractmethod
     def image_token_embeddings(self, model: nn.Module, image_tokens: torch.LongTensor) -> torch.Tensor:

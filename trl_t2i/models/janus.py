@@ -9,7 +9,7 @@ exactly like `JanusForConditionalGeneration.generate(generation_mode="image")`.
 import torch
 from torch import nn
 from transformers import JanusForConditionalGeneration
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicLayer, StaticLayer
 
 from .base import Conditioning, DecodeState, ModelFamily
 
@@ -52,6 +52,23 @@ class PreallocatedLayer(DynamicLayer):
             self.keys, self.values = self.key_buffer[:, :, : self.length], self.value_buffer[:, :, : self.length]
 
 
+STATIC_LENGTH_MULTIPLE = 64
+"""A static cache's length is rounded up to a multiple of this, so prompts of different lengths share one compiled
+decode step (the positions past the image are never written, and causality hides them)."""
+
+
+class StaticDecodeLayer(StaticLayer):
+    """transformers' `StaticLayer` (fixed-shape buffers for `max_cache_len` positions, a tensor position counter, so
+    a compiled decode step runs for every position), plus the row selection that the shared prefill needs."""
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self.keys, self.values = self.keys[indices], self.values[indices]
+            # New buffers: CUDA graphs must know their addresses are fixed, as for the ones `StaticLayer` allocated.
+            torch._dynamo.mark_static_address(self.keys)
+            torch._dynamo.mark_static_address(self.values)
+
+
 class JanusFamily(ModelFamily):
     model_type = "janus"
     model_class = JanusForConditionalGeneration
@@ -67,6 +84,7 @@ class JanusFamily(ModelFamily):
         "model.aligner",
         "model.vqmodel",
     ]
+    supports_static_decoding = True
 
     def __init__(self, config, processing_class):
         super().__init__(config, processing_class)
@@ -123,27 +141,38 @@ class JanusFamily(ModelFamily):
         # Position P-1 (<begin_of_image>) predicts image token 0, position P+i-1 predicts token i.
         return model.model.generation_head(hidden[:, prompt_length - 1 :])
 
-    def prefill(self, model, conditioning):
+    def prefill(self, model, conditioning, static=False):
         input_ids, attention_mask = conditioning.tensors["input_ids"], conditioning.tensors["attention_mask"]
         # Cache and mask are allocated once for the prompt and every image token (not grown at every step).
         max_length = input_ids.size(1) + self.num_image_tokens
+        if static:  # one compiled step for every prompt length up to the next multiple of 64
+            max_length = -(-max_length // STATIC_LENGTH_MULTIPLE) * STATIC_LENGTH_MULTIPLE
         num_layers = model.config.get_text_config().num_hidden_layers
-        cache = Cache(layers=[PreallocatedLayer(max_length) for _ in range(num_layers)])
-        full_mask = torch.cat([attention_mask, attention_mask.new_ones(len(input_ids), self.num_image_tokens)], 1)
+        layer = StaticDecodeLayer if static else PreallocatedLayer
+        cache = Cache(layers=[layer(max_length) for _ in range(num_layers)])
+        full_mask = torch.cat(
+            [attention_mask, attention_mask.new_ones(len(input_ids), max_length - input_ids.size(1))], 1
+        )
         output = model.model.language_model(
             inputs_embeds=model.get_input_embeddings()(input_ids),
-            attention_mask=attention_mask,
+            # A static cache attends over all its positions (causality hides the ones not written yet).
+            attention_mask=full_mask if static else attention_mask,
             cache=cache,
             use_cache=True,
         )
         logits = model.model.generation_head(output.last_hidden_state[:, -1])
-        return logits, DecodeState(cache=cache, attention_mask=full_mask, length=input_ids.size(1))
+        state = DecodeState(cache=cache, attention_mask=full_mask, length=input_ids.size(1), static=static)
+        return logits, state
 
     def step(self, model, image_tokens, state):
-        state.length += 1
+        if state.static:
+            attention_mask = state.attention_mask
+        else:
+            state.length += 1
+            attention_mask = state.attention_mask[:, : state.length]
         output = model.model.language_model(
             inputs_embeds=model.prepare_embeddings_for_image_generation(image_tokens[:, None]),
-            attention_mask=state.attention_mask[:, : state.length],
+            attention_mask=attention_mask,
             cache=state.cache,
             use_cache=True,
         )

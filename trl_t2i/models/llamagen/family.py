@@ -69,7 +69,8 @@ class LlamaGenFamily(ModelFamily):
     def teacher_forced_logits(self, model, conditioning, image_tokens):
         return model(**conditioning.tensors, image_tokens=image_tokens[:, :-1]).logits
 
-    def prefill(self, model, conditioning):
+    def prefill(self, model, conditioning, static=False):
+        # No static decode yet (`supports_static_decoding` is False): the sampler refuses `compile` before this.
         # Allocated once for the caption and every image token (not grown at every step).
         cache = LlamaGenKVCache(max_length=conditioning.tensors["input_ids"].size(1) + self.num_image_tokens)
         output = model(**conditioning.tensors, cache=cache, use_cache=True)

@@ -1,0 +1,139 @@
+"""Faster rollouts that must not change what is sampled: the compiled static-cache decode and LoRA folded into the
+base weights while sampling."""
+
+import pytest
+import torch
+from conftest import FAMILY_CASES, TRAINING_PROMPTS, make_trainer, perturb_adapters
+from peft import LoraConfig, get_peft_model
+
+from trl_t2i.merged_adapters import merged_adapters, why_not_mergeable
+from trl_t2i.models import get_family
+from trl_t2i.sampling import SamplingConfig, sample_image_tokens
+
+
+WARPS = [SamplingConfig(), SamplingConfig(temperature=0.7, top_k=5, top_p=0.9)]
+
+
+def _sample(family, model, conditioning, sampling, **kwargs):
+    torch.manual_seed(11)
+    return sample_image_tokens(family, model, conditioning, sampling, return_conditional_logps=True, **kwargs)
+
+
+def test_the_compiled_decode_samples_the_same_tokens_and_logps_as_the_eager_one(tiny_janus, prompts):
+    model, _, family = tiny_janus
+    conditioning = family.encode_prompts(prompts)  # prompts of different lengths: left padding in the cache
+    for sampling in WARPS:
+        eager = _sample(family, model, conditioning, sampling)
+        compiled = _sample(family, model, conditioning, sampling, compile=True)
+        assert torch.equal(compiled.image_tokens, eager.image_tokens)
+        torch.testing.assert_close(compiled.logps, eager.logps, atol=1e-5, rtol=0)
+        torch.testing.assert_close(compiled.conditional_logps, eager.conditional_logps, atol=1e-5, rtol=0)
+
+    # Another batch of as many rows but other prompt lengths reuses the compiled step (no new graph).
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    shorter = family.encode_prompts(["a cat"] * len(prompts))
+    torch.testing.assert_close(
+        _sample(family, model, shorter, WARPS[0], compile=True).logps,
+        _sample(family, model, shorter, WARPS[0]).logps,
+        atol=1e-5,
+        rtol=0,
+    )
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+
+
+def test_a_family_without_a_static_decode_refuses_to_compile(tmp_path, prompts):
+    model, processor = FAMILY_CASES["llamagen"].build()
+    family = get_family(model, processor)
+    with pytest.raises(ValueError, match="LlamaGenFamily has no static decode"):
+        sample_image_tokens(family, model, family.encode_prompts(prompts), compile=True)
+
+
+def _lora_janus(tiny_janus, **lora_settings):
+    model, _, family = tiny_janus
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=family.lora_target_modules, **lora_settings))
+    perturb_adapters(peft_model, std=0.3)
+    return peft_model, family
+
+
+def test_folded_adapters_sample_like_the_unfolded_ones_and_leave_the_weights_bit_for_bit(tiny_janus, prompts):
+    peft_model, family = _lora_janus(tiny_janus)
+    conditioning = family.encode_prompts(prompts)
+    before = {name: param.detach().clone() for name, param in peft_model.named_parameters()}
+    trainable = {name for name, param in peft_model.named_parameters() if param.requires_grad}
+    unfolded_samples = []
+    for sampling in WARPS:
+        unfolded = _sample(family, peft_model, conditioning, sampling)
+        unfolded_samples.append(unfolded)
+        with merged_adapters(peft_model):
+            folded = _sample(family, peft_model, conditioning, sampling)
+        assert torch.equal(folded.image_tokens, unfolded.image_tokens)
+        torch.testing.assert_close(folded.logps, unfolded.logps, atol=1e-5, rtol=0)
+
+    for name, param in peft_model.named_parameters():
+        assert torch.equal(param, before[name]), name
+        assert param.requires_grad == (name in trainable), name
+    assert torch.equal(_sample(family, peft_model, conditioning, WARPS[0]).logps, unfolded_samples[0].logps)
+
+
+def test_folded_adapters_are_undone_when_sampling_fails(tiny_janus):
+    peft_model, _ = _lora_janus(tiny_janus)
+    before = {name: param.detach().clone() for name, param in peft_model.named_parameters()}
+    with pytest.raises(RuntimeError, match="interrupted"), merged_adapters(peft_model):
+        raise RuntimeError("interrupted")
+    assert all(torch.equal(param, before[name]) for name, param in peft_model.named_parameters())
+    assert why_not_mergeable(peft_model) is None  # adapters enabled again
+
+
+def test_adapters_that_cannot_be_folded_say_why(tiny_janus, tmp_path):
+    model, _, _ = tiny_janus
+    assert why_not_mergeable(model) == "the model has no LoRA layers"
+    dora, _ = _lora_janus(tiny_janus, use_dora=True)
+    assert "DoRA" in why_not_mergeable(dora)
+    with pytest.raises(ValueError, match="Cannot fold the adapters.*DoRA"), merged_adapters(dora):
+        pass
+
+
+def test_qlora_adapters_cannot_be_folded(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    from trl_t2i.models import load_model
+
+    model, processor = FAMILY_CASES["janus"].build()
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
+    quantized = load_model(str(tmp_path), quantization_config=config, dtype=torch.float32)
+    family = get_family(quantized, processor)
+    peft_model = get_peft_model(quantized, LoraConfig(r=4, target_modules=family.lora_target_modules))
+    assert "peft.tuners.lora.bnb.Linear4bit" in why_not_mergeable(peft_model)
+
+
+@pytest.mark.parametrize("merge", [True, False])
+def test_the_trainer_samples_with_folded_adapters_and_on_policy_logps(tmp_path, merge):
+    trainer = make_trainer(tmp_path, merge_adapters_for_rollouts=merge)
+    perturb_adapters(trainer.model, std=0.3)
+    before = {name: param.detach().clone() for name, param in trainer.model.named_parameters()}
+    adapter_calls, calls_while_sampling = [], []
+    lora_a = next(module for name, module in trainer.model.named_modules() if name.endswith("lora_A.default"))
+    lora_a.register_forward_hook(lambda *args: adapter_calls.append(1))
+    generate = trainer._generate
+
+    def counting_generate(prompts):
+        start = len(adapter_calls)
+        rollout = generate(prompts)
+        calls_while_sampling.append(len(adapter_calls) - start)
+        return rollout
+
+    trainer._generate = counting_generate
+    trainer.model.train()
+    batch = trainer._generate_and_score_completions([{"prompt": p} for p in TRAINING_PROMPTS[:2] for _ in range(4)])
+    assert (calls_while_sampling[0] == 0) == merge  # folded: the adapter matmuls never run while sampling
+    assert all(torch.equal(param, before[name]) for name, param in trainer.model.named_parameters())
+
+    with torch.no_grad():
+        table = trainer._teacher_forced_logits(
+            trainer.model, batch["prompt_ids"], batch["prompt_mask"], batch["completion_ids"]
+        ).log_softmax(-1)
+    scored = table.gather(-1, batch["completion_ids"][..., None]).squeeze(-1)
+    torch.testing.assert_close(scored, batch["sampling_per_token_logps"], atol=1e-5, rtol=0)
