@@ -114,9 +114,9 @@ def test_cfg_scale_one_runs_only_the_conditional_rows(tiny_family, prompts):
     rows = []
     original = family.image_logits
 
-    def counting_prefill(model, conditioning, _prefill=family.prefill):
+    def counting_prefill(model, conditioning, _prefill=family.prefill, **kwargs):
         rows.append(len(conditioning))
-        return _prefill(model, conditioning)
+        return _prefill(model, conditioning, **kwargs)
 
     family.prefill = counting_prefill
     family.image_logits = lambda model, conditioning, tokens: (
@@ -264,9 +264,9 @@ def test_a_group_of_copies_of_a_prompt_is_prefilled_once_and_samples_like_the_re
     conditioning, sampling = family.encode_prompts([p for p in prompts for _ in range(3)]), SamplingConfig(top_k=10)
     rows = []
 
-    def counting_prefill(model, conditioning, _prefill=family.prefill):
+    def counting_prefill(model, conditioning, _prefill=family.prefill, **kwargs):
         rows.append(len(conditioning))
-        return _prefill(model, conditioning)
+        return _prefill(model, conditioning, **kwargs)
 
     family.prefill = counting_prefill
     torch.manual_seed(3)

@@ -137,3 +137,15 @@ def test_the_trainer_samples_with_folded_adapters_and_on_policy_logps(tmp_path, 
         ).log_softmax(-1)
     scored = table.gather(-1, batch["completion_ids"][..., None]).squeeze(-1)
     torch.testing.assert_close(scored, batch["sampling_per_token_logps"], atol=1e-5, rtol=0)
+
+
+def test_the_sample_command_compiles_on_request_and_writes_the_same_images(tmp_path):
+    from trl_t2i.cli import sample
+
+    written = {}
+    for compiled in ("false", "true"):
+        argv = ["--prompts", "a red cat", "a blue car", "--num_images_per_prompt", "2", "--compile", compiled]
+        (args,) = sample.make_parser().parse_args_and_config([*argv, "--output_dir", str(tmp_path / compiled)])
+        sample.main(args)
+        written[compiled] = {path.name: path.read_bytes() for path in (tmp_path / compiled).iterdir()}
+    assert written["true"] == written["false"] and len(written["true"]) == 5

@@ -49,6 +49,7 @@ def test_metrics_buffers_are_averaged_and_cleared_by_log(tmp_path):
     trainer.model.train()
     trl.record_metric(trainer, "probe", 1.0)
     trl.record_metric(trainer, "probe", 3.0)
+    assert trl.recorded_metric(trainer, "probe") == [1.0, 3.0] and trl.recorded_metric(trainer, "absent") == []
     trl.set_metric(trainer, "total", 5.0)
     trl.set_metric(trainer, "total", 7.0)
     trainer.log({})

@@ -99,6 +99,11 @@ def record_metric(trainer, name: str, value: float) -> None:
     trainer._metrics[mode(trainer)][name].append(value)
 
 
+def recorded_metric(trainer, name: str) -> list[float]:
+    """The values of a metric recorded since the last `log` (e.g. one per call of a timed stage)."""
+    return list(trainer._metrics[mode(trainer)].get(name, []))
+
+
 def set_metric(trainer, name: str, value: float) -> None:
     """Replace a metric's buffer with one value (a running total such as `num_tokens`, as TRL sets it)."""
     trainer._metrics[mode(trainer)][name] = [value]
