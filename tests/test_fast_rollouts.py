@@ -7,7 +7,7 @@ from conftest import FAMILY_CASES, TRAINING_PROMPTS, make_trainer, perturb_adapt
 from peft import LoraConfig, get_peft_model
 
 from trl_t2i.merged_adapters import merged_adapters, why_not_mergeable
-from trl_t2i.models import get_family
+from trl_t2i.models import TINY_LLAMAGEN, get_family
 from trl_t2i.sampling import SamplingConfig, sample_image_tokens
 
 
@@ -46,6 +46,11 @@ def test_a_family_without_a_static_decode_refuses_to_compile(tmp_path, prompts):
     family = get_family(model, processor)
     with pytest.raises(ValueError, match="LlamaGenFamily has no static decode"):
         sample_image_tokens(family, model, family.encode_prompts(prompts), compile=True)
+
+
+def test_the_trainer_refuses_to_compile_a_family_without_a_static_decode(tmp_path):
+    with pytest.raises(ValueError, match="`compile_rollouts=True` needs a static decode.*'llamagen'"):
+        make_trainer(tmp_path, model=TINY_LLAMAGEN, compile_rollouts=True)
 
 
 def _lora_janus(tiny_janus, **lora_settings):
@@ -109,9 +114,9 @@ def test_qlora_adapters_cannot_be_folded(tmp_path):
     assert "peft.tuners.lora.bnb.Linear4bit" in why_not_mergeable(peft_model)
 
 
-@pytest.mark.parametrize("merge", [True, False])
-def test_the_trainer_samples_with_folded_adapters_and_on_policy_logps(tmp_path, merge):
-    trainer = make_trainer(tmp_path, merge_adapters_for_rollouts=merge)
+@pytest.mark.parametrize(("merge", "compile"), [(True, False), (False, False), (True, True)])
+def test_the_trainer_samples_with_folded_adapters_and_on_policy_logps(tmp_path, merge, compile):
+    trainer = make_trainer(tmp_path, merge_adapters_for_rollouts=merge, compile_rollouts=compile)
     perturb_adapters(trainer.model, std=0.3)
     before = {name: param.detach().clone() for name, param in trainer.model.named_parameters()}
     adapter_calls, calls_while_sampling = [], []
