@@ -373,3 +373,45 @@ def test_the_gradient_figure_shows_each_divergences_own_gradient():
     expected = {"reverse_kl": r, "forward_kl": r.exp() - 1, "js": 2 * torch.log((r.exp() + 1) / 2)}
     for name, pull in expected.items():
         torch.testing.assert_close(script.penalty_and_pull(name, r)[1], pull)
+
+
+@parametrize_cases
+@pytest.mark.parametrize("rows_per_chunk", [1, 4, 1000])
+def test_exact_penalty_has_the_value_and_gradient_of_exact(name, params, rows_per_chunk):
+    # The chunked, closed-form-gradient penalty against autograd through `exact` and through the direct sum
+    # Σ ρ f(π/ρ), on logits (so the gradient also goes through the log-softmax), with codes masked in both models.
+    divergence = get_divergence(name, **params)
+    logits = torch.randn(3, 5, 11, dtype=torch.float64, generator=torch.Generator().manual_seed(4), requires_grad=True)
+    ref_logits = torch.randn(3, 5, 11, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    masked = torch.zeros(11, dtype=torch.bool)
+    masked[[2, 7]] = True
+    weights = torch.rand(3, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+
+    def tables():
+        return (
+            logits.masked_fill(masked, -math.inf).log_softmax(-1),
+            ref_logits.masked_fill(masked, -math.inf).log_softmax(-1),
+        )
+
+    logp_table, ref_logp_table = tables()
+    penalty = divergence.exact_penalty(logp_table, ref_logp_table, rows_per_chunk=rows_per_chunk)
+    (fused_grad,) = torch.autograd.grad((penalty * weights).sum(), logits)
+    logp_table, ref_logp_table = tables()
+    expected = divergence.exact(logp_table, ref_logp_table)
+    (expected_grad,) = torch.autograd.grad((expected * weights).sum(), logits)
+    keep = ~masked
+    logp_table, ref_logp_table = tables()
+    direct = reference_divergence(logp_table[..., keep], ref_logp_table[..., keep], name, params)
+    (direct_grad,) = torch.autograd.grad((direct * weights).sum(), logits)
+
+    torch.testing.assert_close(penalty, expected, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(penalty, direct, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(fused_grad, expected_grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(fused_grad, direct_grad, rtol=1e-8, atol=1e-10)
+    assert fused_grad.abs().sum() > 0 and (fused_grad[..., masked] == 0).all()
+
+
+def test_exact_penalty_refuses_a_reference_that_requires_grad():
+    table = random_log_probs((2, 5), seed=1).requires_grad_()
+    with pytest.raises(ValueError, match="detach the reference"):
+        get_divergence("js").exact_penalty(table, table)

@@ -50,6 +50,42 @@ def _xlog_ratio(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
     return log_a.exp() * log_ratio
 
 
+EXACT_ROWS_PER_CHUNK = 256
+"""Positions per chunk of `Divergence.exact_penalty`: 256 × 16,384 codes is 16 MB per fp32 temporary."""
+
+
+def _chunks(table: torch.Tensor, rows_per_chunk: int) -> tuple[torch.Tensor, ...]:
+    return table.reshape(-1, table.size(-1)).split(rows_per_chunk)
+
+
+class _ExactPenalty(torch.autograd.Function):
+    """`Divergence.exact` chunk by chunk, with the closed-form gradient towards the policy table."""
+
+    @staticmethod
+    def forward(ctx, divergence, logp_table, ref_logp_table, rows_per_chunk):
+        ctx.divergence, ctx.rows_per_chunk = divergence, rows_per_chunk
+        ctx.save_for_backward(logp_table, ref_logp_table)
+        pairs = zip(_chunks(logp_table, rows_per_chunk), _chunks(ref_logp_table, rows_per_chunk), strict=True)
+        return torch.cat([divergence.exact(logps, ref_logps) for logps, ref_logps in pairs]).view(
+            logp_table.shape[:-1]
+        )
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        logp_table, ref_logp_table = ctx.saved_tensors
+        grad = logp_table.new_empty(logp_table.shape)  # contiguous: the chunks below are views of it
+        pairs = zip(
+            _chunks(logp_table, ctx.rows_per_chunk),
+            _chunks(ref_logp_table, ctx.rows_per_chunk),
+            _chunks(grad, ctx.rows_per_chunk),
+            grad_output.reshape(-1, 1).split(ctx.rows_per_chunk),
+            strict=True,
+        )
+        for logps, ref_logps, grad_chunk, scale in pairs:
+            torch.mul(ctx.divergence.exact_logp_gradient(logps, ref_logps), scale, out=grad_chunk)
+        return None, grad, None, None
+
+
 def _both_zero(logp_table: torch.Tensor, ref_logp_table: torch.Tensor) -> torch.Tensor:
     """Mask of the codes that neither distribution can produce (e.g. logits masked to -inf in both models)."""
     return (logp_table == -math.inf) & (ref_logp_table == -math.inf)
@@ -108,6 +144,23 @@ class Divergence:
         """
         raise NotImplementedError
 
+    def exact_logp_gradient(self, logp_table: torch.Tensor, ref_logp_table: torch.Tensor) -> torch.Tensor:
+        """The gradient of `exact` with respect to the entries of `logp_table` (what autograd gives), in closed form.
+        Up to a multiple of π, which the log-softmax behind a normalised table cancels, it is π(v) f′(u(v)); zero
+        where π(v) = 0."""
+        raise NotImplementedError
+
+    def exact_penalty(
+        self, logp_table: torch.Tensor, ref_logp_table: torch.Tensor, rows_per_chunk: int = EXACT_ROWS_PER_CHUNK
+    ) -> torch.Tensor:
+        """`exact` with its gradient towards `logp_table` only, computed in one pass per chunk of `rows_per_chunk`
+        positions: the value without autograd, the gradient in closed form (`exact_logp_gradient`) at backward. No
+        `(..., V)` temporary outlives a chunk and autograd keeps none (`exact` keeps several full tables per
+        divergence for its backward). `ref_logp_table` must not require a gradient (the reference is frozen)."""
+        if ref_logp_table.requires_grad:
+            raise ValueError("`exact_penalty` differentiates towards the policy only; detach the reference table.")
+        return _ExactPenalty.apply(self, logp_table, ref_logp_table, rows_per_chunk)
+
     def __repr__(self) -> str:
         params = ", ".join(f"{key}={value!r}" for key, value in vars(self).items())
         return f"{type(self).__name__}({params})"
@@ -131,6 +184,10 @@ class ReverseKLDivergence(Divergence):
     def exact(self, logp_table: torch.Tensor, ref_logp_table: torch.Tensor) -> torch.Tensor:
         return _xlog_ratio(logp_table, ref_logp_table).sum(-1)
 
+    def exact_logp_gradient(self, logp_table: torch.Tensor, ref_logp_table: torch.Tensor) -> torch.Tensor:
+        # π(log u + 1)
+        return _xlog_ratio(logp_table, ref_logp_table) + logp_table.exp()
+
 
 class ForwardKLDivergence(Divergence):
     """
@@ -149,6 +206,10 @@ class ForwardKLDivergence(Divergence):
 
     def exact(self, logp_table: torch.Tensor, ref_logp_table: torch.Tensor) -> torch.Tensor:
         return _xlog_ratio(ref_logp_table, logp_table).sum(-1)
+
+    def exact_logp_gradient(self, logp_table: torch.Tensor, ref_logp_table: torch.Tensor) -> torch.Tensor:
+        # π · (−1/u) = −ρ
+        return -ref_logp_table.exp()
 
 
 class JensenShannonDivergence(Divergence):
@@ -177,6 +238,12 @@ class JensenShannonDivergence(Divergence):
         )
         return 0.5 * (_xlog_ratio(logp_table, log_m) + _xlog_ratio(ref_logp_table, log_m)).sum(-1)
 
+    def exact_logp_gradient(self, logp_table: torch.Tensor, ref_logp_table: torch.Tensor) -> torch.Tensor:
+        # π · ½ log(2u/(u + 1)) = ½ π log(π/m)
+        both_zero = _both_zero(logp_table, ref_logp_table)
+        log_m = torch.logaddexp(logp_table.masked_fill(both_zero, 0.0), ref_logp_table) - _LOG_2
+        return 0.5 * _xlog_ratio(logp_table, log_m)
+
 
 class JeffreysDivergence(Divergence):
     """
@@ -195,6 +262,10 @@ class JeffreysDivergence(Divergence):
 
     def exact(self, logp_table: torch.Tensor, ref_logp_table: torch.Tensor) -> torch.Tensor:
         return (_xlog_ratio(logp_table, ref_logp_table) + _xlog_ratio(ref_logp_table, logp_table)).sum(-1)
+
+    def exact_logp_gradient(self, logp_table: torch.Tensor, ref_logp_table: torch.Tensor) -> torch.Tensor:
+        # π(log u + 1 − 1/u) = π log u + π − ρ
+        return _xlog_ratio(logp_table, ref_logp_table) + logp_table.exp() - ref_logp_table.exp()
 
 
 class HellingerDivergence(Divergence):
@@ -215,6 +286,10 @@ class HellingerDivergence(Divergence):
 
     def exact(self, logp_table: torch.Tensor, ref_logp_table: torch.Tensor) -> torch.Tensor:
         return ((0.5 * logp_table).exp() - (0.5 * ref_logp_table).exp()).pow(2).sum(-1)
+
+    def exact_logp_gradient(self, logp_table: torch.Tensor, ref_logp_table: torch.Tensor) -> torch.Tensor:
+        # π(1 − 1/√u) = π − √(πρ)
+        return logp_table.exp() - (0.5 * (logp_table + ref_logp_table)).exp()
 
 
 class AlphaDivergence(Divergence):
@@ -260,6 +335,14 @@ class AlphaDivergence(Divergence):
             _both_zero(logp_table, ref_logp_table), -math.inf
         )
         return torch.expm1(torch.logsumexp(log_terms, dim=-1)) / (alpha * (alpha - 1))
+
+    def exact_logp_gradient(self, logp_table: torch.Tensor, ref_logp_table: torch.Tensor) -> torch.Tensor:
+        # ∂/∂log π(v) of (Σ π^α ρ^(1−α) − 1)/(α(α − 1)) is π^α ρ^(1−α)/(α − 1)
+        alpha = self.alpha
+        log_terms = (alpha * logp_table + (1 - alpha) * ref_logp_table).masked_fill(
+            _both_zero(logp_table, ref_logp_table), -math.inf
+        )
+        return log_terms.exp() / (alpha - 1)
 
 
 DIVERGENCES: dict[str, type[Divergence]] = {

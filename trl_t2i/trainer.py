@@ -495,7 +495,7 @@ class T2IGRPOTrainer(GRPOTrainer):
                 ref_table = self._reference_logp_table(
                     inputs["prompt_ids"], inputs["prompt_mask"], inputs["completion_ids"]
                 )
-            per_token = self.divergence.exact(untruncated_table, ref_table)
+            per_token = self.divergence.exact_penalty(untruncated_table, ref_table)
         else:
             per_token = self.divergence.sampled(untruncated_logps, ref_logps)
             if self.args.use_bias_correction_kl:  # makes the expected gradient that of the divergence
