@@ -1,22 +1,37 @@
-"""Benchmark the KV-cached CFG sampler against `JanusForConditionalGeneration.generate`, and measure how closely the
-sampler's recorded log-probs match teacher forcing in fp32 and in bf16 autocast.
+"""Benchmark the KV-cached CFG sampler against `JanusForConditionalGeneration.generate`, its overhead beyond the
+model's own forwards, LoRA folded vs unfolded while sampling, the allocations of a growing vs a preallocated KV
+cache, and the gap between the sampler's recorded log-probs and teacher forcing in fp32 and in bf16 autocast.
 
     python scripts/bench_sampler.py [--images 4] [--repeats 3] [--threads 1] [--widths tiny,mid,long,pro1b]
 
-Both are timed in one process on the same random Janus models (built locally, random weights), repeats interleaved
-(generate, ours, generate, ours, ...) and the median reported, so that load on the machine hits both alike. Our
-sampler also records the log-prob of every token; `generate` does not. Both sample with guidance 5, top-k off. The
-speed is reported as the ratio generate/ours (> 1: ours is faster), which is what carries over between machines.
+Everything is timed in one process on the same random Janus models (built locally, random weights), repeats
+interleaved (generate, ours, ours compiled, ...) and the median reported, so that load on the machine hits all alike.
+Our sampler also records the log-prob of every token; `generate` does not. All sample with guidance 5, top-k off.
+Speeds are ratios (> 1: ours is faster), which is what carries over between machines.
+
+* `forwards only`: prefill + one `family.step` per position with fixed tokens, nothing else: the model's own cost.
+  `overhead` = eager sampler / forwards only − 1 (guidance, warping, the draw, log-probs, bookkeeping).
+* `compiled`: `sample_image_tokens(..., compile=True)`, a static KV cache and a `torch.compile`d step (compiled
+  before timing).
+* LoRA (r=16 on every language-model linear, random B): sampling with the adapters active vs folded into the base
+  weights (`merged_adapters`, what the trainer does by default).
+* KV-cache allocation profile: bytes allocated per decode step with transformers' `DynamicLayer` (grown by
+  concatenation at every step, what the sampler did before) vs our `PreallocatedLayer`, from `torch.profiler`.
 """
 
 import argparse
 import statistics
 import time
+from unittest import mock
 
 import torch
+from peft import LoraConfig, get_peft_model
+from torch.profiler import ProfilerActivity, profile
+from transformers.cache_utils import DynamicLayer
 
-from trl_t2i.models import build_tiny_janus, get_family
-from trl_t2i.sampling import SamplingConfig, image_logp_table, sample_image_tokens
+from trl_t2i.merged_adapters import merged_adapters
+from trl_t2i.models import build_tiny_janus, get_family, janus
+from trl_t2i.sampling import SamplingConfig, image_logp_table, prefill_distinct_rows, sample_image_tokens
 
 
 WIDTHS = {  # name: (description, build_tiny_janus kwargs); 4 attention heads throughout, MLP width 2×hidden
@@ -49,6 +64,15 @@ def interleaved_medians(functions: list, repeats: int) -> list[float]:
     return [statistics.median(record) for record in times]
 
 
+@torch.no_grad()
+def forwards_only(family, model, conditioning) -> None:
+    """The model's own work in a guided decode: the prefill and one step per position, fixed tokens."""
+    _, state = prefill_distinct_rows(family, model, family.guided_rows(conditioning))
+    tokens = torch.zeros(2 * len(conditioning), dtype=torch.long)
+    for _ in range(family.num_image_tokens - 1):
+        family.step(model, tokens, state)
+
+
 def logp_gap(family, model, conditioning, autocast_dtype) -> float:
     """Max |sampler log-prob − teacher-forced log-prob| over every sampled token."""
     with torch.autocast("cpu", dtype=autocast_dtype, enabled=autocast_dtype is not None), torch.no_grad():
@@ -58,13 +82,16 @@ def logp_gap(family, model, conditioning, autocast_dtype) -> float:
     return (scored - sample.logps).abs().max().item()
 
 
-def bench(config: dict, images: int, repeats: int) -> tuple[float, float, list[float]]:
-    """(generate's median time, our median time, [fp32 gap, bf16 gap]) on one configuration."""
+def build(config: dict, images: int):
     model, processor = build_tiny_janus(**config)
     model.eval()
     family = get_family(model, processor)
     family.patch_forward(model)
-    conditioning = family.encode_prompts([PROMPT] * images)
+    return model, family, family.encode_prompts([PROMPT] * images)
+
+
+def bench_speed(config: dict, images: int, repeats: int) -> dict:
+    model, family, conditioning = build(config, images)
 
     def generate():
         model.generate(
@@ -72,30 +99,96 @@ def bench(config: dict, images: int, repeats: int) -> tuple[float, float, list[f
             top_k=0,
         )  # fmt: skip
 
-    def ours():
-        sample_image_tokens(family, model, conditioning, SAMPLING)
+    functions = {
+        "generate": generate,
+        "forwards": lambda: forwards_only(family, model, conditioning),
+        "eager": lambda: sample_image_tokens(family, model, conditioning, SAMPLING),
+        "compiled": lambda: sample_image_tokens(family, model, conditioning, SAMPLING, compile=True),
+    }
+    for function in functions.values():  # warm-up: first-call allocations, and the compilation
+        function()
+    times = dict(zip(functions, interleaved_medians(list(functions.values()), repeats), strict=True))
+    times["gaps"] = [logp_gap(family, model, conditioning, dtype) for dtype in (None, torch.bfloat16)]
+    return times
 
-    ours()  # warm-up (first-call allocations) for both
-    generate()
-    generate_time, our_time = interleaved_medians([generate, ours], repeats)
-    gaps = [logp_gap(family, model, conditioning, dtype) for dtype in (None, torch.bfloat16)]
-    return generate_time, our_time, gaps
+
+def bench_lora(config: dict, images: int, repeats: int) -> dict:
+    model, family, conditioning = build(config, images)
+    peft_model = get_peft_model(model, LoraConfig(r=16, target_modules=family.lora_target_modules))
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.01)
+
+    def folded():
+        with merged_adapters(peft_model):
+            sample_image_tokens(family, peft_model, conditioning, SAMPLING)
+
+    def without_lora():
+        with peft_model.disable_adapter():
+            sample_image_tokens(family, peft_model, conditioning, SAMPLING)
+
+    functions = [lambda: sample_image_tokens(family, peft_model, conditioning, SAMPLING), folded, without_lora]
+    for function in functions:
+        function()
+    return dict(zip(["unfolded", "folded", "none"], interleaved_medians(functions, repeats), strict=True))
+
+
+def allocated_per_step(config: dict, images: int, growing: bool) -> tuple[float, int]:
+    """(MB allocated per decode step, `aten::cat` calls per step) of the eager sampler, with a KV cache grown by
+    concatenation (transformers' `DynamicLayer`) or preallocated (ours)."""
+    model, family, conditioning = build(config, images)
+    layer = (lambda max_length: DynamicLayer()) if growing else janus.PreallocatedLayer
+    with (
+        mock.patch.object(janus, "PreallocatedLayer", layer),
+        profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler,
+    ):
+        sample_image_tokens(family, model, conditioning, SAMPLING)
+    events = profiler.key_averages()
+    allocated = sum(event.self_cpu_memory_usage for event in events if event.self_cpu_memory_usage > 0)
+    cats = sum(event.count for event in events if event.key == "aten::cat")
+    return allocated / family.num_image_tokens / 2**20, cats // family.num_image_tokens
 
 
 def main(images: int, repeats: int, threads: int, widths: list[str]) -> None:
     torch.set_num_threads(threads)
     print(f"{images} images (2×{images} rows with CFG), cfg 5, top-k off, median of {repeats} interleaved repeats; ")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)\n")
-    print("| model | generate (s) | ours (s) | generate/ours | max logp gap fp32 | max logp gap bf16 |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| model | generate (s) | forwards only (s) | ours (s) | overhead | generate/ours "
+        "| ours compiled (s) | generate/compiled | max logp gap fp32 | max logp gap bf16 |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for width in widths:
         name, config = WIDTHS[width]
-        generate_time, our_time, gaps = bench(config, images, repeats)
+        t = bench_speed(config, images, repeats)
         print(
-            f"| {name} | {generate_time:.3f} | {our_time:.3f} | {generate_time / our_time:.2f}× "
-            f"| {gaps[0]:.1e} | {gaps[1]:.1e} |",
+            f"| {name} | {t['generate']:.3f} | {t['forwards']:.3f} | {t['eager']:.3f} "
+            f"| {t['eager'] / t['forwards'] - 1:+.0%} | {t['generate'] / t['eager']:.2f}× | {t['compiled']:.3f} "
+            f"| {t['generate'] / t['compiled']:.2f}× | {t['gaps'][0]:.1e} | {t['gaps'][1]:.1e} |",
             flush=True,
         )
+
+    print("\nLoRA r=16 on every language-model linear, eager sampler:\n")
+    print("| model | adapters active (s) | folded (s) | no LoRA (s) | active/folded |")
+    print("|---|---|---|---|---|")
+    for width in widths:
+        name, config = WIDTHS[width]
+        t = bench_lora(config, images, repeats)
+        print(
+            f"| {name} | {t['unfolded']:.3f} | {t['folded']:.3f} | {t['none']:.3f} "
+            f"| {t['unfolded'] / t['folded']:.2f}× |",
+            flush=True,
+        )
+
+    print("\nKV cache, allocations per decode step (eager sampler, torch.profiler):\n")
+    print("| model | growing cache (MB/step) | `aten::cat`/step | preallocated (MB/step) | `aten::cat`/step |")
+    print("|---|---|---|---|---|")
+    for width in widths:
+        name, config = WIDTHS[width]
+        growing, growing_cats = allocated_per_step(config, images, growing=True)
+        preallocated, preallocated_cats = allocated_per_step(config, images, growing=False)
+        print(f"| {name} | {growing:.2f} | {growing_cats} | {preallocated:.2f} | {preallocated_cats} |", flush=True)
 
 
 if __name__ == "__main__":
