@@ -83,6 +83,19 @@ def test_card_settings_are_the_run_settings_with_their_defaults(trained, tmp_pat
     assert "# my-run" in card
 
 
+def test_card_names_the_adaptive_target_and_the_paper_loss_options(trained, tmp_path):
+    settings = dataclasses.replace(
+        RunSettings.load(trained.args.output_dir),
+        beta_schedule="adaptive",
+        divergence_target=0.3,
+        token_selection="critical",
+        dynamic_advantage=True,
+    )
+    card = hub.model_card(settings=settings, output_dir=tmp_path / "run", is_adapter=True, metrics={})
+    assert "| β | 0.04 (adaptive, steering `js` to 0.3) |" in card
+    assert "| tokens trained | `critical`, dynamic advantage |" in card
+
+
 def test_the_usage_snippet_samples_with_the_runs_settings(trained, tmp_path):
     settings = dataclasses.replace(
         RunSettings.load(trained.args.output_dir), sampling=SamplingConfig(cfg_scale=3.0, top_k=16)

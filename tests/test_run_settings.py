@@ -48,6 +48,9 @@ def test_run_settings_are_resolved_with_the_defaults_filled_in(alpha_run):
         "max_steps": 2,
         "seed": 0,
         "per_device_train_batch_size": 8,
+        "divergence_target": None,
+        "token_selection": "all",
+        "dynamic_advantage": False,
     }
     assert RunSettings.load(alpha_run.args.output_dir).sampling == SamplingConfig(top_k=7)
 
@@ -73,3 +76,11 @@ def test_malformed_run_settings_name_the_file(tmp_path, alpha_run, edit):
     path.write_text(edit(json.loads(json.dumps(dataclasses.asdict(settings)))))
     with pytest.raises(ValueError, match=f"{path} is not a valid run settings file"):
         RunSettings.load(tmp_path)
+
+
+def test_settings_written_before_the_paper_loss_options_were_recorded_still_load(tmp_path, alpha_run):
+    data = dataclasses.asdict(RunSettings.load(alpha_run.args.output_dir))
+    older = {key: value for key, value in data.items() if key not in ("divergence_target", "token_selection")}
+    (tmp_path / RUN_SETTINGS_FILE).write_text(json.dumps({**older, "dynamic_advantage": True}))
+    loaded = RunSettings.load(tmp_path)
+    assert (loaded.divergence_target, loaded.token_selection, loaded.dynamic_advantage) == (None, "all", True)

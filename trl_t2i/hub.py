@@ -126,7 +126,9 @@ def _settings_rows(settings: RunSettings) -> dict[str, str]:
     """The card's training-settings table, from the run's resolved settings."""
     parameters = ", ".join(f"{name} = {value}" for name, value in settings.divergence_params.items())
     beta = f"{settings.beta}"
-    if settings.beta_schedule != "constant":
+    if settings.beta_schedule == "adaptive":
+        beta += f" (adaptive, steering `{settings.divergence}` to {settings.divergence_target})"
+    elif settings.beta_schedule != "constant":
         beta += f" → {settings.beta_end} ({settings.beta_schedule})"
     bias_correction = settings.divergence_estimator == "sampled" and settings.use_bias_correction_kl
     sampling = settings.sampling
@@ -143,6 +145,8 @@ def _settings_rows(settings: RunSettings) -> dict[str, str]:
         "generations per prompt": f"{settings.num_generations}",
         "learning rate": f"{settings.learning_rate}",
         "loss type": f"`{settings.loss_type}`",
+        "tokens trained": f"`{settings.token_selection}`"
+        + (", dynamic advantage" if settings.dynamic_advantage else ""),
         "max steps": f"{settings.max_steps}",
     }
 

@@ -27,7 +27,9 @@ class RunSettings:
         reward_names: names of the reward functions, as TRL logs them (`rewards/<name>/mean`).
         reward_weights: their weights (1.0 each unless set).
         divergence_estimator, use_bias_correction_kl, beta, beta_schedule, beta_end, cfg_logprobs, loss_type,
-        num_generations, learning_rate, max_steps, seed, per_device_train_batch_size: as in `T2IGRPOConfig`.
+        num_generations, learning_rate, max_steps, seed, per_device_train_batch_size, divergence_target,
+        token_selection, dynamic_advantage: as in `T2IGRPOConfig` (the last three default to their `T2IGRPOConfig`
+        defaults when a file written before they were recorded is read).
     """
 
     trl_t2i_version: str
@@ -49,6 +51,9 @@ class RunSettings:
     max_steps: int
     seed: int
     per_device_train_batch_size: int
+    divergence_target: float | None = None
+    token_selection: str = "all"
+    dynamic_advantage: bool = False
 
     @classmethod
     def from_trainer(cls, trainer) -> "RunSettings":
@@ -78,6 +83,9 @@ class RunSettings:
             max_steps=args.max_steps,
             seed=args.seed,
             per_device_train_batch_size=args.per_device_train_batch_size,
+            divergence_target=args.divergence_target,
+            token_selection=args.token_selection,
+            dynamic_advantage=args.dynamic_advantage,
         )
 
     def save(self, directory: str | Path) -> Path:
