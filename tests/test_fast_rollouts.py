@@ -6,7 +6,7 @@ import torch
 from conftest import FAMILY_CASES, TRAINING_PROMPTS, make_trainer, perturb_adapters
 from peft import LoraConfig, get_peft_model
 
-from trl_t2i.merged_adapters import merged_adapters, why_not_mergeable
+from trl_t2i.merged_adapters import folded_bytes, merged_adapters, why_not_mergeable
 from trl_t2i.models import TINY_LLAMAGEN, get_family
 from trl_t2i.sampling import SamplingConfig, sample_image_tokens
 
@@ -154,3 +154,30 @@ def test_the_sample_command_compiles_on_request_and_writes_the_same_images(tmp_p
         sample.main(args)
         written[compiled] = {path.name: path.read_bytes() for path in (tmp_path / compiled).iterdir()}
     assert written["true"] == written["false"] and len(written["true"]) == 5
+
+
+def test_folding_allocates_one_copy_of_the_adapted_weights_as_the_memory_model_says(tiny_janus):
+    from trl_t2i.memory import Architecture, LiveTensorBytes
+
+    peft_model, _ = _lora_janus(tiny_janus)
+    weights = [layer.get_base_layer().weight for layer in peft_model.modules() if hasattr(layer, "lora_A")]
+    assert folded_bytes(peft_model) == sum(weight.nbytes for weight in weights)
+    architecture = Architecture.from_janus_config(peft_model.config)
+    assert folded_bytes(peft_model) == architecture.lm_linear_params * 4  # every LM linear, fp32
+    with LiveTensorBytes() as live, merged_adapters(peft_model):
+        inside = live.current
+    largest = max(weight.nbytes for weight in weights)
+    assert folded_bytes(peft_model) <= inside and live.peak <= folded_bytes(peft_model) + 3 * largest
+
+
+def test_folding_is_skipped_when_the_copy_does_not_fit_on_the_gpu(monkeypatch):
+    from trl_t2i import trainer
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (3 * 2**30, 80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 2 * 2**30)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 2**30)
+    device = torch.device("cuda", 0)
+    assert trainer._fold_does_not_fit(2 * 2**30, device) is None  # 4 GiB free: 2 + 1 to spare fits
+    assert trainer._fold_does_not_fit(3.5 * 2**30, device) == (
+        "the folded weights need 3.5 GiB and the GPU has 4.0 GiB free"
+    )

@@ -106,8 +106,9 @@ class T2IGRPOConfig(GRPOConfig):
         merge_adapters_for_rollouts (`bool`, *optional*, defaults to `True`):
             With LoRA, fold the adapters into the base weights while sampling (one matmul per linear instead of
             three) and put the original weights back afterwards, bit for bit. Costs one extra copy of the adapted
-            weights during rollouts. Skipped, with a log line, where the base weights cannot take the fold: 4-bit or
-            8-bit (QLoRA), DoRA, or sharded (ZeRO-3, FSDP).
+            weights during rollouts (see `docs/memory.md`). Skipped, with a log line, where the base weights cannot
+            take the fold (4-bit or 8-bit (QLoRA), DoRA, sharded by ZeRO-3 or FSDP) or the copy does not fit in the
+            GPU's free memory at rollout time.
         compile_rollouts (`bool`, *optional*, defaults to `False`):
             Sample with a static KV cache and a `torch.compile`d decode step (a CUDA graph on GPU): the same tokens
             and log-probs, much less per-step overhead for small models and host-bound GPUs. The first rollout of

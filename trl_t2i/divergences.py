@@ -50,8 +50,9 @@ def _xlog_ratio(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
     return log_a.exp() * log_ratio
 
 
-EXACT_ROWS_PER_CHUNK = 256
-"""Positions per chunk of `Divergence.exact_penalty`: 256 × 16,384 codes is 16 MB per fp32 temporary."""
+EXACT_ROWS_PER_CHUNK = 64
+"""Positions per chunk of `Divergence.exact_penalty`: 64 × 16,384 codes is 4 MB per fp32 temporary, against 38 MB
+for one image's table."""
 
 
 def _chunks(table: torch.Tensor, rows_per_chunk: int) -> tuple[torch.Tensor, ...]:
@@ -151,15 +152,15 @@ class Divergence:
         raise NotImplementedError
 
     def exact_penalty(
-        self, logp_table: torch.Tensor, ref_logp_table: torch.Tensor, rows_per_chunk: int = EXACT_ROWS_PER_CHUNK
+        self, logp_table: torch.Tensor, ref_logp_table: torch.Tensor, rows_per_chunk: int | None = None
     ) -> torch.Tensor:
         """`exact` with its gradient towards `logp_table` only, computed in one pass per chunk of `rows_per_chunk`
-        positions: the value without autograd, the gradient in closed form (`exact_logp_gradient`) at backward. No
+        positions (default `EXACT_ROWS_PER_CHUNK`): the value without autograd, the gradient in closed form (`exact_logp_gradient`) at backward. No
         `(..., V)` temporary outlives a chunk and autograd keeps none (`exact` keeps several full tables per
         divergence for its backward). `ref_logp_table` must not require a gradient (the reference is frozen)."""
         if ref_logp_table.requires_grad:
             raise ValueError("`exact_penalty` differentiates towards the policy only; detach the reference table.")
-        return _ExactPenalty.apply(self, logp_table, ref_logp_table, rows_per_chunk)
+        return _ExactPenalty.apply(self, logp_table, ref_logp_table, rows_per_chunk or EXACT_ROWS_PER_CHUNK)
 
     def __repr__(self) -> str:
         params = ", ".join(f"{key}={value!r}" for key, value in vars(self).items())

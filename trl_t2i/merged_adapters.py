@@ -41,6 +41,11 @@ def why_not_mergeable(model: nn.Module) -> str | None:
     return None
 
 
+def folded_bytes(model: nn.Module) -> int:
+    """Bytes of the folded copies `merged_adapters` allocates: one per adapted base weight."""
+    return sum(layer.get_base_layer().weight.nbytes for layer in _lora_layers(model))
+
+
 @contextlib.contextmanager
 def merged_adapters(model: nn.Module) -> Iterator[None]:
     """Inside, every LoRA linear of `model` runs as one linear with its active adapters folded in; on exit the

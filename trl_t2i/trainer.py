@@ -24,7 +24,7 @@ from .divergences import MAX_LOG_RATIO, get_divergence
 from .gcpo import critical_token_mask, dynamic_advantage_weight
 from .image_logging import ImageGridCallback
 from .images import to_pil
-from .merged_adapters import merged_adapters, why_not_mergeable
+from .merged_adapters import folded_bytes, merged_adapters, why_not_mergeable
 from .metrics import position_entropy
 from .models import disable_bnb_cpu_repack, get_family, load_model, load_processor, unwrap_model
 from .run_settings import RunSettings
@@ -291,8 +291,9 @@ class T2IGRPOTrainer(GRPOTrainer):
                     compile=self.args.compile_rollouts,
                 )
             bare_model = unwrap_model(unwrapped_model)
-            with self._timed("decoding"):
-                images = to_pil(self.family.decode(bare_model, sample.image_tokens))
+            with self._timed("decoding"):  # a micro-batch at a time: the decoder's activations dwarf its weights
+                chunks = sample.image_tokens.split(self.args.per_device_train_batch_size)
+                images = [image for chunk in chunks for image in to_pil(self.family.decode(bare_model, chunk))]
             loss_mask = self._critical_tokens(bare_model, sample) if sample.entropies is not None else None
 
         if self.model.training:
@@ -309,10 +310,12 @@ class T2IGRPOTrainer(GRPOTrainer):
 
     def _rollout_weights(self, model):
         """The adapters folded into the base weights for sampling (`merge_adapters_for_rollouts`), where they can
-        be; the reason is logged once where they cannot."""
+        be and the copies fit on the GPU; the reason is logged once where they cannot."""
         if not (self.args.merge_adapters_for_rollouts and is_peft_model(model)):
             return contextlib.nullcontext()
         reason = "the weights are sharded by FSDP" if self.is_fsdp_enabled else why_not_mergeable(model)
+        if reason is None and self.accelerator.device.type == "cuda":
+            reason = _fold_does_not_fit(folded_bytes(model), self.accelerator.device)
         if reason is None:
             return merged_adapters(model)
         if not getattr(self, "_logged_unmerged_rollouts", False):
@@ -474,7 +477,7 @@ class T2IGRPOTrainer(GRPOTrainer):
         )
         if not self.has_reference:
             return loss
-        untruncated_table = torch.cat(policy.untruncated_tables) if policy.keep_tables else None
+        untruncated_table = _joined(policy.untruncated_tables) if policy.keep_tables else None
         with self._timed("penalty"):
             penalty = self._divergence_penalty(
                 inputs, policy_logps, torch.cat(policy.untruncated_logps), untruncated_table
@@ -512,7 +515,7 @@ class T2IGRPOTrainer(GRPOTrainer):
                 elif name == self.args.divergence:  # the penalty is this very divergence
                     value = per_token
                 elif self._logs_this_step():  # a full-codebook pass: only for the steps that are logged
-                    value = divergence.exact(untruncated_table, ref_table)
+                    value = divergence.exact_penalty(untruncated_table, ref_table)  # chunked: no big temporaries
                 else:
                     continue
                 trl.record_metric(self, f"divergence/{name}", trl.global_masked_mean(self, value, image_mask))
@@ -681,6 +684,20 @@ def _activation_checkpointing_disabled(model, checkpointing_kwargs: dict | None)
     finally:
         if enabled:
             model.activation_checkpointing_enable(checkpointing_kwargs)
+
+
+def _fold_does_not_fit(needed: int, device: torch.device) -> str | None:
+    """Why the folded weights would not fit in the GPU's free memory (with 1 GB to spare), or `None`."""
+    free, _ = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # cached by PyTorch, reusable
+    if needed + 2**30 > free:
+        return f"the folded weights need {needed / 2**30:.1f} GiB and the GPU has {free / 2**30:.1f} GiB free"
+    return None
+
+
+def _joined(tables: list[torch.Tensor]) -> torch.Tensor:
+    """The chunks of a micro-batch's `(B, N, V)` table as one, without copying the usual single chunk."""
+    return tables[0] if len(tables) == 1 else torch.cat(tables)
 
 
 def _gather(logp_table: torch.Tensor, image_tokens: torch.LongTensor) -> torch.Tensor:
