@@ -1,0 +1,360 @@
+"""Estimate the GPU memory of every Janus-Pro and LlamaGen-T2I recipe with `trl_t2i.memory`, or check the model
+against what a CPU run allocates.
+
+    python scripts/memory_model.py            # one markdown table per recipe (docs/memory.md pastes them)
+    python scripts/memory_model.py --write_headers   # the recipes' memory comment blocks
+    python scripts/memory_model.py --check    # a real-width Janus-Pro-1B with 2 layers, random weights, fp32, CPU
+
+A recipe's settings come from its YAML (missing keys take `T2IGRPOConfig`'s and TRL's `ModelConfig`'s defaults), the
+number of processes and the ZeRO stage from the accelerate config its header launches with (`--config_file`,
+`--num_processes`). `--check` measures each phase of a training step twice: the bytes of the live tensors
+(`LiveTensorBytes`, what `torch.cuda.max_memory_allocated` would say) and the growth of the process's peak RSS,
+and prints them next to the model's prediction for the same reduced model. It takes about 30 s on one thread.
+"""
+
+import dataclasses
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from peft import LoraConfig, get_peft_model
+from transformers import HfArgumentParser, JanusForConditionalGeneration
+from trl import ModelConfig
+
+from trl_t2i.cli.grpo import T2IScriptArguments
+from trl_t2i.config import T2IGRPOConfig
+from trl_t2i.divergences import get_divergence
+from trl_t2i.memory import (
+    GB,
+    PHASES,
+    REWARD_MODELS,
+    Architecture,
+    LiveTensorBytes,
+    TrainingSetup,
+    estimate,
+    janus_pro_1b,
+    janus_pro_1b_config,
+    janus_pro_7b,
+    kv_cache_bytes,
+    llamagen_t2i_xl,
+    vq_decode_bytes,
+)
+from trl_t2i.models import Conditioning, build_tiny_janus, get_family
+from trl_t2i.sampling import (
+    SamplingConfig,
+    prefill_distinct_rows,
+    teacher_forced_logits,
+    token_logits,
+    truncate_logits,
+)
+from trl_t2i.trainer import METRIC_DIVERGENCES
+
+
+RECIPES = Path(__file__).resolve().parents[1] / "trl_t2i" / "recipes"
+RECIPE_DIRS = ("janus_pro_1b", "janus_pro_7b", "llamagen_t2i")
+ARCHITECTURES = {
+    "deepseek-community/Janus-Pro-1B": janus_pro_1b,
+    "deepseek-community/Janus-Pro-7B": janus_pro_7b,
+    "llamagen-t2i-xl-256": llamagen_t2i_xl,
+}
+MB = 1e6
+
+
+@dataclass
+class ScriptArguments:
+    """Arguments of `scripts/memory_model.py`.
+
+    Args:
+        check (`bool`, *optional*, defaults to `False`):
+            Measure a reduced real-width Janus-Pro-1B on CPU instead of printing the recipes' tables.
+        write_headers (`bool`, *optional*, defaults to `False`):
+            Rewrite each recipe's memory comment block from the model instead of printing the tables.
+        check_layers (`int`, *optional*, defaults to `2`):
+            Language-model layers of the reduced model (every width stays Janus-Pro-1B's).
+        check_images (`int`, *optional*, defaults to `2`):
+            Images sampled (two rows each with CFG); the training step scores one of them.
+        check_tokens (`int`, *optional*, defaults to `8`):
+            Image tokens sampled: the KV cache is allocated for all 576 at the first step, the rest is time.
+    """
+
+    check: bool = field(default=False, metadata={"help": "Measure a reduced Janus-Pro-1B on CPU."})
+    write_headers: bool = field(default=False, metadata={"help": "Rewrite the recipes' memory comment blocks."})
+    check_layers: int = field(default=2, metadata={"help": "Language-model layers of the reduced model."})
+    check_images: int = field(default=2, metadata={"help": "Images sampled by the check."})
+    check_tokens: int = field(default=8, metadata={"help": "Image tokens sampled by the check."})
+
+
+def make_parser() -> HfArgumentParser:
+    return HfArgumentParser(ScriptArguments)
+
+
+def defaults() -> dict:
+    """The values a recipe gets for the keys it leaves out (the `__post_init__` ones resolved as there)."""
+    values = {}
+    for config in (T2IScriptArguments, ModelConfig, T2IGRPOConfig):
+        for f in dataclasses.fields(config):
+            if f.default is not dataclasses.MISSING:
+                values[f.name] = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                values[f.name] = f.default_factory()
+    return {**values, "bf16": True, "activation_checkpointing": True}  # both `None` → on (T2IGRPOConfig, TRL)
+
+
+def launch(recipe_text: str) -> tuple[int, int]:
+    """`(processes, ZeRO stage)` of the `accelerate launch` command in a recipe's header."""
+    config_file = re.search(r"--config_file (\S+)", recipe_text).group(1)
+    accelerate = yaml.safe_load((RECIPES / config_file.removeprefix("recipes/")).read_text())
+    processes = re.search(r"--num_processes (\d+)", recipe_text)
+    processes = int(processes.group(1)) if processes else accelerate["num_processes"]
+    zero_stage = accelerate["deepspeed_config"]["zero_stage"] if accelerate["distributed_type"] == "DEEPSPEED" else 0
+    return processes, zero_stage
+
+
+def recipe_setup(path: Path) -> tuple[Architecture, TrainingSetup]:
+    """The architecture and per-process setup a recipe trains with."""
+    text = path.read_text()
+    args = {**defaults(), **yaml.safe_load(text)}
+    processes, zero_stage = launch(text)
+    accumulation = args["gradient_accumulation_steps"]
+    if args["generation_batch_size"]:
+        rollout_images = args["generation_batch_size"] // processes
+        steps_per_generation = rollout_images // args["per_device_train_batch_size"]
+    else:
+        steps_per_generation = args["steps_per_generation"] or accumulation
+        rollout_images = args["per_device_train_batch_size"] * steps_per_generation
+    generate_every = steps_per_generation * args["num_iterations"]
+    guided = args["cfg_scale"] != 1.0
+    setup = TrainingSetup(
+        rollout_images=rollout_images,
+        micro_batch=args["per_device_train_batch_size"],
+        weight_dtype="bfloat16" if args["dtype"] in ("bfloat16", "auto") else "float32",  # auto: the checkpoint's
+        load_in_4bit=args["load_in_4bit"],
+        double_quant=args["use_bnb_nested_quant"],
+        lora_r=args["lora_r"] if args["use_peft"] else None,
+        mixed_precision=args["bf16"],
+        guided_sampling=guided,
+        guided_scoring=guided and args["cfg_logprobs"] == "guided",
+        activation_checkpointing=args["activation_checkpointing"],
+        divergence_estimator=args["divergence_estimator"],
+        reference=args["use_peft"] or args["beta"] > 0 or bool(args["beta_end"]) or args["dynamic_advantage"],
+        old_logps=accumulation % generate_every != 0,
+        grads_during_rollout=accumulation > generate_every,
+        num_processes=processes,
+        zero_stage=zero_stage,
+        reward=next((name for name in args["reward_funcs"] if name in REWARD_MODELS), None),
+    )
+    return ARCHITECTURES[args["model_name_or_path"]](), setup
+
+
+def describe(architecture: Architecture, setup: TrainingSetup) -> str:
+    """One line: what is trained, how, and the batch sizes."""
+    training = f"LoRA r={setup.lora_r}" if setup.lora_r is not None else "full fine-tuning"
+    weights = f"NF4{' + double quant' if setup.double_quant else ''}" if setup.load_in_4bit else setup.weight_dtype
+    zero = f", ZeRO-{setup.zero_stage}" if setup.zero_stage else ""
+    rows = 2 if setup.guided_sampling else 1
+    train_rows = 2 if setup.guided_scoring else 1
+    estimator = f"{setup.divergence_estimator} estimator"
+    return (
+        f"{architecture.name} ({architecture.num_params / 1e9:.2f} B params), {training}, {weights} weights, "
+        f"{setup.num_processes} process{'es' if setup.num_processes > 1 else ''}{zero}; per process: rollout of {setup.rollout_images} images "
+        f"({rows * setup.rollout_images} rows), micro-batch of {setup.micro_batch} images "
+        f"({train_rows * setup.micro_batch} rows), {estimator}, "
+        f"reward model: {setup.reward or 'none'}; prompts of {architecture.prompt_length} positions."
+    )
+
+
+def print_recipes() -> None:
+    """One table per distinct estimate (the divergence does not change the memory)."""
+    groups = {}
+    for directory in RECIPE_DIRS:
+        for path in sorted((RECIPES / directory).glob("*.yaml")):
+            architecture, setup = recipe_setup(path)
+            groups.setdefault((architecture, setup), []).append(f"`{directory}/{path.name}`")
+    for (architecture, setup), names in groups.items():
+        print(f"### {', '.join(names)}\n\n{describe(architecture, setup)}\n")
+        print(estimate(architecture, setup).to_markdown() + "\n")
+
+
+HEADER_MARKER = (
+    "# Memory per GPU (estimated, not measured on a GPU; `python scripts/memory_model.py --write_headers` writes this"
+)
+HEADER_LINE = "#   "
+
+
+def memory_header(architecture: Architecture, setup: TrainingSetup, largest: int = 4) -> list[str]:
+    """A recipe's memory comment: the peak, where it falls, and the largest items (see docs/memory.md)."""
+    result = estimate(architecture, setup)
+    lines = [
+        HEADER_MARKER,
+        f"{HEADER_LINE}block, docs/memory.md explains it): peak {result.peak / GB:.1f} GB while {result.peak_phase}, "
+        f"training {result.training_peak / GB:.1f} GB. Largest items:",
+    ]
+    for item in sorted(result.items, key=lambda item: -item.bytes)[:largest]:
+        lines.append(f"{HEADER_LINE}- {item.name}: {item.bytes / GB:.2f} GB")
+    return lines
+
+
+def with_memory_header(text: str, header: list[str]) -> str:
+    """`text` (a recipe) with its memory block replaced by `header`, or `header` added before the first blank comment
+    line when it has none."""
+    lines = text.splitlines()
+    if HEADER_MARKER in lines:
+        start = lines.index(HEADER_MARKER)
+        end = start + 1
+        while end < len(lines) and lines[end].startswith(HEADER_LINE):
+            end += 1
+    else:
+        start = end = lines.index("#")
+    return "\n".join(lines[:start] + header + lines[end:]) + "\n"
+
+
+def write_headers() -> None:
+    for directory in RECIPE_DIRS:
+        for path in sorted((RECIPES / directory).glob("*.yaml")):
+            path.write_text(with_memory_header(path.read_text(), memory_header(*recipe_setup(path))))
+            print(f"wrote the memory block of {path}")
+
+
+# ---------------------------------------------------------------------------------------------- --check
+
+
+def peak_rss() -> int:
+    return _proc_status("VmHWM")
+
+
+def rss() -> int:
+    return _proc_status("VmRSS")
+
+
+def _proc_status(key: str) -> int:
+    return int(re.search(rf"{key}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
+
+
+def reset_peak_rss() -> None:
+    Path("/proc/self/clear_refs").write_text("5")  # Linux: the peak RSS restarts from the current RSS
+
+
+def dynamic_bytes(result, phase: str) -> float:
+    """What a phase adds to the memory that every phase holds (weights, optimizer, context)."""
+    return sum(item.bytes for item in result.items if phase in item.phases and set(item.phases) != set(PHASES))
+
+
+class Measure:
+    """Live tensor bytes and peak-RSS growth of the code run inside it."""
+
+    def __enter__(self):
+        reset_peak_rss()
+        self.rss_before, self.start = rss(), time.perf_counter()
+        self.live = LiveTensorBytes().__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.live.__exit__(*exc)
+        self.rss_growth, self.seconds = peak_rss() - self.rss_before, time.perf_counter() - self.start
+
+    def row(self, name: str, predicted: float) -> str:
+        return (
+            f"| {name} | {predicted / MB:,.0f} | {self.live.peak / MB:,.0f} | {self.rss_growth / MB:,.0f} | "
+            f"{self.seconds:.1f} |"
+        )
+
+
+def sample(family, model, conditioning, tokens: int) -> None:
+    """The first `tokens` steps of `sample_image_tokens` (greedy): the prefill allocates the whole KV cache."""
+    sampling = SamplingConfig()
+    batch_size = len(conditioning)
+    logits, state = prefill_distinct_rows(family, model, family.guided_rows(conditioning))
+    for _ in range(tokens):
+        token = token_logits(logits[:batch_size], logits[batch_size:], sampling).argmax(dim=-1)
+        logits = family.step(model, token.repeat(2), state)
+
+
+def training_step(family, peft_model, conditioning, image_tokens, divergence: str = "js") -> None:
+    """A LoRA micro-batch in the order of `T2IGRPOTrainer._compute_loss` with the exact estimator (see
+    `tests/test_memory.py`): policy scores, the reference (adapters off), the penalty, the other logged divergences,
+    the backward."""
+    sampling = SamplingConfig()
+
+    def score(model):
+        logits = teacher_forced_logits(family, model, conditioning, image_tokens, sampling, "guided")
+        return truncate_logits(logits, sampling, "guided").log_softmax(dim=-1)
+
+    table = score(peft_model)
+    logps = table.gather(-1, image_tokens[..., None]).squeeze(-1)
+    with torch.no_grad(), peft_model.disable_adapter():
+        reference = score(peft_model)
+    penalty = get_divergence(divergence).exact_penalty(table, reference)
+    with torch.no_grad():
+        for name in METRIC_DIVERGENCES:
+            if name != divergence:
+                get_divergence(name).exact_penalty(table, reference)
+    del reference
+    loss = penalty.mean() - logps.mean()
+    del table, logps, penalty
+    loss.backward()
+
+
+def check(args: ScriptArguments) -> None:
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    config = janus_pro_1b_config()
+    config.text_config.num_hidden_layers = args.check_layers
+    _, processor = build_tiny_janus()  # a small tokenizer with Janus' special tokens: its ids fit the real vocab
+
+    with Measure() as building:
+        model = JanusForConditionalGeneration(config).eval()
+    family = get_family(model, processor)
+    family.patch_forward(model)
+    conditioning = family.encode_prompts(["a fox and a rabbit reading a book together"] * args.check_images)
+    architecture = Architecture.from_janus_config(
+        config, name="reduced Janus-Pro-1B", prompt_length=conditioning.tensors["input_ids"].size(1)
+    )
+    setup = TrainingSetup(
+        rollout_images=args.check_images, micro_batch=1, lora_r=32, weight_dtype="float32", mixed_precision=False
+    )
+    result = estimate(architecture, setup)
+    weights = architecture.num_params * 4
+
+    with Measure() as sampled, torch.no_grad():
+        sample(family, model, conditioning, args.check_tokens)
+    image_tokens = torch.randint(architecture.codebook_size, (1, architecture.num_image_tokens))
+    with Measure() as decoded, torch.no_grad():  # as in `T2IGRPOTrainer._generate`
+        family.decode(model, image_tokens)
+
+    peft_model = get_peft_model(model, LoraConfig(r=setup.lora_r, target_modules=family.lora_target_modules))
+    peft_model.enable_input_require_grads()  # as TRL does with PEFT and activation checkpointing
+    model.activation_checkpointing_enable()
+    peft_model.train()  # transformers checkpoints layers in training mode only
+    first_image = Conditioning({name: tensor[:1] for name, tensor in conditioning.tensors.items()})
+    with Measure() as trained:
+        training_step(family, peft_model, first_image, image_tokens)
+    predicted_training = max(dynamic_bytes(result, phase) for phase in ("loss", "backward"))
+
+    print(
+        f"{architecture.name}: {args.check_layers} layers, {architecture.num_params / 1e9:.3f} B params, fp32, CPU, 1 thread"
+    )
+    print(
+        f"{args.check_images} images sampled ({args.check_tokens} tokens), 1 decoded, 1 scored with LoRA r=32, exact js\n"
+    )
+    print("| phase | predicted MB | live tensors MB | peak RSS growth MB | seconds |\n|---|---:|---:|---:|---:|")
+    print(building.row("building the model: weights", weights))
+    print(sampled.row("sampling: KV cache", kv_cache_bytes(architecture, setup)))
+    print(decoded.row("decoding 1 image: VQ decoder", vq_decode_bytes(architecture, setup, images=1)))
+    print(trained.row("training micro-batch: loss and backward", predicted_training))
+
+
+def main(args: ScriptArguments) -> None:
+    if args.check:
+        check(args)
+    elif args.write_headers:
+        write_headers()
+    else:
+        print_recipes()
+
+
+if __name__ == "__main__":
+    (script_args,) = make_parser().parse_args_into_dataclasses()
+    main(script_args)

@@ -1,0 +1,329 @@
+"""The memory model (`trl_t2i.memory`) against what the code really holds: the parameters of real and tiny models,
+the KV cache the sampler allocates, 4-bit weights, and the live tensors of a layer, the training step's tables and
+the VQ decoder (counted on CPU with `LiveTensorBytes`)."""
+
+import dataclasses
+import importlib.util
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import JanusForConditionalGeneration, JanusVQVAE, JanusVQVAEConfig, LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+from trl_t2i import divergences
+from trl_t2i.divergences import DIVERGENCES, get_divergence
+from trl_t2i.memory import (
+    EXACT_CHUNK_TEMPORARIES,
+    Architecture,
+    LiveTensorBytes,
+    TrainingSetup,
+    _layer_activation_bytes,
+    estimate,
+    janus_pro_1b,
+    janus_pro_1b_config,
+    janus_pro_7b,
+    janus_pro_7b_config,
+    kv_cache_bytes,
+    llamagen_t2i_xl,
+    table_bytes,
+    training_tables,
+    vq_decode_bytes,
+    weight_bytes,
+)
+from trl_t2i.models import (
+    TINY_JANUS,
+    JanusFamily,
+    LlamaGenConfig,
+    LlamaGenForImageGeneration,
+    build_tiny_janus,
+    build_tiny_llamagen,
+    get_family,
+    load_model,
+)
+from trl_t2i.sampling import MIN_LOGP, SamplingConfig, prefill_distinct_rows, teacher_forced_logits, truncate_logits
+from trl_t2i.trainer import METRIC_DIVERGENCES
+
+
+FP32 = {"weight_dtype": "float32", "mixed_precision": False}
+"""A CPU run: weights, activations and the KV cache in fp32."""
+
+JANUS_COMPONENTS = {  # parameter-name prefix → key of `Architecture.components()`
+    "model.language_model.embed_tokens.": "text embeddings",
+    "model.language_model.norm.": "LM norms",
+    "lm_head.": "lm_head",
+    "model.vision_model.": "vision tower",
+    "model.aligner.": "vision aligner",
+    "model.generation_embeddings.": "generation embeddings",
+    "model.generation_aligner.": "generation aligner",
+    "model.generation_head.": "generation head",
+    "model.vqmodel.": "VQ-VAE",
+}
+LLAMAGEN_COMPONENTS = {
+    "transformer.embed_tokens.": "generation embeddings",
+    "transformer.norm.": "LM norms",
+    "text_encoder.": "caption encoder",
+    "caption_embedder.": "caption aligner",
+    "image_head.": "generation head",
+    "vqmodel.": "VQ-VAE",
+}
+
+
+def _component_params(model: torch.nn.Module, prefixes: dict[str, str]) -> dict[str, int]:
+    """Parameters of `model` per component (a tied weight once, under its first name)."""
+    counts = Counter()
+    for name, param in model.named_parameters():
+        if ".layers." in name and name.startswith(("model.language_model.", "transformer.")):
+            counts["LM norms" if "norm" in name else "LM linears"] += param.numel()
+        else:
+            counts[next(component for prefix, component in prefixes.items() if name.startswith(prefix))] += (
+                param.numel()
+            )
+    return dict(counts)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Small tensors: one thread is the fastest, and spares a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def wide_janus():
+    """A tiny Janus whose codebook (4096) makes the `(B, N, V)` tables dwarf everything else."""
+    model, processor = build_tiny_janus(codebook_size=4096)
+    return model, get_family(model, processor)
+
+
+@pytest.mark.parametrize("hidden_size, num_layers", [(32, 2), (64, 3), (48, 1)])
+def test_janus_parameters_per_component_match_a_tiny_model(hidden_size, num_layers):
+    model, _ = build_tiny_janus(hidden_size=hidden_size, num_layers=num_layers)
+    architecture = Architecture.from_janus_config(model.config)
+    assert architecture.components() == _component_params(model, JANUS_COMPONENTS)
+
+
+@pytest.mark.parametrize("hidden_size, num_layers", [(32, 2), (64, 1)])
+def test_llamagen_parameters_per_component_match_a_tiny_model(hidden_size, num_layers):
+    model, _ = build_tiny_llamagen(hidden_size=hidden_size, num_layers=num_layers)
+    architecture = Architecture.from_llamagen_config(model.config)
+    assert architecture.components() == _component_params(model, LLAMAGEN_COMPONENTS)
+
+
+@pytest.mark.parametrize(
+    "architecture, build",
+    [
+        (janus_pro_1b, lambda: JanusForConditionalGeneration(janus_pro_1b_config())),
+        (janus_pro_7b, lambda: JanusForConditionalGeneration(janus_pro_7b_config())),
+        (llamagen_t2i_xl, lambda: LlamaGenForImageGeneration(LlamaGenConfig())),
+    ],
+)
+def test_real_size_parameters_match_the_model_built_on_the_meta_device(architecture, build):
+    with torch.device("meta"):
+        model = build()
+    prefixes = LLAMAGEN_COMPONENTS if isinstance(model, LlamaGenForImageGeneration) else JANUS_COMPONENTS
+    assert architecture().components() == _component_params(model, prefixes)
+
+
+@pytest.mark.parametrize("family_name", ["janus", "llamagen"])
+@pytest.mark.parametrize("cfg_scale", [5.0, 1.0])
+def test_kv_cache_bytes_equal_the_buffers_the_sampler_allocates(family_name, cfg_scale):
+    if family_name == "janus":
+        model, processor = build_tiny_janus()
+        from_config = Architecture.from_janus_config
+    else:
+        model, processor = build_tiny_llamagen()
+        from_config = Architecture.from_llamagen_config
+    family = get_family(model, processor)
+    conditioning = family.encode_prompts(["a red cat"] * 3 + ["a big blue dog on the beach"] * 3)
+    guided = cfg_scale != 1.0
+    rows = family.guided_rows(conditioning) if guided else conditioning
+    with torch.no_grad():
+        _, state = prefill_distinct_rows(family, model, rows)  # what `sample_image_tokens` decodes with
+    if family_name == "janus":
+        buffers = [buffer for layer in state.cache.layers for buffer in (layer.key_buffer, layer.value_buffer)]
+    else:
+        buffers = [buffer for pair in state.cache.buffers for buffer in pair]
+    architecture = from_config(model.config, prompt_length=conditioning.tensors["input_ids"].size(1))
+    setup = TrainingSetup(rollout_images=len(conditioning), micro_batch=1, guided_sampling=guided, **FP32)
+    assert kv_cache_bytes(architecture, setup) == sum(buffer.nbytes for buffer in buffers)
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_4bit_weights_quantize_the_language_model_linears_and_nothing_else(double_quant):
+    bnb = pytest.importorskip("bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+    model = load_model(TINY_JANUS, quantization_config=config, dtype=torch.float32)
+    for path in JanusFamily.quantization_skip_modules:
+        assert not any(isinstance(p, bnb.nn.Params4bit) for p in model.get_submodule(path).parameters())
+    quantized = unquantized = 0
+    for param in model.parameters():
+        if isinstance(param, bnb.nn.Params4bit):  # packed values and their scales (the shared code tables aside)
+            state = param.quant_state
+            quantized += param.nbytes + state.absmax.nbytes + (state.state2.absmax.nbytes if state.nested else 0)
+        else:
+            unquantized += param.nbytes
+    setup = TrainingSetup(rollout_images=1, micro_batch=1, load_in_4bit=True, double_quant=double_quant, **FP32)
+    sizes = weight_bytes(Architecture.from_janus_config(model.config), setup)
+    assert sizes.pop("LM linears") == quantized
+    assert sum(sizes.values()) == unquantized  # every other component keeps its full-precision bytes
+
+
+def test_4bit_estimate_keeps_the_skipped_modules_at_full_precision():
+    architecture = janus_pro_7b()
+    bf16 = TrainingSetup(rollout_images=8, micro_batch=2, lora_r=16)
+    nf4 = dataclasses.replace(bf16, load_in_4bit=True, double_quant=True)
+    full, quantized = weight_bytes(architecture, bf16), weight_bytes(architecture, nf4)
+    assert quantized["LM linears"] == pytest.approx(architecture.lm_linear_params * (0.5 + 1 / 64), rel=1e-3)
+    for component in ("text embeddings", "lm_head", "vision tower", "generation head", "generation aligner", "VQ-VAE"):
+        assert quantized[component] == full[component] == 2 * architecture.components()[component]
+
+
+def _training_step_tables(family, divergence: str, estimator: str, guided: bool, head_dtype) -> float:
+    """Peak live bytes of a training micro-batch's tables, in `(B, N, V)` fp32 tables, in the order of
+    `T2IGRPOTrainer._compute_loss`: the policy's scoring (the head's logits, `teacher_forced_logits`, truncation,
+    `log_softmax`), the table concatenated for the penalty, the reference's scoring without gradient, the penalty, the
+    other logged divergences without gradient, the backward."""
+    batch_size, n, v = 2, family.num_image_tokens, family.codebook_size
+    conditioning = family.encode_prompts(["a red cat"] * batch_size)
+    tokens = torch.randint(v, (batch_size, n))
+    sampling = SamplingConfig(cfg_scale=5.0 if guided else 1.0)
+    rows = 2 * batch_size if guided else batch_size
+    weights = torch.randn(rows, n, v, dtype=head_dtype, requires_grad=True)
+    reference_weights = torch.randn(rows, n, v, dtype=head_dtype)
+
+    def score(head_weights):
+        head = lambda **kwargs: head_weights * 1  # noqa: E731 (a head: new logits at every call)
+        logits = teacher_forced_logits(family, head, conditioning, tokens, sampling, "guided")
+        return truncate_logits(logits, sampling, "guided").log_softmax(dim=-1)
+
+    with LiveTensorBytes() as live:
+        table = score(weights)
+        logps = table.gather(-1, tokens[..., None]).squeeze(-1).clamp(min=MIN_LOGP)
+        if estimator == "exact":  # as `T2IGRPOTrainer._divergence_penalty` on a logged step
+            with torch.no_grad():
+                reference = score(reference_weights)
+            penalty = get_divergence(divergence).exact_penalty(table, reference)
+            with torch.no_grad():
+                for name in METRIC_DIVERGENCES:
+                    if name != divergence:
+                        get_divergence(name).exact_penalty(table, reference)
+            del reference
+        else:
+            penalty = get_divergence(divergence).sampled(logps, logps.detach() + 0.1)
+        loss = penalty.mean() - logps.mean()
+        del table, logps, penalty
+        loss.backward()
+    return live.peak / (batch_size * n * v * 4)
+
+
+@pytest.mark.parametrize("estimator, divergence", [("sampled", "js")] + [("exact", name) for name in DIVERGENCES])
+@pytest.mark.parametrize("guided", [True, False])
+@pytest.mark.parametrize("head_dtype", [torch.bfloat16, torch.float32])
+def test_training_tables_match_the_live_tensors_of_the_step(
+    wide_janus, estimator, divergence, guided, head_dtype, monkeypatch
+):
+    model, family = wide_janus
+    # One position per chunk: the penalty's chunk temporaries, which the model bounds from above, stay small here.
+    monkeypatch.setattr(divergences, "EXACT_ROWS_PER_CHUNK", 1)
+    setup = TrainingSetup(
+        rollout_images=2,
+        micro_batch=2,
+        guided_scoring=guided,
+        divergence_estimator=estimator,
+        mixed_precision=head_dtype == torch.bfloat16,
+        weight_dtype="bfloat16" if head_dtype == torch.bfloat16 else "float32",
+    )
+    expected = training_tables(Architecture.from_janus_config(model.config), setup)
+    measured = _training_step_tables(family, divergence, estimator, guided, head_dtype)
+    chunk_allowance = EXACT_CHUNK_TEMPORARIES / (2 * family.num_image_tokens) if estimator == "exact" else 0.0
+    assert expected - chunk_allowance - 0.02 <= measured <= expected + 0.02
+
+
+@pytest.mark.parametrize("lora_r", [None, 8])
+def test_layer_activations_match_the_live_tensors_of_a_llama_layer(lora_r):
+    from peft import LoraConfig, get_peft_model
+
+    hidden_size, intermediate_size, heads, length, rows = 256, 704, 4, 96, 2
+    config = LlamaConfig(
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        num_hidden_layers=1,
+    )
+    layer = LlamaDecoderLayer(config, layer_idx=0)
+    if lora_r is not None:
+        lora = LoraConfig(r=lora_r, target_modules=list(janus_pro_1b().lm_linear_shapes()))
+        get_peft_model(torch.nn.ModuleDict({"layer": layer}), lora)
+    hidden_states = torch.randn(rows, length, hidden_size, requires_grad=True)
+    position_embeddings = LlamaRotaryEmbedding(config)(hidden_states, torch.arange(length)[None])
+    mask = torch.ones(rows, 1, length, length, dtype=torch.bool).tril()
+    with LiveTensorBytes() as live:
+        output = layer(hidden_states, attention_mask=mask, position_embeddings=position_embeddings)
+    saved = live.current - output.untyped_storage().nbytes()
+    architecture = dataclasses.replace(
+        janus_pro_1b(),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_heads=heads,
+        num_kv_heads=heads,
+        head_dim=hidden_size // heads,
+    )
+    setup = TrainingSetup(rollout_images=1, micro_batch=1, lora_r=lora_r, **FP32)
+    assert saved == pytest.approx(_layer_activation_bytes(architecture, setup) * rows * length, rel=0.1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_vq_decoding_peak_matches_the_live_tensors_of_the_decoder(dtype):
+    config = JanusVQVAEConfig(base_channels=32, latent_channels=64, num_embeddings=64)  # Janus' 5 levels, narrower
+    config.num_patches = 4
+    vqmodel = JanusVQVAE(config).eval().to(dtype)
+    with torch.no_grad(), LiveTensorBytes() as live:
+        vqmodel.decode(torch.randint(64, (2, 16)))
+    architecture = dataclasses.replace(janus_pro_1b(), vq_decoder_channels=32, image_size=4 * 2**4)
+    weight_dtype = "float32" if dtype == torch.float32 else "bfloat16"
+    setup = TrainingSetup(rollout_images=2, micro_batch=1, weight_dtype=weight_dtype, mixed_precision=False)
+    assert live.peak == pytest.approx(vq_decode_bytes(architecture, setup), rel=0.02)
+
+
+def test_phases_that_do_not_coexist_are_not_added():
+    result = estimate(janus_pro_1b(), TrainingSetup(rollout_images=32, micro_batch=4, lora_r=32))
+    kv_cache = next(item for item in result.items if item.name.startswith("KV cache"))
+    tables = next(item for item in result.items if item.name.startswith("(B, N, V) tables"))
+    assert kv_cache.phases == ("sampling",) and tables.phases == ("loss",)
+    assert result.peak == max(result.phase_total(phase) for phase in result.phases)
+    assert result.peak < sum(item.bytes for item in result.items)
+    assert tables.bytes == training_tables(janus_pro_1b(), result.setup) * table_bytes(janus_pro_1b(), result.setup)
+
+
+def _memory_model_script():
+    path = Path(__file__).resolve().parents[1] / "scripts" / "memory_model.py"
+    spec = importlib.util.spec_from_file_location("memory_model", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_recipe_header_quotes_the_memory_model():
+    # The headers are written by `python scripts/memory_model.py --write_headers`: a change of the model (or of a
+    # recipe's settings) that moves a number fails here until they are rewritten.
+    script = _memory_model_script()
+    recipes = [
+        path for directory in script.RECIPE_DIRS for path in sorted((script.RECIPES / directory).glob("*.yaml"))
+    ]
+    assert len(recipes) >= 10
+    for path in recipes:
+        text = path.read_text()
+        assert script.HEADER_MARKER in text.splitlines(), path
+        assert script.with_memory_header(text, script.memory_header(*script.recipe_setup(path))) == text, path
