@@ -32,6 +32,7 @@ import torch
 from transformers import TrainerCallback
 
 from trl_t2i import trl_boundary as trl
+from trl_t2i.memory import Architecture, janus_pro_1b
 
 
 FULL_LAYERS = 24
@@ -39,56 +40,25 @@ MEASURED_STEPS = 2
 SETTINGS = ("lora-sampled", "lora-exact", "qlora-sampled", "qlora-exact")
 TIMED_STAGES = ("sampling", "decoding", "rewards", "reference", "policy_loss", "penalty")  # the trainer's timers
 STAGES = (*TIMED_STAGES, "backward+optimizer")
-JANUS_PRO_1B_TEXT = {  # deepseek-community/Janus-Pro-1B's language model (a Llama)
-    "model_type": "llama",
-    "hidden_size": 2048,
-    "intermediate_size": 5632,
-    "num_attention_heads": 16,
-    "num_key_value_heads": 16,
-    "vocab_size": 102400,
-    "max_position_embeddings": 16384,
-    "rms_norm_eps": 1e-6,
-}
 
 
 def build_janus_pro_1b(num_layers: int):
-    """Janus-Pro-1B's architecture with `num_layers` language-model layers, random weights; the tiny Janus'
-    processor (its few token ids lie inside the real vocabulary)."""
-    from transformers import JanusConfig, JanusForConditionalGeneration
+    """Janus-Pro-1B's architecture (`trl_t2i.memory.janus_pro_1b_config`) with `num_layers` language-model layers,
+    random weights; the tiny Janus' processor (its few token ids lie inside the real vocabulary)."""
+    from transformers import JanusForConditionalGeneration
 
+    from trl_t2i.memory import janus_pro_1b_config
     from trl_t2i.models import build_tiny_janus
 
     tiny, processor = build_tiny_janus(image_tokens_per_side=24)
-    special = {
-        name: getattr(tiny.config.text_config, name) for name in ("pad_token_id", "bos_token_id", "eos_token_id")
-    }
-    config = JanusConfig(
-        text_config={**JANUS_PRO_1B_TEXT, **special, "num_hidden_layers": num_layers},
-        image_token_id=tiny.config.image_token_id,
-    )  # vision and VQ configs: transformers' defaults, which are Janus-Pro's
+    config = janus_pro_1b_config()
+    config.text_config.num_hidden_layers = num_layers
+    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        setattr(config.text_config, name, getattr(tiny.config.text_config, name))
+    config.image_token_id = tiny.config.image_token_id
     model = JanusForConditionalGeneration(config)
     model.generation_config = tiny.generation_config
     return model, processor
-
-
-def parameters_per_component(model) -> dict[str, int]:
-    janus = model.model
-    components = {
-        "language model layers": janus.language_model.layers,
-        "text embeddings": janus.language_model.embed_tokens,
-        "image generation embed/aligner/head": [
-            janus.generation_embeddings,
-            janus.generation_aligner,
-            janus.generation_head,
-        ],
-        "vision tower + aligner (understanding only)": [janus.vision_model, janus.aligner],
-        "VQ-VAE": janus.vqmodel,
-    }
-    counts = {}
-    for name, modules in components.items():
-        modules = modules if isinstance(modules, list) else [modules]
-        counts[name] = sum(p.numel() for module in modules for p in module.parameters())
-    return counts
 
 
 class StepTimer(TrainerCallback):
@@ -123,7 +93,7 @@ def run_one(setting: str, num_layers: int, images: int, threads: int) -> dict:
     torch.set_num_threads(threads)
     adapters, estimator = setting.split("-")
     model, processor = build_janus_pro_1b(num_layers)
-    parameters = parameters_per_component(model)
+    parameters = Architecture.from_janus_config(model.config).components()
     with tempfile.TemporaryDirectory() as checkpoint, tempfile.TemporaryDirectory() as output_dir:
         quantization = None
         if adapters == "qlora":  # 4-bit loading goes through from_pretrained, as for users
@@ -252,12 +222,11 @@ def main(settings: list[str], layer_counts: list[int], images: int, threads: int
         for n in layer_counts:
             results[(setting, n)] = in_subprocess(setting, n, images, threads)
         if setting == settings[0]:
-            print("\n| component | parameters |\n|---|---|")
+            full = janus_pro_1b().components()
+            print(f"\n| component | parameters, {layer_counts[0]} layer(s) | Janus-Pro-1B ({FULL_LAYERS} layers) |")
+            print("|---|---|---|")
             for name, count in results[(setting, layer_counts[0])]["parameters"].items():
-                note = (
-                    f" (×{FULL_LAYERS}/{layer_counts[0]} in the full model)" if name == "language model layers" else ""
-                )
-                print(f"| {name} | {count / 1e6:.1f} M{note} |")
+                print(f"| {name} | {count / 1e6:.1f} M | {full[name] / 1e6:.1f} M |")
         print_setting(setting, results, layer_counts)
 
     for adapters in ("lora", "qlora"):

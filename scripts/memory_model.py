@@ -26,7 +26,6 @@ from trl import ModelConfig
 
 from trl_t2i.cli.grpo import T2IScriptArguments
 from trl_t2i.config import T2IGRPOConfig
-from trl_t2i.divergences import get_divergence
 from trl_t2i.memory import (
     GB,
     PHASES,
@@ -40,6 +39,7 @@ from trl_t2i.memory import (
     janus_pro_7b,
     kv_cache_bytes,
     llamagen_t2i_xl,
+    replay_training_tables,
     vq_decode_bytes,
 )
 from trl_t2i.models import Conditioning, build_tiny_janus, get_family
@@ -50,7 +50,6 @@ from trl_t2i.sampling import (
     token_logits,
     truncate_logits,
 )
-from trl_t2i.trainer import METRIC_DIVERGENCES
 
 
 RECIPES = Path(__file__).resolve().parents[1] / "trl_t2i" / "recipes"
@@ -272,29 +271,20 @@ def sample(family, model, conditioning, tokens: int) -> None:
         logits = family.step(model, token.repeat(2), state)
 
 
-def training_step(family, peft_model, conditioning, image_tokens, divergence: str = "js") -> None:
-    """A LoRA micro-batch in the order of `T2IGRPOTrainer._compute_loss` with the exact estimator (see
-    `tests/test_memory.py`): policy scores, the reference (adapters off), the penalty, the other logged divergences,
-    the backward."""
+def training_step(family, peft_model, conditioning, image_tokens) -> None:
+    """A LoRA micro-batch with the exact JS estimator, as `T2IGRPOTrainer._compute_loss` runs it (the reference is
+    the model with its adapters off)."""
     sampling = SamplingConfig()
 
-    def score(model):
-        logits = teacher_forced_logits(family, model, conditioning, image_tokens, sampling, "guided")
+    def score():
+        logits = teacher_forced_logits(family, peft_model, conditioning, image_tokens, sampling, "guided")
         return truncate_logits(logits, sampling, "guided").log_softmax(dim=-1)
 
-    table = score(peft_model)
-    logps = table.gather(-1, image_tokens[..., None]).squeeze(-1)
-    with torch.no_grad(), peft_model.disable_adapter():
-        reference = score(peft_model)
-    penalty = get_divergence(divergence).exact_penalty(table, reference)
-    with torch.no_grad():
-        for name in METRIC_DIVERGENCES:
-            if name != divergence:
-                get_divergence(name).exact_penalty(table, reference)
-    del reference
-    loss = penalty.mean() - logps.mean()
-    del table, logps, penalty
-    loss.backward()
+    def score_reference():
+        with peft_model.disable_adapter():
+            return score()
+
+    replay_training_tables(score, score_reference, image_tokens, "js", "exact")
 
 
 def check(args: ScriptArguments) -> None:

@@ -13,7 +13,7 @@ from transformers import JanusForConditionalGeneration, JanusVQVAE, JanusVQVAECo
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
 from trl_t2i import divergences
-from trl_t2i.divergences import DIVERGENCES, get_divergence
+from trl_t2i.divergences import DIVERGENCES
 from trl_t2i.memory import (
     EXACT_CHUNK_TEMPORARIES,
     Architecture,
@@ -27,6 +27,7 @@ from trl_t2i.memory import (
     janus_pro_7b_config,
     kv_cache_bytes,
     llamagen_t2i_xl,
+    replay_training_tables,
     table_bytes,
     training_tables,
     vq_decode_bytes,
@@ -42,8 +43,7 @@ from trl_t2i.models import (
     get_family,
     load_model,
 )
-from trl_t2i.sampling import MIN_LOGP, SamplingConfig, prefill_distinct_rows, teacher_forced_logits, truncate_logits
-from trl_t2i.trainer import METRIC_DIVERGENCES
+from trl_t2i.sampling import SamplingConfig, prefill_distinct_rows, teacher_forced_logits, truncate_logits
 
 
 FP32 = {"weight_dtype": "float32", "mixed_precision": False}
@@ -192,8 +192,7 @@ def test_4bit_estimate_keeps_the_skipped_modules_at_full_precision():
 def _training_step_tables(family, divergence: str, estimator: str, guided: bool, head_dtype) -> float:
     """Peak live bytes of a training micro-batch's tables, in `(B, N, V)` fp32 tables, in the order of
     `T2IGRPOTrainer._compute_loss`: the policy's scoring (the head's logits, `teacher_forced_logits`, truncation,
-    `log_softmax`), the table concatenated for the penalty, the reference's scoring without gradient, the penalty, the
-    other logged divergences without gradient, the backward."""
+    `log_softmax`), then `replay_training_tables`."""
     batch_size, n, v = 2, family.num_image_tokens, family.codebook_size
     conditioning = family.encode_prompts(["a red cat"] * batch_size)
     tokens = torch.randint(v, (batch_size, n))
@@ -208,22 +207,7 @@ def _training_step_tables(family, divergence: str, estimator: str, guided: bool,
         return truncate_logits(logits, sampling, "guided").log_softmax(dim=-1)
 
     with LiveTensorBytes() as live:
-        table = score(weights)
-        logps = table.gather(-1, tokens[..., None]).squeeze(-1).clamp(min=MIN_LOGP)
-        if estimator == "exact":  # as `T2IGRPOTrainer._divergence_penalty` on a logged step
-            with torch.no_grad():
-                reference = score(reference_weights)
-            penalty = get_divergence(divergence).exact_penalty(table, reference)
-            with torch.no_grad():
-                for name in METRIC_DIVERGENCES:
-                    if name != divergence:
-                        get_divergence(name).exact_penalty(table, reference)
-            del reference
-        else:
-            penalty = get_divergence(divergence).sampled(logps, logps.detach() + 0.1)
-        loss = penalty.mean() - logps.mean()
-        del table, logps, penalty
-        loss.backward()
+        replay_training_tables(lambda: score(weights), lambda: score(reference_weights), tokens, divergence, estimator)
     return live.peak / (batch_size * n * v * 4)
 
 

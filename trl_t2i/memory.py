@@ -246,24 +246,10 @@ class Architecture:
 
 def janus_pro_1b_config() -> JanusConfig:
     """The `JanusConfig` of Janus-Pro-1B as transformers converts it (`deepseek-community/Janus-Pro-1B`)."""
-    # The HF-format text config of Janus-Pro-1B, as in the config.json of
-    # hf-internal-testing/tiny-processor-janus, a copy of the converted model's; transformers'
-    # convert_janus_weights_to_hf.py reads them from deepseek-ai/Janus-Pro-1B's "language_config".
-    text_config = {
-        "model_type": "llama",
-        "hidden_size": 2048,
-        "intermediate_size": 5632,
-        "num_hidden_layers": 24,
-        "num_attention_heads": 16,
-        "num_key_value_heads": 16,
-        "vocab_size": 102400,
-    }
-    # The conversion sets vision `projection_dim`/`depth` from "aligner_config" (n_embed 2048, depth 2) and the VQ
-    # sizes from "gen_vision_config"/"gen_aligner_config"/"gen_head_config" (codes 16384 of dim 8, width 2048);
-    # everything else is JanusVisionConfig / JanusVQVAEConfig's defaults (SigLIP-L/16 at 384 px, VQ-16).
-    vision_config = {"projection_dim": 2048, "depth": 2}
-    vq_config = {"embed_dim": 8, "num_embeddings": 16384, "projection_dim": 2048, "image_token_embed_dim": 2048}
-    return _janus_pro_config(text_config, vision_config, vq_config)
+    # The HF-format text config of Janus-Pro-1B, as in the config.json of hf-internal-testing/tiny-processor-janus, a
+    # copy of the converted model's; transformers' convert_janus_weights_to_hf.py reads them from
+    # deepseek-ai/Janus-Pro-1B's "language_config".
+    return _janus_pro_config(width=2048, mlp_width=5632, num_layers=24, num_heads=16)
 
 
 def janus_pro_7b_config() -> JanusConfig:
@@ -271,26 +257,29 @@ def janus_pro_7b_config() -> JanusConfig:
     # deepseek-ai/Janus-Pro-7B config.json (as copied by fine-tunes such as YhangChen/iris-step200): its
     # "language_config" sets 30 layers and the 102400 vocabulary and keeps LlamaConfig's width 4096, SwiGLU 11008 and
     # 32 heads of 128. In bf16 these weights are 14.82 GB, the size of its two weight files (9.99 + 4.85 GB).
+    return _janus_pro_config(width=4096, mlp_width=11008, num_layers=30, num_heads=32)
+
+
+def _janus_pro_config(width: int, mlp_width: int, num_layers: int, num_heads: int) -> JanusConfig:
     text_config = {
         "model_type": "llama",
-        "hidden_size": 4096,
-        "intermediate_size": 11008,
-        "num_hidden_layers": 30,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 32,
+        "hidden_size": width,
+        "intermediate_size": mlp_width,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": num_heads,
+        "num_key_value_heads": num_heads,
         "vocab_size": 102400,
     }
-    # "aligner_config" / "gen_aligner_config" / "gen_head_config": n_embed 4096, depth 2.
-    vision_config = {"projection_dim": 4096, "depth": 2}
-    vq_config = {"embed_dim": 8, "num_embeddings": 16384, "projection_dim": 4096, "image_token_embed_dim": 4096}
-    return _janus_pro_config(text_config, vision_config, vq_config)
-
-
-def _janus_pro_config(text_config: dict, vision_config: dict, vq_config: dict) -> JanusConfig:
-    # The checkpoints hold `language_model.lm_head.weight` apart from the text embedding (DeepSeek-LLM does not tie
-    # them), so transformers keeps both whatever JanusConfig's `tie_word_embeddings` default says.
+    # The conversion sets the vision aligner's `projection_dim`/`depth` from "aligner_config" (n_embed = width,
+    # depth 2) and the VQ sizes from "gen_vision_config"/"gen_aligner_config"/"gen_head_config" (16384 codes of
+    # dimension 8, n_embed = width); everything else is JanusVisionConfig / JanusVQVAEConfig's defaults (SigLIP-L/16
+    # at 384 px, VQ-16). The checkpoints hold `language_model.lm_head.weight` apart from the text embedding
+    # (DeepSeek-LLM does not tie them), so transformers keeps both whatever `tie_word_embeddings` says.
     return JanusConfig(
-        text_config=text_config, vision_config=vision_config, vq_config=vq_config, tie_word_embeddings=False
+        text_config=text_config,
+        vision_config={"projection_dim": width, "depth": 2},
+        vq_config={"embed_dim": 8, "num_embeddings": 16384, "projection_dim": width, "image_token_embed_dim": width},
+        tie_word_embeddings=False,
     )
 
 
@@ -842,6 +831,33 @@ def _working_weight_items(arch: Architecture, setup: TrainingSetup) -> list[Memo
 
 
 # ---------------------------------------------------------------------------------------------- measuring
+
+
+def replay_training_tables(score_policy, score_reference, image_tokens, divergence: str, estimator: str) -> None:
+    """The `(B, N, V)` work of a training micro-batch in the order of `T2IGRPOTrainer._compute_loss` on a logged
+    step, to be measured by `LiveTensorBytes`: the policy's table and per-token log-probs; with the exact estimator
+    the reference's table without gradient, the penalty (`exact_penalty`) and the other logged divergences; the
+    backward. `score_policy()` / `score_reference()` return log-prob tables."""
+    from .divergences import get_divergence
+    from .sampling import MIN_LOGP
+    from .trainer import METRIC_DIVERGENCES
+
+    table = score_policy()
+    logps = table.gather(-1, image_tokens[..., None]).squeeze(-1).clamp(min=MIN_LOGP)
+    if estimator == "exact":
+        with torch.no_grad():
+            reference = score_reference()
+        penalty = get_divergence(divergence).exact_penalty(table, reference)
+        with torch.no_grad():
+            for name in METRIC_DIVERGENCES:
+                if name != divergence:
+                    get_divergence(name).exact_penalty(table, reference)
+        del reference
+    else:
+        penalty = get_divergence(divergence).sampled(logps, logps.detach() + 0.1)
+    loss = penalty.mean() - logps.mean()
+    del table, logps, penalty
+    loss.backward()
 
 
 class LiveTensorBytes(TorchDispatchMode):
