@@ -5,8 +5,8 @@
 The model has Janus-Pro-1B's real widths (hidden 2048, MLP 5632, 16 heads, text vocabulary 102,400), its real image
 side (576 tokens of a 16,384-code VQ-VAE at 384 px, the real decoder) and vision tower, but only `--layers` of its 24
 language-model layers: a CPU cannot run 24 in reasonable time. Every stage is measured at each layer count and
-extrapolated linearly to 24 layers (`t(L) = a + b·L` through the two smallest counts; stages that do not run the
-language model, such as the penalty, come out flat), and said so in the table.
+extrapolated linearly to 24 layers (`t(L) = a + b·L` through the two smallest counts) for the stages that run the
+language model, and averaged for the others (decoding, rewards, penalty); the step is the sum of its stages there.
 
 Each setting runs in its own process (so peak memory is its own), with the trainer's own stage timers
 (`time/<stage>`, see `T2IGRPOTrainer._timed`), the least over two optimizer steps after the first (which pays
@@ -38,6 +38,7 @@ from trl_t2i.memory import Architecture, janus_pro_1b
 FULL_LAYERS = 24
 MEASURED_STEPS = 2
 SETTINGS = ("lora-sampled", "lora-exact", "qlora-sampled", "qlora-exact")
+LANGUAGE_MODEL_STAGES = ("sampling", "reference", "policy_loss", "backward+optimizer")
 TIMED_STAGES = ("sampling", "decoding", "rewards", "reference", "policy_loss", "penalty")  # the trainer's timers
 STAGES = (*TIMED_STAGES, "backward+optimizer")
 
@@ -154,26 +155,36 @@ def in_subprocess(setting: str, num_layers: int, images: int, threads: int) -> d
     return json.loads(output.strip().splitlines()[-1])
 
 
-def extrapolate(measured: dict[int, float], layers: int = FULL_LAYERS) -> float:
-    """`a + b·layers` through the two smallest layer counts measured."""
+def full_model_seconds(measured: dict[int, float], stage: str) -> float:
+    """A stage's seconds at `FULL_LAYERS` layers: `a + b·L` through the two smallest layer counts measured for the
+    stages that run the language model, the mean of the measurements for the others (decoding, rewards, penalty)."""
+    if stage not in LANGUAGE_MODEL_STAGES:
+        return statistics.mean(measured.values())
     (small, t_small), (large, t_large) = sorted(measured.items())[:2]
-    slope = (t_large - t_small) / (large - small)
-    return max(t_small + slope * (layers - small), 0.0)
+    return max(t_small + (t_large - t_small) / (large - small) * (FULL_LAYERS - small), 0.0)
+
+
+def full_model_step(result_by_layers: dict[int, dict]) -> float:
+    """A step's seconds at `FULL_LAYERS` layers: the sum of its stages' (`full_model_seconds`)."""
+    return sum(
+        full_model_seconds({n: result["stages"][stage] for n, result in result_by_layers.items()}, stage)
+        for stage in STAGES
+    )
 
 
 def print_setting(setting: str, results: dict, layer_counts: list[int]) -> None:
+    by_layers = {n: results[(setting, n)] for n in layer_counts}
     header = " | ".join(f"{n} layers" for n in layer_counts)
     print(f"\n**{setting}** — seconds per step by stage\n")
     print(f"| stage | {header} | {FULL_LAYERS} layers (extrapolated) |")
     print("|---|" + "---|" * (len(layer_counts) + 1))
-    for stage in (*STAGES, "step"):
-        measured = {
-            n: results[(setting, n)]["step"] if stage == "step" else results[(setting, n)]["stages"][stage]
-            for n in layer_counts
-        }
+    for stage in STAGES:
+        measured = {n: result["stages"][stage] for n, result in by_layers.items()}
         cells = " | ".join(f"{measured[n]:.2f}" for n in layer_counts)
-        print(f"| {stage} | {cells} | {extrapolate(measured):.1f} |")
-    peaks = " | ".join(f"{results[(setting, n)]['peak_rss_gib']:.2f}" for n in layer_counts)
+        print(f"| {stage} | {cells} | {full_model_seconds(measured, stage):.1f} |")
+    cells = " | ".join(f"{by_layers[n]['step']:.2f}" for n in layer_counts)
+    print(f"| step | {cells} | {full_model_step(by_layers):.1f} |")
+    peaks = " | ".join(f"{by_layers[n]['peak_rss_gib']:.2f}" for n in layer_counts)
     print(f"| peak RSS (GiB) | {peaks} | |", flush=True)
 
 
@@ -236,7 +247,7 @@ def main(settings: list[str], layer_counts: list[int], images: int, threads: int
                 ratio = results[(f"{adapters}-exact", n)]["step"] / results[(f"{adapters}-sampled", n)]["step"]
                 print(f", {n} layers {ratio:.2f}×", end="")
             full = {
-                kind: extrapolate({n: results[(f"{adapters}-{kind}", n)]["step"] for n in layer_counts})
+                kind: full_model_step({n: results[(f"{adapters}-{kind}", n)] for n in layer_counts})
                 for kind in ("sampled", "exact")
             }
             print(f", {FULL_LAYERS} layers (extrapolated) {full['exact'] / full['sampled']:.2f}×")
