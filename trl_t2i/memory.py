@@ -5,7 +5,7 @@ step each item is live. The phases follow one another and their transient memory
 the largest phase total, not the sum of the items:
 
 * `sampling`: the KV-cached CFG decode of the whole generation batch (`sampling.sample_image_tokens`);
-* `decoding`: the VQ decoder turning all those image tokens into pixels at once (`family.decode`);
+* `decoding`: the VQ decoder turning those image tokens into pixels, a micro-batch at a time (`family.decode`);
 * `rewards`: the reward model scoring the images;
 * `scoring`: the no-gradient teacher-forced passes of the rollout (TRL's old log-probs, the sampled estimator's
   reference log-probs), one micro-batch at a time;
