@@ -1,6 +1,7 @@
 """Shared fixtures and helpers. Every registered model family has a `FamilyCase`: the family contract tests
 (`test_family_contract.py`) run for each, so a new family gets them by adding its case here."""
 
+import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -212,3 +213,12 @@ def train_tiny_recipe(output_dir, *flags) -> T2IGRPOTrainer:
     """`trl-t2i grpo` on the tiny demo recipe with `QUICK_FLAGS`, then `flags` (which win), into `output_dir`."""
     argv = ["--config", str(DEMO_RECIPE), *QUICK_FLAGS, "--output_dir", str(output_dir), *flags]
     return grpo.main(*grpo.make_parser().parse_args_and_config(argv))
+
+
+def load_script(name: str):
+    """A module of `scripts/` (not a package), imported from its file."""
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -3,12 +3,11 @@ the KV cache the sampler allocates, 4-bit weights, and the live tensors of a lay
 the VQ decoder (counted on CPU with `LiveTensorBytes`)."""
 
 import dataclasses
-import importlib.util
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_script
 from transformers import JanusForConditionalGeneration, JanusVQVAE, JanusVQVAEConfig, LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
@@ -291,18 +290,10 @@ def test_phases_that_do_not_coexist_are_not_added():
     assert tables.bytes == training_tables(janus_pro_1b(), result.setup) * table_bytes(janus_pro_1b(), result.setup)
 
 
-def _memory_model_script():
-    path = Path(__file__).resolve().parents[1] / "scripts" / "memory_model.py"
-    spec = importlib.util.spec_from_file_location("memory_model", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_every_recipe_header_quotes_the_memory_model():
     # The headers are written by `python scripts/memory_model.py --write_headers`: a change of the model (or of a
     # recipe's settings) that moves a number fails here until they are rewritten.
-    script = _memory_model_script()
+    script = load_script("memory_model")
     recipes = [
         path for directory in script.RECIPE_DIRS for path in sorted((script.RECIPES / directory).glob("*.yaml"))
     ]
