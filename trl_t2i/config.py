@@ -112,7 +112,7 @@ class T2IGRPOConfig(GRPOConfig):
         compile_rollouts (`bool`, *optional*, defaults to `False`):
             Sample with a static KV cache and a `torch.compile`d decode step (a CUDA graph on GPU): the same tokens
             and log-probs, much less per-step overhead for small models and host-bound GPUs. The first rollout of
-            each batch shape compiles (tens of seconds). Families with a static decode only (Janus).
+            each batch shape compiles (tens of seconds). Families with a static decode only (Janus, LlamaGen).
 
         > Parameters that control logging
 

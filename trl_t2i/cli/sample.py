@@ -37,9 +37,7 @@ class SampleArguments(SamplingArguments):
     output_dir: str = field(default="outputs/samples", metadata={"help": "Where images and the grid are written."})
     compile: bool = field(
         default=False,
-        metadata={
-            "help": "Decode with a static KV cache and a torch.compile'd step (Janus; the first batch compiles)."
-        },
+        metadata={"help": "Decode with a static KV cache and a torch.compile'd step (the first batch compiles)."},
     )
 
 

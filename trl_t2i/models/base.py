@@ -19,6 +19,11 @@ from torch import nn
 from transformers import PreTrainedModel
 
 
+STATIC_LENGTH_MULTIPLE = 64
+"""A static cache's length is rounded up to a multiple of this, so prompts of different lengths share one compiled
+decode step (the positions past the image are never written, and causality hides them)."""
+
+
 @dataclass
 class Conditioning:
     """The prompt side of a batch of image rows, built and read by a `ModelFamily` only.

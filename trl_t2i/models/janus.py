@@ -11,7 +11,7 @@ from torch import nn
 from transformers import JanusForConditionalGeneration
 from transformers.cache_utils import Cache, DynamicLayer, StaticLayer
 
-from .base import Conditioning, DecodeState, ModelFamily
+from .base import STATIC_LENGTH_MULTIPLE, Conditioning, DecodeState, ModelFamily
 
 
 class PreallocatedLayer(DynamicLayer):
@@ -50,11 +50,6 @@ class PreallocatedLayer(DynamicLayer):
         if self.is_initialized:
             self.key_buffer, self.value_buffer = self.key_buffer[indices], self.value_buffer[indices]
             self.keys, self.values = self.key_buffer[:, :, : self.length], self.value_buffer[:, :, : self.length]
-
-
-STATIC_LENGTH_MULTIPLE = 64
-"""A static cache's length is rounded up to a multiple of this, so prompts of different lengths share one compiled
-decode step (the positions past the image are never written, and causality hides them)."""
 
 
 class StaticDecodeLayer(StaticLayer):

@@ -8,10 +8,11 @@ under the caption's mask (LlamaGen's `generate`).
 """
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from ..base import Conditioning, DecodeState, ModelFamily
-from .modeling_llamagen import LlamaGenForImageGeneration, LlamaGenKVCache
+from ..base import STATIC_LENGTH_MULTIPLE, Conditioning, DecodeState, ModelFamily
+from .modeling_llamagen import LlamaGenForImageGeneration, LlamaGenKVCache, StaticLlamaGenKVCache
 
 
 class LlamaGenDecodeState(DecodeState):
@@ -35,6 +36,7 @@ class LlamaGenFamily(ModelFamily):
     )
     # Full paths from the root: transformers matches skip entries from there.
     quantization_skip_modules = ["text_encoder", "caption_embedder", "image_head", "vqmodel"]
+    supports_static_decoding = True
 
     @property
     def num_image_tokens(self) -> int:
@@ -70,11 +72,26 @@ class LlamaGenFamily(ModelFamily):
         return model(**conditioning.tensors, image_tokens=image_tokens[:, :-1]).logits
 
     def prefill(self, model, conditioning, static=False):
-        # No static decode yet (`supports_static_decoding` is False): the sampler refuses `compile` before this.
         # Allocated once for the caption and every image token (not grown at every step).
-        cache = LlamaGenKVCache(max_length=conditioning.tensors["input_ids"].size(1) + self.num_image_tokens)
+        if static:  # every step sees the caption's mask: one compiled step for every caption length
+            conditioning = self._padded_to_caption_length(conditioning)
+        max_length = conditioning.tensors["input_ids"].size(1) + self.num_image_tokens
+        if static:
+            max_length = -(-max_length // STATIC_LENGTH_MULTIPLE) * STATIC_LENGTH_MULTIPLE
+        cache = StaticLlamaGenKVCache(max_length) if static else LlamaGenKVCache(max_length)
         output = model(**conditioning.tensors, cache=cache, use_cache=True)
-        return output.logits[:, -1], LlamaGenDecodeState(output.cache, conditioning)
+        state = LlamaGenDecodeState(output.cache, conditioning)
+        state.static = static
+        return output.logits[:, -1], state
+
+    def _padded_to_caption_length(self, conditioning: Conditioning) -> Conditioning:
+        """The rows left-padded to `caption_length` T5 tokens. The same logits: padding is masked, caption positions
+        carry no rotary embedding and image positions count from the caption's end."""
+        missing = self.config.caption_length - conditioning.tensors["input_ids"].size(1)
+        padded = dict(conditioning.tensors)
+        padded["input_ids"] = F.pad(padded["input_ids"], (missing, 0), value=self.processing_class.pad_token_id)
+        padded["attention_mask"] = F.pad(padded["attention_mask"], (missing, 0), value=0)
+        return Conditioning(padded)
 
     def step(self, model, image_tokens, state):
         output = model(

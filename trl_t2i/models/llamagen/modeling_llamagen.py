@@ -54,6 +54,22 @@ class LlamaGenKVCache:
         """Number of positions cached."""
         return self.layers[0][0].size(2) if self.layers else 0
 
+    def past_length(self) -> int | torch.Tensor:
+        """Positions cached before the current forward (a tensor for a static cache)."""
+        return len(self)
+
+    @property
+    def is_empty(self) -> bool:
+        return len(self) == 0
+
+    @property
+    def key_length(self) -> int | None:
+        """Keys every layer's `update` returns when fixed (a static cache); `None`: the positions so far."""
+        return None
+
+    def advance(self, length: int) -> None:
+        """Called once a forward's `length` new positions are written by every layer (a static cache counts them)."""
+
     def update(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append this call's keys and values of one layer; return all of that layer's so far."""
         if self.max_length is None:
@@ -85,6 +101,57 @@ class LlamaGenKVCache:
             self.layers = [(keys[:, :, :length], values[:, :, :length]) for keys, values in self.buffers]
         else:
             self.layers = [(keys[indices], values[indices]) for keys, values in self.layers]
+
+
+class StaticLlamaGenKVCache(LlamaGenKVCache):
+    """A `LlamaGenKVCache` of fixed shapes, for a decode step compiled once (`torch.compile`, CUDA graphs): every
+    layer's buffers hold `max_length` positions and `update` returns them whole (causality hides the positions not
+    written yet), and the number of positions cached is a tensor advanced in place, not a Python int."""
+
+    def __init__(self, max_length: int):
+        super().__init__(max_length)
+        self.position = torch.zeros((), dtype=torch.long)
+        self.filled = False
+
+    def past_length(self) -> torch.Tensor:
+        return self.position
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.filled
+
+    @property
+    def key_length(self) -> int:
+        return self.max_length
+
+    def update(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer_idx == len(self.buffers):
+            # zeros, not garbage: a masked key's value still meets a zero attention weight, and NaN · 0 is NaN
+            shape = (*keys.shape[:2], self.max_length, keys.shape[3])
+            self._set_buffers(layer_idx, keys.new_zeros(shape), values.new_zeros(shape))
+            self.position = self.position.to(keys.device)
+        index = self.position + torch.arange(keys.size(2), device=keys.device)
+        key_buffer, value_buffer = self.buffers[layer_idx]
+        key_buffer.index_copy_(2, index, keys)
+        value_buffer.index_copy_(2, index, values)
+        return key_buffer, value_buffer
+
+    def advance(self, length: int) -> None:
+        self.position.add_(length)
+        self.filled = True
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        for layer_idx, (keys, values) in enumerate(list(self.buffers)):
+            self._set_buffers(layer_idx, keys[indices], values[indices])
+
+    def _set_buffers(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        # CUDA graphs must know that the buffers' addresses stay fixed from step to step.
+        torch._dynamo.mark_static_address(keys)
+        torch._dynamo.mark_static_address(values)
+        if layer_idx == len(self.buffers):
+            self.buffers.append((keys, values))
+        else:
+            self.buffers[layer_idx] = (keys, values)
 
 
 @dataclass
@@ -218,28 +285,33 @@ class LlamaGenTransformer(nn.Module):
         self.norm = LlamaGenRMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, inputs_embeds, caption_mask, cache: LlamaGenKVCache | None = None) -> torch.Tensor:
-        """Hidden states of `inputs_embeds`, the positions after the `len(cache)` already cached.
+        """Hidden states of `inputs_embeds`, the positions after those already cached.
 
         `caption_mask` `(B, P)` is the mask of the caption, the first `P` positions of the whole sequence.
         """
-        past = len(cache) if cache is not None else 0
-        positions = torch.arange(past, past + inputs_embeds.size(1), device=inputs_embeds.device)
+        past = cache.past_length() if cache is not None else 0
+        positions = torch.arange(inputs_embeds.size(1), device=inputs_embeds.device) + past
         cos, sin = grid_rotary_embedding(self.config, positions - caption_mask.size(1))
-        mask = attention_mask(caption_mask, positions)
+        mask = attention_mask(caption_mask, positions, cache.key_length if cache is not None else None)
         hidden_states = inputs_embeds
         for layer in self.layers:
             hidden_states = layer(hidden_states, cos=cos, sin=sin, attention_mask=mask, cache=cache)
+        if cache is not None:
+            cache.advance(inputs_embeds.size(1))
         return self.norm(hidden_states)
 
 
-def attention_mask(caption_mask: torch.Tensor, query_positions: torch.Tensor) -> torch.Tensor:
-    """Boolean SDPA mask `(B, 1, S, K)` of the queries at `query_positions` over keys `0 … last query`.
+def attention_mask(
+    caption_mask: torch.Tensor, query_positions: torch.Tensor, key_length: int | None = None
+) -> torch.Tensor:
+    """Boolean SDPA mask `(B, 1, S, K)` of the queries at `query_positions` over keys `0 … last query`, or over
+    `key_length` keys (a static cache's, where causality hides those past the last query).
 
     Causal, padding positions of the caption masked as keys, and every position attends to itself (LlamaGen's
     identity diagonal, which keeps a padding query from attending to nothing).
     """
     batch_size, caption_length = caption_mask.shape
-    keys = torch.arange(int(query_positions[-1]) + 1, device=caption_mask.device)
+    keys = torch.arange(key_length or int(query_positions[-1]) + 1, device=caption_mask.device)
     key_is_real = torch.cat(
         [caption_mask.bool(), caption_mask.new_ones(batch_size, len(keys) - caption_length).bool()], 1
     )
@@ -357,7 +429,7 @@ class LlamaGenForImageGeneration(LlamaGenPreTrainedModel):
             Cache of the positions already run; with `use_cache=True` a new one is started when it is `None`.
         """
         cache = (cache if cache is not None else LlamaGenKVCache()) if use_cache else None
-        first_call = cache is None or len(cache) == 0
+        first_call = cache is None or cache.is_empty
         embeds = [self.embed_captions(input_ids, attention_mask, null_caption)] if first_call else []
         if image_tokens is not None:
             embeds.append(self.transformer.embed_tokens(image_tokens))
