@@ -318,9 +318,7 @@ class T2IGRPOTrainer(GRPOTrainer):
             reason = _fold_does_not_fit(folded_bytes(model), self.accelerator.device)
         if reason is None:
             return merged_adapters(model)
-        if not getattr(self, "_logged_unmerged_rollouts", False):
-            logger.info(f"Sampling with the adapters unmerged: {reason}.")
-            self._logged_unmerged_rollouts = True
+        logger.info_once(f"Sampling with the adapters unmerged: {reason}.")
         return contextlib.nullcontext()
 
     def _critical_tokens(self, model, sample) -> torch.Tensor:
