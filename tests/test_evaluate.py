@@ -143,6 +143,13 @@ def test_same_seed_same_images_and_runs_differ_only_by_weights(tmp_path, trained
         assert _floats(by_run["full"], column) == pytest.approx(_floats(by_run["base"], column), rel=1e-6)
 
 
+def test_a_compiled_evaluation_writes_the_same_rows(tmp_path, trained_run):
+    _evaluate(tmp_path / "eager", [f"trained={trained_run}"])
+    _evaluate(tmp_path / "compiled", [f"trained={trained_run}"], compile=True)
+    eager, compiled = (_read_csv(tmp_path / name / "per_prompt.csv") for name in ("eager", "compiled"))
+    assert compiled == eager and {row["run"] for row in eager} == {"base", "trained"}
+
+
 def test_per_prompt_metrics_match_a_direct_computation(tmp_path):
     _evaluate(tmp_path, [], seed=7)
     row = _read_csv(tmp_path / "per_prompt.csv")[1]

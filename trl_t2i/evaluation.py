@@ -18,6 +18,7 @@ directory; the `run_settings.json` that training writes gives its divergence and
 each adapter is attached to it, evaluated and detached again.
 """
 
+import contextlib
 import csv
 import json
 import math
@@ -34,6 +35,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .images import make_grid, to_pil
+from .merged_adapters import merged_adapters, why_not_mergeable
 from .metrics import ImageFeatureModel, diversity_summary, pixel_features, token_entropy
 from .models import get_family, load_model, load_processor
 from .run_settings import RUN_SETTINGS_FILE, RunSettings
@@ -80,6 +82,10 @@ class EvaluationSettings:
     )
     dtype: str = field(default="float32", metadata={"help": "Model dtype: float32, bfloat16 or float16."})
     device: str = field(default="cuda" if torch.cuda.is_available() else "cpu", metadata={"help": "Device."})
+    compile: bool = field(
+        default=False,
+        metadata={"help": "Decode with a static KV cache and a torch.compile'd step (compiled once, for every run)."},
+    )
 
     def __post_init__(self):
         if self.num_images_per_prompt < 2:
@@ -279,14 +285,19 @@ def generate(
     """
     samples = Samples([], [], [])
     k, device = settings.num_images_per_prompt, settings.device
-    for index, prompt in enumerate(tqdm(prompts, desc=f"{label}: sampling", unit="prompt")):
-        conditioning = family.encode_prompts([prompt] * k).to(device)
-        generator = prompt_generator(settings.seed, index, device)
-        sample = sample_image_tokens(family, model, conditioning, sampling, generator=generator)
-        logp_table = image_logp_table(family, model, conditioning, sample.image_tokens, sampling)
-        samples.images.append(to_pil(family.decode(model, sample.image_tokens)))
-        samples.tokens.append(sample.image_tokens.cpu())
-        samples.entropies.append(token_entropy(logp_table).float().cpu())
+    # An adapter run folds its LoRA into the shared base model's weights for the duration (restored exactly after).
+    folded = merged_adapters(model) if why_not_mergeable(model) is None else contextlib.nullcontext()
+    with folded:
+        for index, prompt in enumerate(tqdm(prompts, desc=f"{label}: sampling", unit="prompt")):
+            conditioning = family.encode_prompts([prompt] * k).to(device)
+            generator = prompt_generator(settings.seed, index, device)
+            sample = sample_image_tokens(
+                family, model, conditioning, sampling, generator=generator, compile=settings.compile
+            )
+            logp_table = image_logp_table(family, model, conditioning, sample.image_tokens, sampling)
+            samples.images.append(to_pil(family.decode(model, sample.image_tokens)))
+            samples.tokens.append(sample.image_tokens.cpu())
+            samples.entropies.append(token_entropy(logp_table).float().cpu())
     return samples
 
 
