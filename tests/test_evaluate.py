@@ -215,11 +215,13 @@ def test_frontier_sweep_trains_evaluates_and_skips_finished_runs(tmp_path, monke
             f"{flag[2:]}={value}"
             for flag, value in zip(QUICK_FLAGS[2::2], QUICK_FLAGS[3::2], strict=True)
         ]
-        + [f"{key}={value}" for key, value in QUICK.items()],
+        + [f"{key}={value}" for key, value in QUICK.items()]
+        + ["compile_rollouts=true"],  # and `compile` below: the compiled decode through the whole sweep
         num_prompts=2,
         num_images_per_prompt=2,
         device="cpu",
         output_dir=str(tmp_path),
+        compile=True,
     )
     frontier.main(args)
     runs = sorted(path.name for path in (tmp_path / "runs").iterdir())

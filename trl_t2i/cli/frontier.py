@@ -76,6 +76,13 @@ class FrontierArguments:
     device: str = field(
         default="cuda" if torch.cuda.is_available() else "cpu", metadata={"help": "Device of the evaluation."}
     )
+    compile: bool = field(
+        default=False,
+        metadata={
+            "help": "Evaluate with a static KV cache and a torch.compile'd decode step (the training override "
+            "`compile_rollouts=true` does the same for training)."
+        },
+    )
     output_dir: str = field(
         default="outputs/frontier", metadata={"help": "Runs go to `runs/`, evaluation to `eval/`."}
     )
@@ -131,6 +138,7 @@ def main(args: FrontierArguments) -> list[dict]:
         frontier_y=args.frontier_y,
         dtype=model_args.dtype if model_args.dtype not in (None, "auto") else "float32",
         device=args.device,
+        compile=args.compile,
     )
 
     pairs = sweep(args.divergences, args.betas, args.match_curvature)
