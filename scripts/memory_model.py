@@ -43,13 +43,7 @@ from trl_t2i.memory import (
     vq_decode_bytes,
 )
 from trl_t2i.models import Conditioning, build_tiny_janus, get_family
-from trl_t2i.sampling import (
-    SamplingConfig,
-    prefill_distinct_rows,
-    teacher_forced_logits,
-    token_logits,
-    truncate_logits,
-)
+from trl_t2i.sampling import SamplingConfig, image_logp_table, prefill_distinct_rows, token_logits
 
 
 RECIPES = Path(__file__).resolve().parents[1] / "trl_t2i" / "recipes"
@@ -277,8 +271,7 @@ def training_step(family, peft_model, conditioning, image_tokens) -> None:
     sampling = SamplingConfig()
 
     def score():
-        logits = teacher_forced_logits(family, peft_model, conditioning, image_tokens, sampling, "guided")
-        return truncate_logits(logits, sampling, "guided").log_softmax(dim=-1)
+        return image_logp_table(family, peft_model, conditioning, image_tokens, sampling)
 
     def score_reference():
         with peft_model.disable_adapter():

@@ -42,7 +42,7 @@ from trl_t2i.models import (
     get_family,
     load_model,
 )
-from trl_t2i.sampling import SamplingConfig, prefill_distinct_rows, teacher_forced_logits, truncate_logits
+from trl_t2i.sampling import SamplingConfig, image_logp_table, prefill_distinct_rows
 
 
 FP32 = {"weight_dtype": "float32", "mixed_precision": False}
@@ -202,8 +202,7 @@ def _training_step_tables(family, divergence: str, estimator: str, guided: bool,
 
     def score(head_weights):
         head = lambda **kwargs: head_weights * 1  # noqa: E731 (a head: new logits at every call)
-        logits = teacher_forced_logits(family, head, conditioning, tokens, sampling, "guided")
-        return truncate_logits(logits, sampling, "guided").log_softmax(dim=-1)
+        return image_logp_table(family, head, conditioning, tokens, sampling)
 
     with LiveTensorBytes() as live:
         replay_training_tables(lambda: score(weights), lambda: score(reference_weights), tokens, divergence, estimator)

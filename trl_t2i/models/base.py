@@ -24,6 +24,11 @@ STATIC_LENGTH_MULTIPLE = 64
 decode step (the positions past the image are never written, and causality hides them)."""
 
 
+def static_cache_length(length: int) -> int:
+    """`length` rounded up to a multiple of `STATIC_LENGTH_MULTIPLE`."""
+    return -(-length // STATIC_LENGTH_MULTIPLE) * STATIC_LENGTH_MULTIPLE
+
+
 @dataclass
 class Conditioning:
     """The prompt side of a batch of image rows, built and read by a `ModelFamily` only.

@@ -11,7 +11,7 @@ from torch import nn
 from transformers import JanusForConditionalGeneration
 from transformers.cache_utils import Cache, DynamicLayer, StaticLayer
 
-from .base import STATIC_LENGTH_MULTIPLE, Conditioning, DecodeState, ModelFamily
+from .base import Conditioning, DecodeState, ModelFamily, static_cache_length
 
 
 class PreallocatedLayer(DynamicLayer):
@@ -140,8 +140,8 @@ class JanusFamily(ModelFamily):
         input_ids, attention_mask = conditioning.tensors["input_ids"], conditioning.tensors["attention_mask"]
         # Cache and mask are allocated once for the prompt and every image token (not grown at every step).
         max_length = input_ids.size(1) + self.num_image_tokens
-        if static:  # one compiled step for every prompt length up to the next multiple of 64
-            max_length = -(-max_length // STATIC_LENGTH_MULTIPLE) * STATIC_LENGTH_MULTIPLE
+        if static:  # one compiled step for every prompt length
+            max_length = static_cache_length(max_length)
         num_layers = model.config.get_text_config().num_hidden_layers
         layer = StaticDecodeLayer if static else PreallocatedLayer
         cache = Cache(layers=[layer(max_length) for _ in range(num_layers)])

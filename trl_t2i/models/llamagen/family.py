@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..base import STATIC_LENGTH_MULTIPLE, Conditioning, DecodeState, ModelFamily
+from ..base import Conditioning, DecodeState, ModelFamily, static_cache_length
 from .modeling_llamagen import LlamaGenForImageGeneration, LlamaGenKVCache, StaticLlamaGenKVCache
 
 
@@ -19,8 +19,8 @@ class LlamaGenDecodeState(DecodeState):
     """A `DecodeState` that also carries the conditioning: every step passes the caption's mask again (the model
     finds the caption length and the grid position of the new token from it)."""
 
-    def __init__(self, cache, conditioning: Conditioning):
-        super().__init__(cache=cache, attention_mask=conditioning.tensors["attention_mask"])
+    def __init__(self, cache, conditioning: Conditioning, static: bool = False):
+        super().__init__(cache=cache, attention_mask=conditioning.tensors["attention_mask"], static=static)
         self.conditioning = conditioning
 
     def select_rows(self, index: torch.LongTensor) -> None:
@@ -77,12 +77,10 @@ class LlamaGenFamily(ModelFamily):
             conditioning = self._padded_to_caption_length(conditioning)
         max_length = conditioning.tensors["input_ids"].size(1) + self.num_image_tokens
         if static:
-            max_length = -(-max_length // STATIC_LENGTH_MULTIPLE) * STATIC_LENGTH_MULTIPLE
+            max_length = static_cache_length(max_length)
         cache = StaticLlamaGenKVCache(max_length) if static else LlamaGenKVCache(max_length)
         output = model(**conditioning.tensors, cache=cache, use_cache=True)
-        state = LlamaGenDecodeState(output.cache, conditioning)
-        state.static = static
-        return output.logits[:, -1], state
+        return output.logits[:, -1], LlamaGenDecodeState(output.cache, conditioning, static)
 
     def _padded_to_caption_length(self, conditioning: Conditioning) -> Conditioning:
         """The rows left-padded to `caption_length` T5 tokens. The same logits: padding is masked, caption positions
