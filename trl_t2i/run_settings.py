@@ -61,31 +61,18 @@ class RunSettings:
         from . import __version__  # the package imports the trainer, which imports this module, before the version
 
         args, divergence = trainer.args, trainer.divergence
-        return cls(
-            trl_t2i_version=__version__,
-            base_model=trainer._base_model_id,
-            divergence=args.divergence,
-            divergence_params={
+        built = {
+            "trl_t2i_version": __version__,
+            "base_model": trainer._base_model_id,
+            "divergence_params": {
                 name: getattr(divergence, name) for name in inspect.signature(type(divergence)).parameters
             },
-            divergence_estimator=args.divergence_estimator,
-            use_bias_correction_kl=args.use_bias_correction_kl,
-            beta=args.beta,
-            beta_schedule=args.beta_schedule,
-            beta_end=args.beta_end,
-            sampling=args.sampling,
-            cfg_logprobs=args.cfg_logprobs,
-            reward_names=list(trainer.reward_func_names),
-            reward_weights=trainer.reward_weights.tolist(),
-            loss_type=args.loss_type,
-            num_generations=args.num_generations,
-            learning_rate=args.learning_rate,
-            max_steps=args.max_steps,
-            seed=args.seed,
-            per_device_train_batch_size=args.per_device_train_batch_size,
-            divergence_target=args.divergence_target,
-            token_selection=args.token_selection,
-            dynamic_advantage=args.dynamic_advantage,
+            "reward_names": list(trainer.reward_func_names),
+            "reward_weights": trainer.reward_weights.tolist(),
+        }
+        # Every other field is the `T2IGRPOConfig` field (or property, `sampling`) of the same name.
+        return cls(
+            **built, **{field.name: getattr(args, field.name) for field in fields(cls) if field.name not in built}
         )
 
     def save(self, directory: str | Path) -> Path:
