@@ -29,9 +29,10 @@ from peft import LoraConfig, get_peft_model
 from torch.profiler import ProfilerActivity, profile
 from transformers.cache_utils import DynamicLayer
 
+from trl_t2i.decoding import prefill_distinct_rows, sample_image_tokens
 from trl_t2i.merged_adapters import merged_adapters
 from trl_t2i.models import build_tiny_janus, get_family, janus
-from trl_t2i.sampling import SamplingConfig, image_logp_table, prefill_distinct_rows, sample_image_tokens
+from trl_t2i.sampling import SamplingConfig, image_logp_table
 
 
 WIDTHS = {  # name: (description, build_tiny_janus kwargs); 4 attention heads throughout, MLP width 2×hidden

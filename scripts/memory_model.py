@@ -26,6 +26,7 @@ from trl import ModelConfig
 
 from trl_t2i.cli.grpo import T2IScriptArguments
 from trl_t2i.config import T2IGRPOConfig
+from trl_t2i.decoding import prefill_distinct_rows
 from trl_t2i.memory import (
     GB,
     PHASES,
@@ -43,7 +44,7 @@ from trl_t2i.memory import (
     vq_decode_bytes,
 )
 from trl_t2i.models import Conditioning, build_tiny_janus, get_family
-from trl_t2i.sampling import SamplingConfig, image_logp_table, prefill_distinct_rows, token_logits
+from trl_t2i.sampling import SamplingConfig, image_logp_table, token_logits
 
 
 RECIPES = Path(__file__).resolve().parents[1] / "trl_t2i" / "recipes"

@@ -14,12 +14,13 @@ from PIL import Image
 from trl_t2i import evaluation
 from trl_t2i.cli import evaluate, frontier
 from trl_t2i.data import load_prompt_dataset
+from trl_t2i.decoding import sample_image_tokens
 from trl_t2i.images import to_pil
 from trl_t2i.metrics import diversity_summary, pixel_features
 from trl_t2i.models import TINY_JANUS, build_tiny_janus, get_family, load_model, load_processor
 from trl_t2i.rewards import colour_match
 from trl_t2i.run_settings import RUN_SETTINGS_FILE, RunSettings
-from trl_t2i.sampling import image_logp_table, sample_image_tokens
+from trl_t2i.sampling import image_logp_table
 
 
 # A few large steps: the trained adapter must visibly differ from the base model, in seconds.

@@ -7,8 +7,9 @@ import torch
 from conftest import FAMILY_CASES
 from peft import LoraConfig, get_peft_model
 
+from trl_t2i.decoding import sample_image_tokens
 from trl_t2i.models import FAMILIES, get_family, unwrap_model
-from trl_t2i.sampling import SamplingConfig, image_logp_table, sample_image_tokens
+from trl_t2i.sampling import SamplingConfig, image_logp_table
 
 
 WARPS = [

@@ -3,13 +3,17 @@ base weights while sampling."""
 
 import pytest
 import torch
-from conftest import FAMILY_CASES, TRAINING_PROMPTS, make_trainer, perturb_adapters
+from conftest import FAMILY_CASES, TRAINING_PROMPTS, make_config, make_trainer, perturb_adapters
+from datasets import Dataset
 from peft import LoraConfig, get_peft_model
 
+from trl_t2i import T2IGRPOTrainer
+from trl_t2i.decoding import sample_image_tokens, static_decoder
 from trl_t2i.merged_adapters import folded_bytes, merged_adapters, why_not_mergeable
 from trl_t2i.models import TINY_JANUS, TINY_LLAMAGEN, get_family
 from trl_t2i.models.llamagen import LlamaGenFamily
-from trl_t2i.sampling import SamplingConfig, sample_image_tokens
+from trl_t2i.rewards import colour_match
+from trl_t2i.sampling import SamplingConfig
 
 
 WARPS = [SamplingConfig(), SamplingConfig(temperature=0.7, top_k=5, top_p=0.9)]
@@ -42,6 +46,37 @@ def test_the_compiled_decode_samples_the_same_tokens_and_logps_as_the_eager_one(
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
 
 
+def _addresses(decoder) -> set[int]:
+    """Where the tensors a compiled step reads live: every shape's KV cache, mask and decode buffers."""
+    tensors = []
+    for state, buffers in decoder.shapes.values():
+        cache = state.cache
+        layers = [(layer.keys, layer.values) for layer in cache.layers] if hasattr(cache, "layers") else cache.buffers
+        tensors += [tensor for pair in layers for tensor in pair] + [state.attention_mask]
+        tensors += [buffers.logits, buffers.noise, buffers.position, *buffers.outputs.values()]
+    return {tensor.data_ptr() for tensor in tensors}
+
+
+def test_a_compiled_decode_reuses_its_graph_and_buffers_for_every_batch_that_fits(tiny_family, prompts):
+    model, _, family, _ = tiny_family
+    decoder = static_decoder(family)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    _sample(family, model, family.encode_prompts(prompts), WARPS[1], compile=True)
+    compiled = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert compiled == graphs + 1
+    addresses = _addresses(decoder)
+
+    # Other prompts, then a last partial batch (padded to the compiled 4 rows): the same graph, the same tensors,
+    # and for the real rows the tokens and log-probs of an eager decode of just them.
+    _sample(family, model, family.encode_prompts(prompts[::-1]), WARPS[1], compile=True)
+    partial = family.encode_prompts(prompts[:3])
+    padded, eager = (_sample(family, model, partial, WARPS[1], compile=flag) for flag in (True, False))
+    assert torch.equal(padded.image_tokens, eager.image_tokens) and padded.image_tokens.shape[0] == 3
+    torch.testing.assert_close(padded.logps, eager.logps, atol=1e-5, rtol=0)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == compiled
+    assert _addresses(decoder) == addresses and len(decoder.shapes) == 1
+
+
 def test_a_family_without_a_static_decode_refuses_to_compile(tiny_janus, prompts):
     model, _, family = tiny_janus
     family.supports_static_decoding = False
@@ -51,7 +86,7 @@ def test_a_family_without_a_static_decode_refuses_to_compile(tiny_janus, prompts
 
 def test_the_trainer_refuses_to_compile_a_family_without_a_static_decode(tmp_path, monkeypatch):
     monkeypatch.setattr(LlamaGenFamily, "supports_static_decoding", False)
-    with pytest.raises(ValueError, match="`compile_rollouts=True` needs a static decode.*'llamagen'"):
+    with pytest.raises(ValueError, match="`compile_rollouts=true` needs a static decode.*'llamagen'"):
         make_trainer(tmp_path, model=TINY_LLAMAGEN, compile_rollouts=True)
 
 
@@ -201,3 +236,44 @@ def test_folding_in_bf16_gives_the_weights_back_where_peft_unmerge_drifts(tiny_j
         peft_model.merge_adapter()
         peft_model.unmerge_adapter()
     assert not all(torch.equal(param, before[name]) for name, param in peft_model.named_parameters())
+
+
+def test_a_compiled_run_compiles_its_decode_step_once_and_keeps_its_tensors(tmp_path):
+    # Rollouts of 8 images (2 micro-batches of 4, accumulated), evaluation batches of 4 (padded to 8), LoRA folded.
+    args = make_config(
+        tmp_path,
+        compile_rollouts="true",
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        per_device_eval_batch_size=4,
+        eval_strategy="steps",
+        eval_steps=2,
+        max_steps=3,
+    )
+    trainer = T2IGRPOTrainer(
+        model=TINY_JANUS,
+        reward_funcs=colour_match,
+        args=args,
+        train_dataset=Dataset.from_dict({"prompt": TRAINING_PROMPTS}),
+        eval_dataset=Dataset.from_dict({"prompt": TRAINING_PROMPTS[:2]}),
+        peft_config=LoraConfig(r=4, lora_alpha=8),
+    )
+    folded_weight = next(module for module in trainer.model.modules() if hasattr(module, "lora_A"))
+    folded_weight = folded_weight.get_base_layer().weight
+    addresses, sizes, generate = [], [], trainer._generate
+
+    def recording_generate(prompts):
+        rollout = generate(prompts)
+        addresses.append((_addresses(static_decoder(trainer.family)), folded_weight.data_ptr()))
+        sizes.append(len(prompts))
+        return rollout
+
+    trainer._generate = recording_generate
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    trainer.train()
+
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs + 1
+    assert sizes.count(8) == 3 and 4 in sizes  # every training rollout, and evaluation ones of another size
+    assert all(entry == addresses[0] for entry in addresses)
+    compile_times = [entry["time/compile"] for entry in trainer.state.log_history if "time/compile" in entry]
+    assert len(compile_times) == 1 and compile_times[0] > 0

@@ -12,6 +12,7 @@ from transformers import JanusForConditionalGeneration, JanusVQVAE, JanusVQVAECo
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
 from trl_t2i import divergences
+from trl_t2i.decoding import prefill_distinct_rows
 from trl_t2i.divergences import DIVERGENCES
 from trl_t2i.memory import (
     EXACT_CHUNK_TEMPORARIES,
@@ -42,7 +43,7 @@ from trl_t2i.models import (
     get_family,
     load_model,
 )
-from trl_t2i.sampling import SamplingConfig, image_logp_table, prefill_distinct_rows
+from trl_t2i.sampling import SamplingConfig, image_logp_table
 
 
 FP32 = {"weight_dtype": "float32", "mixed_precision": False}

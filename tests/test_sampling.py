@@ -3,8 +3,9 @@
 import pytest
 import torch
 
+from trl_t2i.decoding import distinct_rows
 from trl_t2i.models import Conditioning
-from trl_t2i.sampling import SamplingConfig, distinct_rows, warp_logits
+from trl_t2i.sampling import SamplingConfig, warp_logits
 
 
 @pytest.mark.parametrize("top_k", [1, 3, 7])

@@ -313,8 +313,8 @@ def test_image_grids_reach_tensorboard(tmp_path):
 @pytest.mark.parametrize("model", [TINY_JANUS, TINY_LLAMAGEN])
 def test_learning_raises_the_colour_reward(tmp_path, model):
     """Deterministic short run on a tiny model: the reward of samples on held-out captions and seeds rises clearly."""
+    from trl_t2i.decoding import sample_image_tokens
     from trl_t2i.images import to_pil
-    from trl_t2i.sampling import sample_image_tokens
 
     colours = ["red", "green", "blue"]
     train = [f"a {colour} {noun}" for colour in colours for noun in ("cat", "dog", "car", "house", "hat", "ball")]

@@ -2,9 +2,10 @@
 
 from . import _quiet_imports  # noqa: F401 -- first: it filters messages logged while the rest is imported
 from .config import T2IGRPOConfig
+from .decoding import sample_image_tokens
 from .divergences import DIVERGENCES, get_divergence
 from .models import TINY_JANUS, get_family, load_model, load_processor
-from .sampling import SamplingConfig, image_logp_table, sample_image_tokens
+from .sampling import SamplingConfig, image_logp_table
 from .trainer import T2IGRPOTrainer
 
 

@@ -34,12 +34,13 @@ from matplotlib.figure import Figure
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .decoding import compile_setting, resolve_compile, sample_image_tokens
 from .images import make_grid, to_pil
 from .merged_adapters import merged_adapters, why_not_mergeable
 from .metrics import ImageFeatureModel, diversity_summary, pixel_features, token_entropy
 from .models import get_family, load_model, load_processor
 from .run_settings import RUN_SETTINGS_FILE, RunSettings
-from .sampling import SamplingConfig, image_logp_table, sample_image_tokens
+from .sampling import SamplingConfig, image_logp_table
 
 
 DIVERSITY_METRICS = ("pairwise_distance", "vendi", "token_entropy", "token_hamming", "codebook_usage")
@@ -82,12 +83,16 @@ class EvaluationSettings:
     )
     dtype: str = field(default="float32", metadata={"help": "Model dtype: float32, bfloat16 or float16."})
     device: str = field(default="cuda" if torch.cuda.is_available() else "cpu", metadata={"help": "Device."})
-    compile: bool = field(
-        default=False,
-        metadata={"help": "Decode with a static KV cache and a torch.compile'd step (compiled once, for every run)."},
+    compile: str = field(
+        default="auto",
+        metadata={
+            "help": "Decode with a static KV cache and a torch.compile'd step, compiled once for every run: `auto` "
+            "(on CUDA), `true` or `false`."
+        },
     )
 
     def __post_init__(self):
+        self.compile = compile_setting(self.compile)
         if self.num_images_per_prompt < 2:
             raise ValueError(
                 "num_images_per_prompt must be >= 2 (diversity compares the images of one prompt), got "
@@ -287,13 +292,12 @@ def generate(
     k, device = settings.num_images_per_prompt, settings.device
     # An adapter run folds its LoRA into the shared base model's weights for the duration (restored exactly after).
     folded = merged_adapters(model) if why_not_mergeable(model) is None else contextlib.nullcontext()
+    compile = resolve_compile(settings.compile, family, device)
     with folded:
         for index, prompt in enumerate(tqdm(prompts, desc=f"{label}: sampling", unit="prompt")):
             conditioning = family.encode_prompts([prompt] * k).to(device)
             generator = prompt_generator(settings.seed, index, device)
-            sample = sample_image_tokens(
-                family, model, conditioning, sampling, generator=generator, compile=settings.compile
-            )
+            sample = sample_image_tokens(family, model, conditioning, sampling, generator=generator, compile=compile)
             logp_table = image_logp_table(family, model, conditioning, sample.image_tokens, sampling)
             samples.images.append(to_pil(family.decode(model, sample.image_tokens)))
             samples.tokens.append(sample.image_tokens.cpu())

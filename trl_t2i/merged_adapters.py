@@ -3,9 +3,10 @@
 An active LoRA linear computes `x W^T + s·(x A^T) B^T`: three matmuls and their dispatch per linear, at every one of
 the 576 decode steps of an image. Folded (`W + s·BA`) it is one. PEFT's own `merge_adapter`/`unmerge_adapter` undo
 the fold by subtraction, which in bf16 does not give `W` back (each round trip moves weights by up to an ulp, and a
-run does thousands): here the folded weights are new tensors and the original ones are put back untouched, so the
-base model is bit-for-bit the same after every rollout. The price is one extra copy of the adapted weights while
-sampling (see `docs/memory.md`).
+run does thousands): here the original weights are copied aside and copied back, so the base model is bit-for-bit
+the same after every rollout. The fold is computed in fp32 and rounded once to the weights' dtype, and written into
+the weights' own storage: a compiled decode step (a CUDA graph) keeps reading the addresses it was captured with.
+The price is one extra copy of the adapted weights while sampling (see `docs/memory.md`).
 """
 
 import contextlib
@@ -53,17 +54,26 @@ def merged_adapters(model: nn.Module) -> Iterator[None]:
     reason = why_not_mergeable(model)
     if reason is not None:
         raise ValueError(f"Cannot fold the adapters into the base weights: {reason}.")
-    layers, originals = _lora_layers(model), []
+    originals = []
     try:
         with torch.no_grad():
-            for layer in layers:
+            for layer in _lora_layers(model):
                 weight = layer.get_base_layer().weight
-                deltas = [layer.get_delta_weight(name) for name in layer.active_adapters if name in layer.lora_A]
-                originals.append((layer, weight, weight.data))
-                weight.data = sum((delta.to(weight.dtype) for delta in deltas), weight.data)
+                originals.append((layer, weight, weight.detach().clone()))
+                folded = weight.float() + sum(_delta_fp32(layer, name) for name in layer.active_adapters)
+                weight.copy_(folded)
                 layer.enable_adapters(False)
         yield
     finally:
-        for layer, weight, data in originals:
-            weight.data = data
-            layer.enable_adapters(True)
+        with torch.no_grad():
+            for layer, weight, original in originals:
+                weight.copy_(original)
+                layer.enable_adapters(True)
+
+
+def _delta_fp32(layer: LoraLinear, adapter: str) -> torch.Tensor:
+    """`s·BA` of one adapter in fp32 (PEFT's `get_delta_weight` computes it in the adapter's dtype)."""
+    if adapter not in layer.lora_A:
+        return 0.0
+    delta = layer.lora_B[adapter].weight.float() @ layer.lora_A[adapter].weight.float() * layer.scaling[adapter]
+    return delta.T if layer.fan_in_fan_out else delta

@@ -1,7 +1,6 @@
 import contextlib
 import copy
 import shutil
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,22 +19,27 @@ from . import checkpoints, hub
 from . import trl_boundary as trl
 from .beta_schedule import BetaSchedule
 from .config import T2IGRPOConfig
+from .decoding import resolve_compile, sample_image_tokens, static_decoder
 from .divergences import MAX_LOG_RATIO, get_divergence
 from .gcpo import critical_token_mask, dynamic_advantage_weight
 from .image_logging import ImageGridCallback
 from .images import to_pil
 from .merged_adapters import folded_bytes, merged_adapters, why_not_mergeable
 from .metrics import position_entropy
-from .models import disable_bnb_cpu_repack, get_family, load_model, load_processor, unwrap_model
+from .models import disable_bnb_cpu_repack, family_class, get_family, load_model, load_processor, unwrap_model
 from .run_settings import RunSettings
-from .sampling import MIN_LOGP, sample_image_tokens, teacher_forced_logits, truncate_logits, truncates
+from .sampling import MIN_LOGP, teacher_forced_logits, truncate_logits, truncates
 from .sharding import check_sharding
+from .stage_times import StageTimes
 
 
 logger = logging.get_logger(__name__)
 
 METRIC_DIVERGENCES = ("reverse_kl", "forward_kl", "js")
 """Divergences logged at every step whatever is optimised."""
+
+SAMPLER_WEIGHTS = "sampler_importance_weights"
+"""Our key in TRL's buffered batch: the `sampler_correction` weights, `(B, N)` or `(B, 1)`."""
 
 
 @dataclass
@@ -158,16 +162,14 @@ class T2IGRPOTrainer(GRPOTrainer):
         if isinstance(model, str):
             model = load_model(model, **model_init_kwargs)
         disable_bnb_cpu_repack(model)
+        if args.distributed_state.distributed_type != "FSDP":  # FSDP flattens parameters of one dtype
+            family_class(unwrap_model(model).config).upcast_image_head(model)
         if processing_class is None and not model_id:
             raise ValueError("The model was built in memory (no checkpoint path): pass its `processing_class` too.")
         processing_class = processing_class or load_processor(model_id, padding_side="left")
         self.family = get_family(model, processing_class)
         _set_completion_length(args, self.family.num_image_tokens)
-        if args.compile_rollouts and not self.family.supports_static_decoding:
-            raise ValueError(
-                f"`compile_rollouts=True` needs a static decode, which the {self.family.model_type!r} family does not "
-                "have yet; leave it off."
-            )
+        self.compile_rollouts = resolve_compile(args.compile_rollouts, self.family, args.device, "compile_rollouts")
         peft_config = self._prepare_lora_config(peft_config, model)
         self.divergence = get_divergence(args.divergence, alpha=args.divergence_alpha)
         self.metric_divergences = {name: get_divergence(name) for name in METRIC_DIVERGENCES}
@@ -212,6 +214,7 @@ class T2IGRPOTrainer(GRPOTrainer):
         self.add_callback(BetaSchedule.from_config(args))
         # Set by `_compute_loss` for the duration of TRL's loss, filled by the policy forward inside it, else `None`.
         self._policy_scores: PolicyScores | None = None
+        self._stage_times = StageTimes(self.accelerator.device)
 
     # ------------------------------------------------------------------ set-up
 
@@ -225,6 +228,7 @@ class T2IGRPOTrainer(GRPOTrainer):
         if args.distributed_state.distributed_type in ["MULTI_GPU", "DEEPSPEED", "FSDP"]:
             model_init_kwargs["device_map"] = None
         model_init_kwargs.setdefault("trust_remote_code", args.trust_remote_code)
+        model_init_kwargs["fp32_image_head"] = args.distributed_state.distributed_type != "FSDP"
         return model_init_kwargs
 
     def _prepare_lora_config(self, peft_config: PeftConfig | None, model: PreTrainedModel) -> PeftConfig | None:
@@ -280,7 +284,10 @@ class T2IGRPOTrainer(GRPOTrainer):
             trl.gathered_parameters(self),
             self.accelerator.autocast(),  # the same numerics as the scoring forward
         ):
-            with self._timed("sampling"), self._rollout_weights(unwrapped_model):
+            compiled_before = static_decoder(self.family).compile_seconds if self.compile_rollouts else 0.0
+            # Evaluation mode: the same (compiled) step for training and evaluation rollouts; dropout is off in both
+            # anyway by default (`disable_dropout`).
+            with self._timed("sampling"), self._rollout_weights(unwrapped_model), _evaluation_mode(unwrapped_model):
                 sample = sample_image_tokens(
                     self.family,
                     unwrapped_model,
@@ -288,8 +295,10 @@ class T2IGRPOTrainer(GRPOTrainer):
                     self.args.sampling,
                     return_conditional_logps=conditional,
                     return_entropies=self.args.token_selection == "critical",
-                    compile=self.args.compile_rollouts,
+                    compile=self.compile_rollouts,
                 )
+            if self.compile_rollouts and static_decoder(self.family).compile_seconds > compiled_before:
+                trl.record_metric(self, "time/compile", static_decoder(self.family).compile_seconds - compiled_before)
             bare_model = unwrap_model(unwrapped_model)
             with self._timed("decoding"):  # a micro-batch at a time: the decoder's activations dwarf its weights
                 chunks = sample.image_tokens.split(self.args.per_device_train_batch_size)
@@ -360,7 +369,52 @@ class T2IGRPOTrainer(GRPOTrainer):
         if self.has_reference and (self.args.divergence_estimator == "sampled" or self.args.dynamic_advantage):
             with self._timed("reference"):
                 batch["ref_per_token_logps"] = self._reference_logps(batch)
+        if self.args.sampler_correction:
+            batch[SAMPLER_WEIGHTS] = self._sampler_weights(batch)
         return batch
+
+    def _sampler_weights(self, batch: dict) -> torch.Tensor:
+        """`sampler_correction`: the truncated importance weight `π_old/π_sampler` of each token `(B, N)` (or each image
+        `(B, 1)` at sequence level), as TRL's `vllm_importance_sampling_correction` computes it for vLLM's samples.
+        `π_old` is the teacher-forced log-prob with the sampling weights: TRL's old log-probs, or computed here."""
+        old_logps = batch.get("old_per_token_logps")
+        if old_logps is None:
+            with self._timed("old_logps"), torch.no_grad():
+                old_logps = self._teacher_forced_logps(batch)
+        mask = trl.loss_mask(batch)
+        log_ratio = (old_logps - batch["sampling_per_token_logps"]) * mask
+        args = self.args
+        if args.sampler_correction_mode.startswith("sequence"):
+            log_ratio, mask = log_ratio.sum(-1, keepdim=True), mask.amax(-1, keepdim=True)
+        ratio = log_ratio.exp()
+        low, high = args.sampler_correction_clip_min, args.sampler_correction_clip_max
+        if args.sampler_correction_mode.endswith("truncate"):
+            weights = ratio.clamp(min=low, max=high)
+        else:
+            weights = ratio.masked_fill((ratio < (low or 0.0)) | (ratio > high), 0.0)
+        for name, value in (
+            ("min", trl.global_masked_min(self, ratio, mask)),
+            ("mean", trl.global_masked_mean(self, ratio, mask)),
+            ("max", trl.global_masked_max(self, ratio, mask)),
+            ("corrected", trl.global_masked_mean(self, (weights != ratio).float(), mask)),
+        ):
+            trl.record_metric(self, f"sampling/importance_ratio/{name}", value)
+        return weights
+
+    def _teacher_forced_logps(self, batch: dict) -> torch.Tensor:
+        """The current policy's per-token log-probs `(B, N)` of a generation batch, through our scorer in chunks of the
+        device batch size (what TRL computes as old log-probs)."""
+        batch_size = (
+            self.args.per_device_train_batch_size if self.model.training else self.args.per_device_eval_batch_size
+        )
+        logps, _, _ = self._get_per_token_logps_and_entropies(
+            self.model,
+            torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1),
+            torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1),
+            batch["completion_ids"].size(1),
+            batch_size,
+        )
+        return logps
 
     # ------------------------------------------------------------------ scoring
 
@@ -455,7 +509,9 @@ class T2IGRPOTrainer(GRPOTrainer):
 
     def _compute_loss(self, model, inputs):
         # TRL's loss (clipping, importance sampling, `loss_type`), without its k3 KL; plus our divergence penalty.
-        inputs = dict(inputs)  # the buffered batch stays as it is when the dynamic-advantage weight is applied
+        inputs = dict(inputs)  # the buffered batch stays as it is when the advantages are weighted
+        if SAMPLER_WEIGHTS in inputs:  # TRL's loss is linear in the advantages: the same as weighing each term
+            inputs["advantages"] = _per_token(inputs["advantages"]) * inputs[SAMPLER_WEIGHTS]
         self._policy_scores = PolicyScores(
             keep_tables=self.args.divergence_estimator == "exact",
             weighted_inputs=inputs if self.args.dynamic_advantage else None,
@@ -564,17 +620,18 @@ class T2IGRPOTrainer(GRPOTrainer):
 
     # ------------------------------------------------------------------ logging
 
-    @contextlib.contextmanager
     def _timed(self, stage: str):
-        """Log the seconds a stage of the step takes as `time/<stage>` (averaged over its calls between logs)."""
-        synchronize = torch.cuda.synchronize if self.accelerator.device.type == "cuda" else lambda: None
-        synchronize()
-        start = time.perf_counter()
-        yield
-        synchronize()  # CUDA runs asynchronously: count the stage's kernels, not just their launch
-        trl.record_metric(self, f"time/{stage}", time.perf_counter() - start)
+        """Log the seconds a stage of the step takes as `time/<stage>` (averaged over its calls between logs); on
+        CUDA measured with CUDA events and read at logging time, so the step never waits for the GPU to be timed."""
+        return self._stage_times.time(stage, trl.mode(self))
+
+    def flush_stage_times(self) -> None:
+        """Record the stage times measured since the last call into TRL's metrics (`log` calls it)."""
+        for mode, stage, seconds in self._stage_times.flush():
+            trl.record_metric(self, f"time/{stage}", seconds, in_mode=mode)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        self.flush_stage_times()
         # TRL writes completions to parquet/tables as text: give it captions and move the images to its image column.
         trl.completions_as_images(self)
         super().log(logs, start_time)
@@ -671,6 +728,17 @@ def _check_reward_funcs(reward_funcs) -> list:
 
 
 @contextlib.contextmanager
+def _evaluation_mode(model):
+    """`model` in evaluation mode inside the block, back in its mode after."""
+    training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(training)
+
+
+@contextlib.contextmanager
 def _activation_checkpointing_disabled(model, checkpointing_kwargs: dict | None):
     """No activation checkpointing inside the block (a no-grad pass gains nothing from it): TRL's
     `disable_gradient_checkpointing` on transformers' current method names (TRL's calls deprecated aliases)."""
@@ -691,6 +759,11 @@ def _fold_does_not_fit(needed: int, device: torch.device) -> str | None:
     if needed + 2**30 > free:
         return f"the folded weights need {needed / 2**30:.1f} GiB and the GPU has {free / 2**30:.1f} GiB free"
     return None
+
+
+def _per_token(advantages: torch.Tensor) -> torch.Tensor:
+    """TRL's advantages `(B,)` as `(B, 1)`, ready to weigh per token; `(B, N)` ones (already weighted) as they are."""
+    return advantages[:, None] if advantages.dim() == 1 else advantages
 
 
 def _joined(tables: list[torch.Tensor]) -> torch.Tensor:

@@ -94,9 +94,10 @@ def mode(trainer) -> str:
     return "train" if trainer.model.training else "eval"
 
 
-def record_metric(trainer, name: str, value: float) -> None:
-    """Append to TRL's metric buffer: `log` averages it and sends it to every tracker."""
-    trainer._metrics[mode(trainer)][name].append(value)
+def record_metric(trainer, name: str, value: float, in_mode: str | None = None) -> None:
+    """Append to TRL's metric buffer of `in_mode` ("train" or "eval"; default: the current mode): `log` averages it
+    and sends it to every tracker."""
+    trainer._metrics[in_mode or mode(trainer)][name].append(value)
 
 
 def recorded_metric(trainer, name: str) -> list[float]:
@@ -130,8 +131,14 @@ def global_masked_mean(trainer, values: torch.Tensor, mask: torch.Tensor) -> flo
 
 def global_masked_max(trainer, values: torch.Tensor, mask: torch.Tensor) -> float:
     """Largest masked value over every rank (0 when nothing is masked in)."""
-    local = torch.where(mask.bool(), values.detach(), torch.zeros_like(values)).max()
-    return trainer.accelerator.gather(local[None]).max().item()
+    local = torch.where(mask.bool(), values.detach(), -torch.inf).max()
+    largest = trainer.accelerator.gather(local[None]).max()
+    return largest.item() if largest > -torch.inf else 0.0
+
+
+def global_masked_min(trainer, values: torch.Tensor, mask: torch.Tensor) -> float:
+    """Smallest masked value over every rank (0 when nothing is masked in)."""
+    return -global_masked_max(trainer, -values, mask)
 
 
 def importance_ratio(trainer, logps: torch.Tensor, old_logps: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor:

@@ -76,11 +76,11 @@ class FrontierArguments:
     device: str = field(
         default="cuda" if torch.cuda.is_available() else "cpu", metadata={"help": "Device of the evaluation."}
     )
-    compile: bool = field(
-        default=False,
+    compile: str = field(
+        default="auto",
         metadata={
-            "help": "Evaluate with a static KV cache and a torch.compile'd decode step (the training override "
-            "`compile_rollouts=true` does the same for training)."
+            "help": "Evaluate with a static KV cache and a torch.compile'd decode step: `auto` (on CUDA), `true` or "
+            "`false` (training follows the recipe's `compile_rollouts`, `auto` by default)."
         },
     )
     output_dir: str = field(

@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 from trl import TrlParser
 
+from ..decoding import compile_setting, resolve_compile, sample_image_tokens
 from ..images import make_grid, to_pil
 from ..models import TINY_JANUS, get_family, load_model, load_processor
-from ..sampling import sample_image_tokens
 from .arguments import SamplingArguments
 
 
@@ -35,10 +35,16 @@ class SampleArguments(SamplingArguments):
     dtype: str = field(default="float32", metadata={"help": "Model dtype: float32, bfloat16 or float16."})
     device: str = field(default="cuda" if torch.cuda.is_available() else "cpu", metadata={"help": "Device."})
     output_dir: str = field(default="outputs/samples", metadata={"help": "Where images and the grid are written."})
-    compile: bool = field(
-        default=False,
-        metadata={"help": "Decode with a static KV cache and a torch.compile'd step (the first batch compiles)."},
+    compile: str = field(
+        default="auto",
+        metadata={
+            "help": "Decode with a static KV cache and a torch.compile'd step (CUDA graphs on GPU), compiled once: "
+            "`auto` (on CUDA), `true` or `false`."
+        },
     )
+
+    def __post_init__(self):
+        self.compile = compile_setting(self.compile)
 
 
 def main(args: SampleArguments) -> Path:
@@ -52,12 +58,13 @@ def main(args: SampleArguments) -> Path:
     family = get_family(model, load_processor(args.model_name_or_path))
     captions = [prompt for prompt in args.prompts for _ in range(args.num_images_per_prompt)]
     generator = torch.Generator(args.device).manual_seed(args.seed)
+    compile = resolve_compile(args.compile, family, args.device)  # a last, smaller batch reuses the compiled shape
 
     images = []
     for start in range(0, len(captions), args.batch_size):
         conditioning = family.encode_prompts(captions[start : start + args.batch_size]).to(args.device)
         sample = sample_image_tokens(
-            family, model, conditioning, sampling, generator=generator, compile=args.compile, show_progress=True
+            family, model, conditioning, sampling, generator=generator, compile=compile, show_progress=True
         )
         images += to_pil(family.decode(model, sample.image_tokens))
 

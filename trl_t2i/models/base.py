@@ -50,6 +50,18 @@ class Conditioning:
         """These rows followed by `other`'s (e.g. conditional then unconditional rows)."""
         return Conditioning({name: torch.cat([tensor, other.tensors[name]]) for name, tensor in self.tensors.items()})
 
+    def padded_to(self, rows: int) -> "Conditioning":
+        """These rows followed by copies of the last one, `rows` in all (a batch padded to a compiled shape)."""
+        missing = rows - len(self)
+        if missing == 0:
+            return self
+        return Conditioning(
+            {
+                name: torch.cat([tensor, tensor[-1:].expand(missing, *tensor.shape[1:])])
+                for name, tensor in self.tensors.items()
+            }
+        )
+
 
 @dataclass
 class DecodeState:
@@ -87,6 +99,9 @@ class ModelFamily(ABC):
     """Regex (PEFT full match) of the language-model linears that LoRA adapts: never the vision tower or VQ model."""
     quantization_skip_modules: ClassVar[list[str]]
     """Full module paths (from the root) that 4-bit loading must leave unquantized."""
+    image_head: ClassVar[str]
+    """Full module path (from the root) of the head that scores the next image token; it computes in fp32 when its
+    weights are fp32 (`upcast_image_head`)."""
     supports_static_decoding: ClassVar[bool] = False
     """Whether `prefill(..., static=True)` is implemented: a fixed-shape decode whose `step` can be compiled
     (`torch.compile`, CUDA graphs)."""
@@ -126,12 +141,20 @@ class ModelFamily(ABC):
 
     @abstractmethod
     def prefill(
-        self, model: nn.Module, conditioning: Conditioning, static: bool = False
+        self, model: nn.Module, conditioning: Conditioning, static: bool = False, reuse: DecodeState | None = None
     ) -> tuple[torch.Tensor, DecodeState]:
         """Run the prompt rows through `model` (bare) with a fresh KV cache: logits `(rows, V)` for image token 0.
 
-        `static=True` (families with `supports_static_decoding` only) returns a `static` `DecodeState`.
+        `static=True` (families with `supports_static_decoding` only) returns a `static` `DecodeState` of
+        `static_decode_length(conditioning)` positions. `reuse`, a static state of an earlier prefill of as many rows
+        and positions, is overwritten in place and returned: a compiled step (a CUDA graph) keeps reading the tensors
+        it was captured with.
         """
+
+    def static_decode_length(self, conditioning: Conditioning) -> int:
+        """Positions the static cache of a decode of these rows holds: the prompt and every image token, rounded up
+        (`static_cache_length`)."""
+        raise NotImplementedError(f"{type(self).__name__} has no static decode.")
 
     @abstractmethod
     def step(self, model: nn.Module, image_tokens: torch.LongTensor, state: DecodeState) -> torch.Tensor:
@@ -148,6 +171,14 @@ class ModelFamily(ABC):
     @abstractmethod
     def decode(self, model: nn.Module, image_tokens: torch.LongTensor) -> torch.Tensor:
         """VQ-decode `(B, N)` image tokens to `uint8` images `(B, H, W, 3)`."""
+
+    @classmethod
+    def upcast_image_head(cls, model: nn.Module) -> None:
+        """Keep the image head's weights in fp32, so that it computes the logits in fp32 (`image_head_logits`), when
+        sampling and when scoring alike. In bf16 a logit is off by up to half an ulp (0.06 at |l| = 16), and guidance
+        multiplies the error by about `cfg_scale`: the two paths then round differently (see the README's
+        "On-policy in bf16")."""
+        unwrap_model(model).get_submodule(cls.image_head).float()
 
     def encode_prompts(self, texts: list[str]) -> Conditioning:
         """Raw captions to their conditional rows (tokenize, then build the conditioning)."""
@@ -189,6 +220,13 @@ class ModelFamily(ABC):
                 f"`family.patch_forward(model)` on every model (policy and reference) before scoring."
             )
         return logits
+
+
+def image_head_logits(head: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """fp32 logits of an image head, computed in the head's own dtype with autocast off: in fp32 when its weights
+    are fp32 (`ModelFamily.upcast_image_head`), whatever the precision of the model around it."""
+    with torch.autocast(hidden_states.device.type, enabled=False):
+        return head(hidden_states.to(next(head.parameters()).dtype)).float()
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

@@ -11,7 +11,7 @@ from torch import nn
 from transformers import JanusForConditionalGeneration
 from transformers.cache_utils import Cache, DynamicLayer, StaticLayer
 
-from .base import Conditioning, DecodeState, ModelFamily, static_cache_length
+from .base import Conditioning, DecodeState, ModelFamily, image_head_logits, static_cache_length
 
 
 class PreallocatedLayer(DynamicLayer):
@@ -52,18 +52,6 @@ class PreallocatedLayer(DynamicLayer):
             self.keys, self.values = self.key_buffer[:, :, : self.length], self.value_buffer[:, :, : self.length]
 
 
-class StaticDecodeLayer(StaticLayer):
-    """transformers' `StaticLayer` (fixed-shape buffers for `max_cache_len` positions, a tensor position counter, so
-    a compiled decode step runs for every position), plus the row selection that the shared prefill needs."""
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self.is_initialized:
-            self.keys, self.values = self.keys[indices], self.values[indices]
-            # New buffers: CUDA graphs must know their addresses are fixed, as for the ones `StaticLayer` allocated.
-            torch._dynamo.mark_static_address(self.keys)
-            torch._dynamo.mark_static_address(self.values)
-
-
 class JanusFamily(ModelFamily):
     model_type = "janus"
     model_class = JanusForConditionalGeneration
@@ -79,6 +67,7 @@ class JanusFamily(ModelFamily):
         "model.aligner",
         "model.vqmodel",
     ]
+    image_head = "model.generation_head"
     supports_static_decoding = True
 
     def __init__(self, config, processing_class):
@@ -134,30 +123,47 @@ class JanusFamily(ModelFamily):
             inputs_embeds=embeds, attention_mask=mask, use_cache=False
         ).last_hidden_state
         # Position P-1 (<begin_of_image>) predicts image token 0, position P+i-1 predicts token i.
-        return model.model.generation_head(hidden[:, prompt_length - 1 :])
+        return image_head_logits(model.model.generation_head, hidden[:, prompt_length - 1 :])
 
-    def prefill(self, model, conditioning, static=False):
+    def static_decode_length(self, conditioning: Conditioning) -> int:
+        return static_cache_length(conditioning.tensors["input_ids"].size(1) + self.num_image_tokens)
+
+    def prefill(self, model, conditioning, static=False, reuse=None):
         input_ids, attention_mask = conditioning.tensors["input_ids"], conditioning.tensors["attention_mask"]
-        # Cache and mask are allocated once for the prompt and every image token (not grown at every step).
-        max_length = input_ids.size(1) + self.num_image_tokens
-        if static:  # one compiled step for every prompt length
-            max_length = static_cache_length(max_length)
-        num_layers = model.config.get_text_config().num_hidden_layers
-        layer = StaticDecodeLayer if static else PreallocatedLayer
-        cache = Cache(layers=[layer(max_length) for _ in range(num_layers)])
-        full_mask = torch.cat(
-            [attention_mask, attention_mask.new_ones(len(input_ids), max_length - input_ids.size(1))], 1
-        )
+        prompt_length = input_ids.size(1)
+        if static:
+            state = reuse or self._new_static_state(model, len(input_ids), self.static_decode_length(conditioning))
+            state.cache.reset()  # in place: the buffers keep their addresses
+            state.attention_mask.fill_(1)  # image positions, and the positions past the image (causality hides them)
+            state.attention_mask[:, :prompt_length] = attention_mask
+            state.length = prompt_length
+            # A static cache attends over all its positions (causality hides the ones not written yet).
+            mask = state.attention_mask
+        else:
+            # Cache and mask are allocated once for the prompt and every image token (not grown at every step).
+            max_length = prompt_length + self.num_image_tokens
+            num_layers = model.config.get_text_config().num_hidden_layers
+            cache = Cache(layers=[PreallocatedLayer(max_length) for _ in range(num_layers)])
+            full_mask = torch.cat([attention_mask, attention_mask.new_ones(len(input_ids), self.num_image_tokens)], 1)
+            state = DecodeState(cache=cache, attention_mask=full_mask, length=prompt_length)
+            mask = attention_mask
         output = model.model.language_model(
             inputs_embeds=model.get_input_embeddings()(input_ids),
-            # A static cache attends over all its positions (causality hides the ones not written yet).
-            attention_mask=full_mask if static else attention_mask,
-            cache=cache,
+            attention_mask=mask,
+            cache=state.cache,
             use_cache=True,
         )
-        logits = model.model.generation_head(output.last_hidden_state[:, -1])
-        state = DecodeState(cache=cache, attention_mask=full_mask, length=input_ids.size(1), static=static)
-        return logits, state
+        return image_head_logits(model.model.generation_head, output.last_hidden_state[:, -1]), state
+
+    @staticmethod
+    def _new_static_state(model, rows: int, max_length: int) -> DecodeState:
+        """transformers' `StaticLayer`s (fixed-shape buffers, a tensor position: one compiled step for every position)
+        and a mask of `max_length` positions."""
+        num_layers = model.config.get_text_config().num_hidden_layers
+        cache = Cache(layers=[StaticLayer(max_length) for _ in range(num_layers)])
+        attention_mask = torch.ones(rows, max_length, dtype=torch.long, device=model.device)
+        torch._dynamo.mark_static_address(attention_mask)
+        return DecodeState(cache=cache, attention_mask=attention_mask, static=True)
 
     def step(self, model, image_tokens, state):
         if state.static:
@@ -171,7 +177,7 @@ class JanusFamily(ModelFamily):
             cache=state.cache,
             use_cache=True,
         )
-        return model.model.generation_head(output.last_hidden_state[:, -1])
+        return image_head_logits(model.model.generation_head, output.last_hidden_state[:, -1])
 
     def image_token_embeddings(self, model, image_tokens):
         return model.prepare_embeddings_for_image_generation(image_tokens)

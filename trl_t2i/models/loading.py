@@ -68,17 +68,22 @@ def disable_bnb_cpu_repack(model: torch.nn.Module) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def load_model(name_or_path: str, **model_kwargs) -> PreTrainedModel:
+def load_model(name_or_path: str, fp32_image_head: bool = True, **model_kwargs) -> PreTrainedModel:
     """Load a text-to-image model by hub id or local path (the tiny models of `TINY_MODELS` are built locally).
 
     `model_kwargs` go to `from_pretrained`; a bitsandbytes `quantization_config` gets the family's skip modules.
+    `fp32_image_head` keeps the image head in fp32 (`ModelFamily.upcast_image_head`); FSDP, which flattens
+    parameters of one dtype, needs it off.
     """
     path = resolve_name(name_or_path)
     config = AutoConfig.from_pretrained(path, trust_remote_code=model_kwargs.get("trust_remote_code", False))
     family = family_class(config)
     if isinstance(model_kwargs.get("quantization_config"), BitsAndBytesConfig):
         model_kwargs["quantization_config"] = with_skip_modules(model_kwargs["quantization_config"], family)
-    return family.model_class.from_pretrained(path, **model_kwargs)
+    model = family.model_class.from_pretrained(path, **model_kwargs)
+    if fp32_image_head:
+        family.upcast_image_head(model)
+    return model
 
 
 def load_processor(name_or_path: str, **kwargs):

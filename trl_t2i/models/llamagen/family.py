@@ -36,6 +36,7 @@ class LlamaGenFamily(ModelFamily):
     )
     # Full paths from the root: transformers matches skip entries from there.
     quantization_skip_modules = ["text_encoder", "caption_embedder", "image_head", "vqmodel"]
+    image_head = "image_head"
     supports_static_decoding = True
 
     @property
@@ -71,16 +72,26 @@ class LlamaGenFamily(ModelFamily):
     def teacher_forced_logits(self, model, conditioning, image_tokens):
         return model(**conditioning.tensors, image_tokens=image_tokens[:, :-1]).logits
 
-    def prefill(self, model, conditioning, static=False):
-        # Allocated once for the caption and every image token (not grown at every step).
-        if static:  # every step sees the caption's mask: one compiled step for every caption length
-            conditioning = self._padded_to_caption_length(conditioning)
-        max_length = conditioning.tensors["input_ids"].size(1) + self.num_image_tokens
-        if static:
-            max_length = static_cache_length(max_length)
-        cache = StaticLlamaGenKVCache(max_length) if static else LlamaGenKVCache(max_length)
-        output = model(**conditioning.tensors, cache=cache, use_cache=True)
-        return output.logits[:, -1], LlamaGenDecodeState(output.cache, conditioning, static)
+    def static_decode_length(self, conditioning: Conditioning) -> int:
+        return static_cache_length(self.config.caption_length + self.num_image_tokens)
+
+    def prefill(self, model, conditioning, static=False, reuse=None):
+        if not static:  # allocated once for the caption and every image token (not grown at every step)
+            cache = LlamaGenKVCache(conditioning.tensors["input_ids"].size(1) + self.num_image_tokens)
+            output = model(**conditioning.tensors, cache=cache, use_cache=True)
+            return output.logits[:, -1], LlamaGenDecodeState(cache, conditioning)
+        # Every step sees the caption's mask: one compiled step for every caption length.
+        conditioning = self._padded_to_caption_length(conditioning)
+        if reuse is None:
+            cache = StaticLlamaGenKVCache(self.static_decode_length(conditioning))
+            conditioning = Conditioning({name: tensor.clone() for name, tensor in conditioning.tensors.items()})
+            reuse = LlamaGenDecodeState(cache, conditioning, static=True)
+        else:  # in place: a compiled step reads these very tensors
+            for name, tensor in reuse.conditioning.tensors.items():
+                tensor.copy_(conditioning.tensors[name])
+        reuse.cache.reset(model.device)
+        output = model(**reuse.conditioning.tensors, cache=reuse.cache, use_cache=True)
+        return output.logits[:, -1], reuse
 
     def _padded_to_caption_length(self, conditioning: Conditioning) -> Conditioning:
         """The rows left-padded to `caption_length` T5 tokens. The same logits: padding is masked, caption positions

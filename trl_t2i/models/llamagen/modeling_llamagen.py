@@ -34,6 +34,7 @@ from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
+from ..base import image_head_logits
 from .configuration_llamagen import LlamaGenConfig
 
 
@@ -106,11 +107,12 @@ class LlamaGenKVCache:
 class StaticLlamaGenKVCache(LlamaGenKVCache):
     """A `LlamaGenKVCache` of fixed shapes, for a decode step compiled once (`torch.compile`, CUDA graphs): every
     layer's buffers hold `max_length` positions and `update` returns them whole (causality hides the positions not
-    written yet), and the number of positions cached is a tensor advanced in place, not a Python int."""
+    written yet), and the number of positions cached is a tensor advanced in place, not a Python int. `reset` empties
+    it in place, so that later decodes reuse the tensors a compiled step was captured with."""
 
     def __init__(self, max_length: int):
         super().__init__(max_length)
-        self.position = torch.zeros((), dtype=torch.long)
+        self.position: torch.Tensor | None = None
         self.filled = False
 
     def past_length(self) -> torch.Tensor:
@@ -128,9 +130,9 @@ class StaticLlamaGenKVCache(LlamaGenKVCache):
         if layer_idx == len(self.buffers):
             # zeros, not garbage: a masked key's value still meets a zero attention weight, and NaN · 0 is NaN
             shape = (*keys.shape[:2], self.max_length, keys.shape[3])
-            self._set_buffers(layer_idx, keys.new_zeros(shape), values.new_zeros(shape))
-            self.position = self.position.to(keys.device)
-        index = self.position + torch.arange(keys.size(2), device=keys.device)
+            self.buffers.append((keys.new_zeros(shape), values.new_zeros(shape)))
+            _mark_static(*self.buffers[-1])
+        index = self.past_length() + torch.arange(keys.size(2), device=keys.device)
         key_buffer, value_buffer = self.buffers[layer_idx]
         key_buffer.index_copy_(2, index, keys)
         value_buffer.index_copy_(2, index, values)
@@ -140,25 +142,32 @@ class StaticLlamaGenKVCache(LlamaGenKVCache):
         self.position.add_(length)
         self.filled = True
 
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        for layer_idx, (keys, values) in enumerate(list(self.buffers)):
-            self._set_buffers(layer_idx, keys[indices], values[indices])
+    def reset(self, device: torch.device) -> None:
+        """Empty the cache in place (its buffers and position keep their addresses)."""
+        for keys, values in self.buffers:
+            keys.zero_()
+            values.zero_()
+        if self.position is None:
+            self.position = torch.zeros((), dtype=torch.long, device=device)
+            _mark_static(self.position)
+        self.position.zero_()
+        self.filled = False
 
-    def _set_buffers(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> None:
-        # CUDA graphs must know that the buffers' addresses stay fixed from step to step.
-        torch._dynamo.mark_static_address(keys)
-        torch._dynamo.mark_static_address(values)
-        if layer_idx == len(self.buffers):
-            self.buffers.append((keys, values))
-        else:
-            self.buffers[layer_idx] = (keys, values)
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise NotImplementedError("A static cache keeps its rows: prefill it with every row instead.")
+
+
+def _mark_static(*tensors: torch.Tensor) -> None:
+    # CUDA graphs must know that these tensors' addresses stay fixed from step to step.
+    for tensor in tensors:
+        torch._dynamo.mark_static_address(tensor)
 
 
 @dataclass
 class LlamaGenOutput(ModelOutput):
     """
     logits (`torch.FloatTensor` of shape `(batch_size, n, codebook_size)`):
-        fp32 image-head logits. Without a cache: from the last caption position on, so `logits[:, i]` scores image
+        fp32 image-head logits (computed in the head's dtype: fp32 once `LlamaGenFamily.upcast_image_head` ran). Without a cache: from the last caption position on, so `logits[:, i]` scores image
         token `i`. With a cache: one per image token fed, scoring the next one.
     cache (`LlamaGenKVCache`, *optional*):
         The cache, extended by this call, when `use_cache=True`.
@@ -436,7 +445,7 @@ class LlamaGenForImageGeneration(LlamaGenPreTrainedModel):
         hidden_states = self.transformer(torch.cat(embeds, dim=1), attention_mask, cache)
         # From the last caption position on: the position before image token i scores it.
         start = input_ids.size(1) - 1 if first_call else 0
-        logits = self.image_head(hidden_states[:, start:]).float()
+        logits = image_head_logits(self.image_head, hidden_states[:, start:])
         return LlamaGenOutput(logits=logits, cache=cache)
 
     @torch.no_grad()
