@@ -71,9 +71,11 @@ class StepTimer(TrainerCallback):
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.start = time.perf_counter()
+        self.trainer.flush_stage_times()
         self.recorded = {stage: len(trl.recorded_metric(self.trainer, f"time/{stage}")) for stage in TIMED_STAGES}
 
     def on_step_end(self, args, state, control, **kwargs):
+        self.trainer.flush_stage_times()
         stages = {
             stage: sum(trl.recorded_metric(self.trainer, f"time/{stage}")[self.recorded[stage] :])
             for stage in TIMED_STAGES

@@ -1,5 +1,10 @@
 """The benchmark scripts run (on the tiny model) and print what the README quotes from them."""
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 from conftest import load_script
 
 
@@ -18,3 +23,20 @@ def test_the_chunked_exact_penalty_saves_less_for_backward_than_autograd():
     results = load_script("bench_step").penalty_alone(images=1, repeats=1)
     (autograd_seconds, autograd_saved), (chunked_seconds, chunked_saved) = results.values()
     assert chunked_saved < 0.5 * autograd_saved
+
+
+def test_bench_gpu_smoke_runs_every_part_and_writes_its_numbers(tmp_path):
+    output = tmp_path / "bench_gpu.json"
+    script = Path(__file__).parents[1] / "scripts" / "bench_gpu.py"
+    command = [sys.executable, str(script), "--smoke", "--threads", "1", "--output", str(output)]
+    printed = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    outcomes = json.loads(output.read_text())
+    assert set(outcomes) == {"decode_1b", "decode_7b", "step", "gap"}
+    assert all("error" not in outcome for outcome in outcomes.values()), printed
+    decode = outcomes["decode_1b"]["result"]
+    assert decode["compile_s"] > 0 and decode["compiled_ms_per_step"] > 0 and decode["tokens"] == 16
+    step = outcomes["step"]["result"]
+    assert step["rollouts not compiled"]["compiled"] is False and step["default"]["step_s"] > 0
+    gap = outcomes["gap"]["result"]
+    assert gap["fp32"]["max"] < 1e-5 < gap["bf16"]["mean"]  # fp32 is on-policy to round-off; bf16 is not
+    assert "| generate (ms/step) |" in printed and "| setting | mean gap (nats/token) | max gap |" in printed
