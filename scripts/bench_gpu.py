@@ -2,7 +2,7 @@
 
     python scripts/bench_gpu.py [--output bench_gpu.json]      # one GPU, at most 8 minutes
     python scripts/bench_gpu.py --smoke                         # the same code on CPU at tiny sizes, under 2 minutes
-    python scripts/bench_gpu.py --parts gap --device cpu --layers 2   # one part, real widths, fewer LM layers
+    python scripts/bench_gpu.py --parts gap --device cpu --layers 2 --limit 1800   # real widths, 2 LM layers, on CPU
 
 Random weights at the real Janus-Pro architectures (`trl_t2i.memory.janus_pro_*_config`, built on the device in
 bf16), CFG 5, top-k off, 576 image tokens. Each part runs in its own forked process under its own time limit, so a
@@ -467,9 +467,12 @@ if __name__ == "__main__":
     parser.add_argument("--layers", type=int, help="Language-model layers of the real configs (default: all).")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads.")
     parser.add_argument("--output", type=Path, help="Write the results as JSON here.")
+    parser.add_argument("--limit", type=int, help="Seconds every part may take (default: each part's own limit).")
     arguments = parser.parse_args()
     unknown = set(arguments.parts.split(",")) - set(PARTS)
     if unknown:
         parser.error(f"Unknown parts {sorted(unknown)}. Valid choices: {', '.join(PARTS)}.")
     chosen = smoke_scale() if arguments.smoke else gpu_scale(arguments.layers, arguments.device)
+    if arguments.limit:
+        chosen = Scale(**{**chosen.__dict__, "limits": dict.fromkeys(PARTS, arguments.limit)})
     main(arguments.parts.split(","), chosen, arguments.threads, arguments.output)
