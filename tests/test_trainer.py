@@ -10,7 +10,7 @@ from trl import GRPOTrainer
 from trl_t2i import TINY_JANUS, T2IGRPOTrainer
 from trl_t2i.beta_schedule import BetaSchedule
 from trl_t2i.divergences import DIVERGENCES
-from trl_t2i.models import TINY_LLAMAGEN, build_tiny_janus, load_model
+from trl_t2i.models import TINY_LLAMAGEN, build_tiny_janus, get_family, load_model
 from trl_t2i.rewards import colour_match
 
 
@@ -84,6 +84,30 @@ def test_full_finetuning_uses_a_frozen_reference_copy(tmp_path, given_as):
     assert any(not torch.equal(policy_before[k], v) for k, v in clone_parameters(trainer.model).items())
     divergences = [log["divergence/reverse_kl"] for log in trainer.state.log_history if "divergence/reverse_kl" in log]
     assert divergences[0] == pytest.approx(0.0, abs=1e-6) and divergences[-1] > 0
+
+
+def test_the_reference_copy_of_a_model_patched_earlier_keeps_the_initial_weights(tmp_path):
+    # a model that evaluation (or a previous trainer) patched, then given for full fine-tuning: deep-copied
+    model, processor = build_tiny_janus()
+    get_family(model, processor).patch_forward(model)
+    trainer = T2IGRPOTrainer(
+        model=model,
+        reward_funcs=colour_match,
+        args=make_config(tmp_path, divergence_estimator="exact"),
+        train_dataset=Dataset.from_dict({"prompt": TRAINING_PROMPTS}),
+        processing_class=processor,
+    )
+    inputs = first_batch(trainer)
+    with torch.no_grad():
+        for param in trainer.model.parameters():
+            param.add_(torch.randn_like(param), alpha=0.1)
+    scored = inputs["prompt_ids"], inputs["prompt_mask"], inputs["completion_ids"]
+    reference = trainer._reference_logp_table(*scored)
+    initial, _ = build_tiny_janus()
+    trainer.family.patch_forward(initial)
+    with torch.no_grad():
+        torch.testing.assert_close(reference, trainer._teacher_forced_logits(initial, *scored).log_softmax(-1))
+        assert (trainer._teacher_forced_logits(trainer.model, *scored).log_softmax(-1) - reference).abs().max() > 1e-2
 
 
 def test_sync_ref_model_updates_our_reference_copy(tmp_path):
