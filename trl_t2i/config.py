@@ -76,13 +76,15 @@ class T2IGRPOConfig(GRPOConfig):
 
         token_selection (`str`, *optional*, defaults to `"all"`):
             `"all"`: every image token. `"critical"`: GCPO's critical tokens, about 30% of each image (see
-            `trl_t2i.token_selection`), chosen at rollout time; the policy-gradient term and the penalty cover only
+            `trl_t2i.gcpo`), chosen at rollout time; the policy-gradient term and the penalty cover only
             them. Needs the images of a prompt on one process (`per_device_train_batch_size × steps_per_generation`
             a multiple of `num_generations`).
         critical_first_fraction, critical_entropy_fraction, critical_similarity_fraction (`float`, *optional*,
             default to `0.1`):
             The fractions of the three rules: the first positions, the largest spatial entropy gradients (inside
-            `[critical_first_fraction, critical_window_end)`), and the tokens least similar to the rest of their group.
+            `[critical_first_fraction, critical_window_end)`), and the positions where the images of the group are
+            least alike (mean cosine similarity over the group's pairs of sampled-token embeddings, as the paper's
+            code: one score per position, shared by the group).
             The paper's Janus code effectively ran `critical_entropy_fraction=1.0` (see the Janus paper recipes).
         critical_window_end (`float`, *optional*, defaults to `0.9`):
             End of the window of the entropy rule, as a fraction of the positions.
@@ -190,7 +192,8 @@ class T2IGRPOConfig(GRPOConfig):
         default=0.1, metadata={"help": "Critical tokens: fraction chosen by the largest spatial entropy gradient."}
     )
     critical_similarity_fraction: float = field(
-        default=0.1, metadata={"help": "Critical tokens: fraction chosen as least similar to the rest of the group."}
+        default=0.1,
+        metadata={"help": "Critical tokens: fraction of positions where the group's images are least alike."},
     )
     critical_window_end: float = field(
         default=0.9, metadata={"help": "Critical tokens: end of the entropy rule's window (fraction of positions)."}
