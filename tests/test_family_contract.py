@@ -252,12 +252,12 @@ def test_sampler_entropies_are_those_of_the_teacher_forced_distribution(tiny_fam
     torch.testing.assert_close(sample.entropies, position_entropy(table), atol=1e-5, rtol=1e-5)
 
 
-def test_image_token_embeddings_embed_each_token(tiny_family):
+def test_similarity_embeddings_embed_each_token(tiny_family):
     model, _, family, _ = tiny_family
     tokens = _random_tokens(family, 3)
-    embeddings = family.image_token_embeddings(model, tokens)
+    embeddings = family.similarity_embeddings(model, tokens)
     assert embeddings.shape[:2] == tokens.shape and embeddings.dim() == 3
-    same = family.image_token_embeddings(model, tokens[:, :1].expand_as(tokens))
+    same = family.similarity_embeddings(model, tokens[:, :1].expand_as(tokens))
     torch.testing.assert_close(same[:, 1:], same[:, :1].expand_as(same[:, 1:]))  # a token's embedding, wherever it is
 
 

@@ -56,6 +56,14 @@ def test_4bit_loading_quantizes_every_language_model_linear():
     assert set(JanusFamily.quantization_skip_modules) <= set(model.config.quantization_config.llm_int8_skip_modules)
 
 
+def test_similarity_embeddings_are_the_generation_embeddings(tiny_janus):
+    # the paper's Janus code compares `prepare_gen_img_embeds`: the generation embedding, then its aligner
+    model, _, family = tiny_janus
+    tokens = torch.randint(0, family.codebook_size, (3, family.num_image_tokens))
+    expected = model.model.generation_aligner(model.model.generation_embeddings(tokens))
+    torch.testing.assert_close(family.similarity_embeddings(model, tokens), expected)
+
+
 def test_text_forward_still_works_after_patching(tiny_janus, prompts):
     model, _, family = tiny_janus
     input_ids, attention_mask = family.tokenize_prompts(prompts)

@@ -37,6 +37,14 @@ def test_save_and_load_give_the_same_model_with_frozen_t5_and_vq(tiny, tmp_path)
     assert "caption_embedder.null_caption" in loaded.state_dict()  # saved, never trained
 
 
+def test_similarity_embeddings_are_the_vq_codebook_vectors(tiny):
+    # the paper's LlamaGen code compares `decode_code`'s z_q: the l2-normalised VQ codebook rows of the tokens
+    model, tokenizer, _, tokens = tiny
+    codebook = torch.nn.functional.normalize(model.vqmodel.quantize.embedding.weight, dim=-1)
+    embeddings = get_family(model, tokenizer).similarity_embeddings(model, tokens)
+    torch.testing.assert_close(embeddings, codebook[tokens])
+
+
 def test_the_tiny_llamagen_loads_by_name():
     model, tokenizer = load_model(TINY_LLAMAGEN), load_processor(TINY_LLAMAGEN, padding_side="left")
     assert isinstance(model, LlamaGenForImageGeneration) and tokenizer.pad_token_id == 0

@@ -323,7 +323,7 @@ class T2IGRPOTrainer(GRPOTrainer):
 
     def _critical_tokens(self, model, sample) -> torch.Tensor:
         """The rollout's critical tokens `(B, N)` (`token_selection="critical"`), from the sampled distributions'
-        entropies and the sampled tokens' embeddings; every group of images must be on this process."""
+        entropies and the sampled tokens' similarity embeddings; every group of images must be on this process."""
         if len(sample.image_tokens) % self.num_generations:
             raise ValueError(
                 f"token_selection='critical' compares the {self.num_generations} images of a prompt, but this process "
@@ -333,7 +333,7 @@ class T2IGRPOTrainer(GRPOTrainer):
         args = self.args
         return critical_token_mask(
             sample.entropies,
-            self.family.image_token_embeddings(model, sample.image_tokens),
+            self.family.similarity_embeddings(model, sample.image_tokens),
             self.num_generations,
             first_fraction=args.critical_first_fraction,
             entropy_fraction=args.critical_entropy_fraction,

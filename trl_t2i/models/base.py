@@ -143,8 +143,9 @@ class ModelFamily(ABC):
         """
 
     @abstractmethod
-    def image_token_embeddings(self, model: nn.Module, image_tokens: torch.LongTensor) -> torch.Tensor:
-        """The input embeddings `(B, N, D)` the model gives image tokens `(B, N)` (bare model)."""
+    def similarity_embeddings(self, model: nn.Module, image_tokens: torch.LongTensor) -> torch.Tensor:
+        """The vectors `(B, N, D)` of image tokens `(B, N)` (bare model) that GCPO's similarity rule compares
+        (`token_selection="critical"`), those the paper's code takes for this family."""
 
     @abstractmethod
     def decode(self, model: nn.Module, image_tokens: torch.LongTensor) -> torch.Tensor:

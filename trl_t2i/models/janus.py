@@ -173,7 +173,8 @@ class JanusFamily(ModelFamily):
         )
         return model.model.generation_head(output.last_hidden_state[:, -1])
 
-    def image_token_embeddings(self, model, image_tokens):
+    def similarity_embeddings(self, model, image_tokens):
+        # the input embeddings of image generation (the paper's `prepare_gen_img_embeds`)
         return model.prepare_embeddings_for_image_generation(image_tokens)
 
     def decode(self, model: nn.Module, image_tokens: torch.LongTensor) -> torch.Tensor:

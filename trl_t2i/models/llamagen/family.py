@@ -97,8 +97,9 @@ class LlamaGenFamily(ModelFamily):
         )
         return output.logits[:, -1]
 
-    def image_token_embeddings(self, model, image_tokens):
-        return model.transformer.embed_tokens(image_tokens)
+    def similarity_embeddings(self, model, image_tokens):
+        # the VQ codebook vectors the decoder starts from, l2-normalised (the paper's `decode_code` → z_q)
+        return F.normalize(model.vqmodel.quantize.embedding(image_tokens), dim=-1)
 
     def decode(self, model: nn.Module, image_tokens: torch.LongTensor) -> torch.Tensor:
         pixels = model.decode_image_tokens(image_tokens)  # (B, H, W, 3) in about [-1, 1]
