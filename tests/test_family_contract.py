@@ -261,6 +261,15 @@ def test_similarity_embeddings_embed_each_token(tiny_family):
     torch.testing.assert_close(same[:, 1:], same[:, :1].expand_as(same[:, 1:]))  # a token's embedding, wherever it is
 
 
+def test_decoding_ignores_autocast(tiny_family):
+    # each family decodes in its reference code's precision, whatever autocast the caller runs under
+    model, _, family, _ = tiny_family
+    tokens = _random_tokens(family, 4)
+    expected = family.decode(model, tokens)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(family.decode(model, tokens), expected)
+
+
 def _cached_keys(state):
     """The keys of every layer of a decode's cache (transformers' `Cache` layers or `LlamaGenKVCache` pairs)."""
     return [layer.keys if hasattr(layer, "keys") else layer[0] for layer in state.cache.layers]

@@ -148,8 +148,16 @@ class ModelFamily(ABC):
         (`token_selection="critical"`), those the paper's code takes for this family."""
 
     @abstractmethod
+    def decode_pixels(self, model: nn.Module, image_tokens: torch.LongTensor) -> torch.Tensor:
+        """VQ-decode `(B, N)` image tokens (bare model) to pixels `(B, H, W, 3)` in about `[-1, 1]`, in the precision
+        the family's reference code decodes in. Called outside autocast; use `decode`."""
+
     def decode(self, model: nn.Module, image_tokens: torch.LongTensor) -> torch.Tensor:
-        """VQ-decode `(B, N)` image tokens to `uint8` images `(B, H, W, 3)`."""
+        """VQ-decode `(B, N)` image tokens to `uint8` images `(B, H, W, 3)`, in the family's reference precision
+        (`decode_pixels`) whatever autocast the caller runs under."""
+        with torch.autocast(image_tokens.device.type, enabled=False):
+            pixels = self.decode_pixels(model, image_tokens)
+        return ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
     def encode_prompts(self, texts: list[str]) -> Conditioning:
         """Raw captions to their conditional rows (tokenize, then build the conditioning)."""

@@ -101,6 +101,5 @@ class LlamaGenFamily(ModelFamily):
         # the VQ codebook vectors the decoder starts from, l2-normalised (the paper's `decode_code` → z_q)
         return F.normalize(model.vqmodel.quantize.embedding(image_tokens), dim=-1)
 
-    def decode(self, model: nn.Module, image_tokens: torch.LongTensor) -> torch.Tensor:
-        pixels = model.decode_image_tokens(image_tokens)  # (B, H, W, 3) in about [-1, 1]
-        return ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    def decode_pixels(self, model: nn.Module, image_tokens: torch.LongTensor) -> torch.Tensor:
+        return model.decode_image_tokens(image_tokens)  # in fp32, as LlamaGen decodes
