@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..base import Conditioning, DecodeState, ModelFamily, static_cache_length
+from . import captions
 from .modeling_llamagen import LlamaGenForImageGeneration, LlamaGenKVCache, StaticLlamaGenKVCache
 
 
@@ -46,11 +47,16 @@ class LlamaGenFamily(ModelFamily):
     def codebook_size(self) -> int:
         return self.config.codebook_size
 
+    def __init__(self, config, processing_class):
+        super().__init__(config, processing_class)
+        if config.clean_captions:  # before any caption is tokenized, e.g. at the trainer's set-up
+            captions.check_installed()
+
     def tokenize_prompts(self, texts: list[str]) -> tuple[torch.LongTensor, torch.LongTensor]:
-        # LlamaGen cleans captions (PixArt's `clean_caption`, which lowercases them) before T5; plain prompts only
-        # need the lowercasing.
+        # The captions as LlamaGen's T5 embedder prepares them: cleaned (or only lowercased, `clean_captions`).
+        prepare = captions.clean_caption if self.config.clean_captions else _lowercased
         encoding = self.processing_class(
-            [text.lower().strip() for text in texts],
+            [prepare(text) for text in texts],
             padding=True,
             padding_side="left",
             truncation=True,
@@ -103,3 +109,7 @@ class LlamaGenFamily(ModelFamily):
 
     def decode_pixels(self, model: nn.Module, image_tokens: torch.LongTensor) -> torch.Tensor:
         return model.decode_image_tokens(image_tokens)  # in fp32, as LlamaGen decodes
+
+
+def _lowercased(text: str) -> str:
+    return text.lower().strip()
