@@ -242,6 +242,39 @@ def test_exact_js_penalty_equals_an_independent_full_codebook_sum(tmp_path):
     torch.testing.assert_close(ours.double(), without_penalty.double() + beta * js.mean(), rtol=1e-4, atol=1e-6)
 
 
+def test_the_penalty_in_the_reward_adds_the_prefix_term_to_the_loss_penalty(tmp_path):
+    # divergence_in="reward": the same loss value; the gradient gains β · Σ_s (Σ_{t>s} D̂_t) ∇log π(x_s), here with
+    # TRL's token-mean normalisation (bnpo) and the sampled reverse KL (TRL's k3 × π/π_old)
+    beta = 0.3
+    trainer = make_trainer(tmp_path, beta=beta, divergence="reverse_kl", divergence_in="reward", loss_type="bnpo")
+    perturb_adapters(trainer.model)  # policy ≠ reference: the divergences are not 0
+    inputs = first_batch(trainer)
+    trainer.current_gradient_accumulation_steps = 1
+    parameters = [p for p in trainer.model.parameters() if p.requires_grad]
+
+    def loss_and_gradients():
+        loss = trainer._compute_loss(trainer.model, inputs)
+        return loss, torch.autograd.grad(loss, parameters)
+
+    with_reward, reward_gradients = loss_and_gradients()
+    trainer.args.divergence_in = "loss"
+    in_loss, loss_gradients = loss_and_gradients()
+
+    ids, mask, tokens = inputs["prompt_ids"], inputs["prompt_mask"], inputs["completion_ids"]
+    logps = trainer._teacher_forced_logits(trainer.model, ids, mask, tokens).log_softmax(-1)
+    logps = logps.gather(-1, tokens[..., None]).squeeze(-1)
+    log_ratio = (inputs["ref_per_token_logps"] - logps).detach()
+    k3 = log_ratio.exp() - log_ratio - 1
+    later = torch.stack([k3[:, s + 1 :].sum(-1) for s in range(k3.size(1))], dim=1)
+    prefix_term = beta * (later * logps).mean()  # its gradient: β · mean over tokens of later · ∇log π
+    assert later.abs().max() > 0.1
+    torch.testing.assert_close(with_reward, in_loss)
+    for reward_gradient, loss_gradient, prefix_gradient in zip(
+        reward_gradients, loss_gradients, torch.autograd.grad(prefix_term, parameters), strict=True
+    ):
+        torch.testing.assert_close(reward_gradient, loss_gradient + prefix_gradient)
+
+
 def test_beta_schedules():
     linear, cosine = BetaSchedule("linear", 0.1, 0.3), BetaSchedule("cosine", 0.1, 0.3)
     assert [linear.value(step, 10) for step in (0, 5, 10, 20)] == pytest.approx([0.1, 0.2, 0.3, 0.3])
@@ -398,6 +431,10 @@ def test_bad_inputs_are_clear_errors(tmp_path):
         make_config(tmp_path, beta_schedule="linear")
     with pytest.raises(ValueError, match="divergence_alpha.*only applies"):
         make_config(tmp_path, divergence="js", divergence_alpha=0.3)
+    with pytest.raises(ValueError, match="'rewards'.*loss, reward"):
+        make_config(tmp_path, divergence_in="rewards")
+    with pytest.raises(ValueError, match="divergence_in='reward'.*use_bias_correction_kl=True"):
+        make_config(tmp_path, divergence_in="reward", use_bias_correction_kl=False)
     with pytest.raises(ValueError, match="at least 2 generations"):
         make_config(tmp_path, num_generations=1)
     with pytest.raises(ValueError, match="use_vllm"):

@@ -7,6 +7,7 @@ from .sampling import CFG_LOGPROBS, SamplingConfig
 
 
 DIVERGENCE_ESTIMATORS = ("sampled", "exact")
+DIVERGENCE_IN = ("loss", "reward")
 BETA_SCHEDULES = ("constant", "linear", "cosine", "adaptive")
 TOKEN_SELECTIONS = ("all", "critical")
 
@@ -55,9 +56,19 @@ class T2IGRPOConfig(GRPOConfig):
             `divergence="alpha"`, where it defaults to 0.5.
         divergence_estimator (`str`, *optional*, defaults to `"sampled"`):
             `"sampled"`: one unbiased term per sampled token (the paper's estimators; with
-            `use_bias_correction_kl=True` its expected gradient is the divergence's gradient). `"exact"`: the
-            divergence summed over the whole codebook at every position — zero variance and the exact gradient,
-            for one extra no-grad reference forward per micro-batch.
+            `use_bias_correction_kl=True` its expected gradient is the gradient of the position's divergence given
+            the sampled prefix). `"exact"`: the divergence summed over the whole codebook at every position — zero
+            variance, and that same gradient exactly — for one extra no-grad reference forward per micro-batch.
+            Neither includes the prefix term of the sequence-level gradient: see `divergence_in`.
+        divergence_in (`str`, *optional*, defaults to `"loss"`):
+            `"loss"`: `beta · D_t` is added to the loss at every position, differentiated with the sampled prefix
+            held fixed (as TRL's k3 and the paper's code): its expected gradient is E[Σ_t ∇D_t(x_<t)], not the
+            gradient of the sequence-level penalty E_π[Σ_t D_t(x_<t)], which also has the prefix term
+            E[Σ_t D_t ∇log π(x_<t)] (how the policy's earlier tokens lead to positions where it diverges).
+            `"reward"`: the penalty also acts as a reward: each token is charged, through its log-prob, with
+            `beta ×` the divergences of the later positions (a reward-to-go), which adds that term, so the expected
+            gradient is the sequence-level penalty's. No extra forward; more variance. With
+            `divergence_estimator="sampled"` it needs `use_bias_correction_kl=True`.
         beta_schedule (`str`, *optional*, defaults to `"constant"`):
             How `beta` evolves over training: `"constant"`, `"linear"` / `"cosine"` from `beta` to `beta_end` over
             the run's optimizer steps, or `"adaptive"`: starting at `beta`, a proportional controller (PPO's adaptive
@@ -138,6 +149,14 @@ class T2IGRPOConfig(GRPOConfig):
         metadata={
             "help": "`sampled`: one unbiased term per sampled token; `exact`: summed over the whole codebook.",
             "choices": list(DIVERGENCE_ESTIMATORS),
+        },
+    )
+    divergence_in: str = field(
+        default="loss",
+        metadata={
+            "help": "`loss`: the per-position penalty (prefix held fixed); `reward`: also charged to earlier tokens "
+            "as a reward-to-go, for the sequence-level penalty's gradient.",
+            "choices": list(DIVERGENCE_IN),
         },
     )
     beta_schedule: str = field(
@@ -255,6 +274,7 @@ class T2IGRPOConfig(GRPOConfig):
         for name, choices in [
             ("divergence", sorted(DIVERGENCES)),
             ("divergence_estimator", DIVERGENCE_ESTIMATORS),
+            ("divergence_in", DIVERGENCE_IN),
             ("beta_schedule", BETA_SCHEDULES),
             ("token_selection", TOKEN_SELECTIONS),
             ("cfg_logprobs", CFG_LOGPROBS),
@@ -267,6 +287,16 @@ class T2IGRPOConfig(GRPOConfig):
             raise ValueError(
                 f"`divergence_alpha={self.divergence_alpha}` only applies to `divergence='alpha'`, "
                 f"not {self.divergence!r}."
+            )
+        if (
+            self.divergence_in == "reward"
+            and self.divergence_estimator == "sampled"
+            and not self.use_bias_correction_kl
+        ):
+            raise ValueError(
+                "`divergence_in='reward'` adds the prefix term to a per-token penalty whose gradient is the position's "
+                "divergence gradient; the sampled estimator has that gradient only with `use_bias_correction_kl=True` "
+                "(or use `divergence_estimator='exact'`)."
             )
         if self.beta < 0 or (self.beta_end is not None and self.beta_end < 0):
             raise ValueError(f"`beta` and `beta_end` must be >= 0, got beta={self.beta}, beta_end={self.beta_end}.")
