@@ -275,6 +275,16 @@ def test_the_penalty_in_the_reward_adds_the_prefix_term_to_the_loss_penalty(tmp_
         torch.testing.assert_close(reward_gradient, loss_gradient + prefix_gradient)
 
 
+@pytest.mark.parametrize("estimator", ["sampled", "exact"])
+def test_the_penalty_in_the_reward_trains_with_updates_off_the_sampling_policy(tmp_path, estimator):
+    trainer = make_trainer(
+        tmp_path, beta=0.3, divergence="js", divergence_estimator=estimator, divergence_in="reward", num_iterations=2
+    )
+    trainer.train()
+    logs = [log for log in trainer.state.log_history if "loss" in log]
+    assert len(logs) == 2 and all(math.isfinite(log["loss"]) and math.isfinite(log["grad_norm"]) for log in logs)
+
+
 def test_beta_schedules():
     linear, cosine = BetaSchedule("linear", 0.1, 0.3), BetaSchedule("cosine", 0.1, 0.3)
     assert [linear.value(step, 10) for step in (0, 5, 10, 20)] == pytest.approx([0.1, 0.2, 0.3, 0.3])
