@@ -24,6 +24,7 @@ null caption). Neither exists here, so nothing random can act during RL whatever
 model are frozen: no gradient, and always in eval mode (T5 has dropout layers of its own).
 """
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -450,7 +451,8 @@ class LlamaGenForImageGeneration(LlamaGenPreTrainedModel):
         hidden_states = codes.view(len(image_tokens), side, side, -1).permute(0, 3, 1, 2)
         with torch.autocast(image_tokens.device.type, enabled=False):
             for module in (vq.post_quant_conv, vq.decoder):
-                weights = {name: tensor.float() for name, tensor in module.state_dict(keep_vars=True).items()}
+                tensors = itertools.chain(module.named_parameters(), module.named_buffers())
+                weights = {name: tensor.float() for name, tensor in tensors}
                 hidden_states = torch.func.functional_call(module, weights, (hidden_states,))
         return hidden_states.permute(0, 2, 3, 1)
 
