@@ -39,6 +39,11 @@ class LlamaGenFamily(ModelFamily):
     quantization_skip_modules = ["text_encoder", "caption_embedder", "image_head", "vqmodel"]
     supports_static_decoding = True
 
+    def __init__(self, config, processing_class):
+        super().__init__(config, processing_class)
+        if config.clean_captions:  # before any caption is tokenized, e.g. at the trainer's set-up
+            captions.check_installed()
+
     @property
     def num_image_tokens(self) -> int:
         return self.config.num_image_tokens
@@ -46,11 +51,6 @@ class LlamaGenFamily(ModelFamily):
     @property
     def codebook_size(self) -> int:
         return self.config.codebook_size
-
-    def __init__(self, config, processing_class):
-        super().__init__(config, processing_class)
-        if config.clean_captions:  # before any caption is tokenized, e.g. at the trainer's set-up
-            captions.check_installed()
 
     def tokenize_prompts(self, texts: list[str]) -> tuple[torch.LongTensor, torch.LongTensor]:
         # The captions as LlamaGen's T5 embedder prepares them: cleaned (or only lowercased, `clean_captions`).
