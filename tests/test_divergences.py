@@ -11,6 +11,7 @@ from trl_t2i.divergences import (
     HellingerDivergence,
     JensenShannonDivergence,
     get_divergence,
+    with_prefix_term,
 )
 
 
@@ -373,6 +374,15 @@ def test_the_gradient_figure_shows_each_divergences_own_gradient():
     expected = {"reverse_kl": r, "forward_kl": r.exp() - 1, "js": 2 * torch.log((r.exp() + 1) / 2)}
     for name, pull in expected.items():
         torch.testing.assert_close(script.penalty_and_pull(name, r)[1], pull)
+    # the toy panel: in the loss no pull on the earlier code; in the reward −β·D/4, D the later position's divergence
+    drifts = torch.linspace(-4, 4, 9, dtype=torch.float64)
+    drifted = torch.stack([drifts / 2, -drifts / 2], dim=-1).log_softmax(-1)
+    uniform = torch.full_like(drifted, -math.log(2.0))
+    beta = {"reverse_kl": 1.0, "forward_kl": 1.0, "js": 4.0}
+    for name in beta:
+        later = reference_divergence(drifted, uniform, name, {})
+        torch.testing.assert_close(script.first_token_pull(name, drifts, "reward"), -beta[name] * later / 4)
+        assert script.first_token_pull(name, drifts, "loss").abs().max() < 1e-12
 
 
 @parametrize_cases
@@ -415,3 +425,80 @@ def test_exact_penalty_refuses_a_reference_that_requires_grad():
     table = random_log_probs((2, 5), seed=1).requires_grad_()
     with pytest.raises(ValueError, match="detach the reference"):
         get_divergence("js").exact_penalty(table, table)
+
+
+# ---------------------------------------------------------------- the sequence-level penalty, on a 2-token toy
+
+
+def toy_sequences(vocabulary=3, seed=7):
+    """A policy over 2-token sequences (position 1 depends on token 0) with a reference of the same form: every
+    sequence `x` as a row, the tables of both positions and `θ` (the policy's logits) to differentiate."""
+    generator = torch.Generator().manual_seed(seed)
+    theta = torch.randn(1 + vocabulary, vocabulary, generator=generator, dtype=torch.float64).requires_grad_()
+    reference = torch.randn(1 + vocabulary, vocabulary, generator=generator, dtype=torch.float64)
+    sequences = torch.cartesian_prod(torch.arange(vocabulary), torch.arange(vocabulary))  # (V², 2)
+    rows = torch.stack([torch.zeros_like(sequences[:, 0]), 1 + sequences[:, 0]], dim=1)  # logits row per position
+    return sequences, theta.log_softmax(-1)[rows], reference.log_softmax(-1)[rows], theta
+
+
+def sequence_level_gradient(sequences, logp_tables, ref_tables, theta, name, params):
+    """∇θ E_{x~π}[Σ_t D_t(x_<t)], the divergence of each position summed along the policy's own sequences, by
+    enumerating the sequences."""
+    logps = logp_tables.gather(-1, sequences[..., None]).squeeze(-1)
+    per_position = reference_divergence(logp_tables, ref_tables, name, params)  # (V², 2)
+    return torch.autograd.grad((logps.sum(-1).exp() * per_position.sum(-1)).sum(), theta, retain_graph=True)[0]
+
+
+def expected_penalty_gradient(per_token, logps, theta):
+    """E_{x~π_old}[∇θ Σ_t per_token(x)_t] by enumeration, with π_old = π.detach()."""
+    return torch.autograd.grad((logps.sum(-1).exp().detach() * per_token.sum(-1)).sum(), theta, retain_graph=True)[0]
+
+
+def penalty_terms(estimator, divergence, sequences, logp_tables, ref_tables):
+    """The per-token penalty the loss carries: the exact per-position divergence, or the sampled term times the
+    importance ratio (`use_bias_correction_kl=True`)."""
+    logps = logp_tables.gather(-1, sequences[..., None]).squeeze(-1)
+    if estimator == "exact":
+        return divergence.exact_penalty(logp_tables, ref_tables), logps
+    ref_logps = ref_tables.gather(-1, sequences[..., None]).squeeze(-1)
+    return divergence.sampled(logps, ref_logps) * torch.exp(logps - logps.detach()), logps
+
+
+@pytest.mark.parametrize("estimator", ["exact", "sampled"])
+@parametrize_cases
+def test_the_prefix_term_gives_the_sequence_level_gradient(name, params, estimator):
+    sequences, logp_tables, ref_tables, theta = toy_sequences()
+    per_token, logps = penalty_terms(estimator, get_divergence(name, **params), sequences, logp_tables, ref_tables)
+    full = with_prefix_term(per_token, logps, logps.detach(), torch.ones_like(logps))
+    expected = sequence_level_gradient(sequences, logp_tables, ref_tables, theta, name, params)
+    torch.testing.assert_close(expected_penalty_gradient(full, logps, theta), expected, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(full, per_token, rtol=0, atol=0)  # the added term is zero in value
+
+
+@pytest.mark.parametrize("estimator", ["exact", "sampled"])
+@parametrize_cases
+def test_the_per_position_penalty_misses_the_prefix_term(name, params, estimator):
+    # in the loss alone, each position's divergence is differentiated with its sampled prefix held fixed: the
+    # expected gradient is E[Σ_t ∇D_t(x_<t)], short of E[Σ_t D_t ∇log π(x_<t)] (for the exact estimator too)
+    sequences, logp_tables, ref_tables, theta = toy_sequences()
+    per_token, logps = penalty_terms(estimator, get_divergence(name, **params), sequences, logp_tables, ref_tables)
+    per_position = reference_divergence(logp_tables, ref_tables, name, params)
+    held = (logps.sum(-1).exp().detach() * per_position.sum(-1)).sum()
+    (held_gradient,) = torch.autograd.grad(held, theta, retain_graph=True)
+    torch.testing.assert_close(
+        expected_penalty_gradient(per_token, logps, theta), held_gradient, rtol=1e-9, atol=1e-12
+    )
+    prefix = per_position[:, 1].detach() * logps[:, 0]  # D_1(x_0) ∇log π(x_0)
+    prefix_term = expected_penalty_gradient(prefix[:, None], logps, theta)
+    full = sequence_level_gradient(sequences, logp_tables, ref_tables, theta, name, params)
+    assert prefix_term.norm() > 0.1 * full.norm()
+    torch.testing.assert_close(held_gradient + prefix_term, full, rtol=1e-9, atol=1e-12)
+
+
+def test_the_prefix_term_counts_only_later_positions_under_the_mask():
+    per_token = torch.tensor([[1.0, 2.0, 4.0, 8.0]])
+    logps = torch.zeros(1, 4, requires_grad=True)
+    mask = torch.tensor([[1.0, 0.0, 1.0, 1.0]])
+    (gradient,) = torch.autograd.grad(with_prefix_term(per_token, logps, logps.detach(), mask).sum(), logps)
+    # position s is credited with the masked divergences after it: 4 + 8, 4 + 8, 8, nothing
+    assert gradient.tolist() == [[12.0, 12.0, 8.0, 0.0]]

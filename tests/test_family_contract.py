@@ -1,5 +1,6 @@
 """The contract every model family fulfils, run for each registered family (see `FAMILY_CASES` in conftest.py)."""
 
+import copy
 import re
 
 import pytest
@@ -223,6 +224,25 @@ def test_an_unpatched_model_is_a_clear_error_not_text_logits(tiny_family, prompt
         image_logp_table(family, model, family.encode_prompts(prompts), _random_tokens(family, len(prompts)))
 
 
+def test_a_deep_copy_of_a_patched_model_scores_with_its_own_weights(tiny_family, prompts):
+    # e.g. the frozen reference of a full fine-tune, copied from a policy that evaluation had patched already
+    model, _, family, _ = tiny_family
+    copied = copy.deepcopy(model)
+    family.patch_forward(copied)
+    with torch.no_grad():
+        for param in copied.parameters():
+            param.add_(torch.randn_like(param), alpha=0.1)
+    conditioning = family.encode_prompts(prompts)
+    tokens = _random_tokens(family, len(prompts))
+    own = family.teacher_forced_logits(copied, conditioning, tokens)
+    torch.testing.assert_close(family.image_logits(copied, conditioning, tokens), own)
+    assert not torch.allclose(family.image_logits(model, conditioning, tokens), own)
+    # a call without image tokens runs the copy's own unpatched forward too
+    inputs = {name: conditioning.tensors[name] for name in ("input_ids", "attention_mask")}
+    with torch.no_grad():
+        torch.testing.assert_close(copied(**inputs).logits, type(copied).forward(copied, **inputs).logits)
+
+
 def test_sampler_entropies_are_those_of_the_teacher_forced_distribution(tiny_family, prompts):
     from trl_t2i.metrics import position_entropy
 
@@ -233,13 +253,22 @@ def test_sampler_entropies_are_those_of_the_teacher_forced_distribution(tiny_fam
     torch.testing.assert_close(sample.entropies, position_entropy(table), atol=1e-5, rtol=1e-5)
 
 
-def test_image_token_embeddings_embed_each_token(tiny_family):
+def test_similarity_embeddings_embed_each_token(tiny_family):
     model, _, family, _ = tiny_family
     tokens = _random_tokens(family, 3)
-    embeddings = family.image_token_embeddings(model, tokens)
+    embeddings = family.similarity_embeddings(model, tokens)
     assert embeddings.shape[:2] == tokens.shape and embeddings.dim() == 3
-    same = family.image_token_embeddings(model, tokens[:, :1].expand_as(tokens))
+    same = family.similarity_embeddings(model, tokens[:, :1].expand_as(tokens))
     torch.testing.assert_close(same[:, 1:], same[:, :1].expand_as(same[:, 1:]))  # a token's embedding, wherever it is
+
+
+def test_decoding_ignores_autocast(tiny_family):
+    # each family decodes in its reference code's precision, whatever autocast the caller runs under
+    model, _, family, _ = tiny_family
+    tokens = _random_tokens(family, 4)
+    expected = family.decode(model, tokens)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(family.decode(model, tokens), expected)
 
 
 def _cached_keys(state):

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import first_batch, make_trainer, perturb_adapters
 from trl import GRPOTrainer
 
@@ -52,33 +53,50 @@ def test_spatial_entropy_gradient_matches_its_definition():
     torch.testing.assert_close(spatial_entropy_gradient(entropies), _gradient_by_definition(entropies))
 
 
-def test_group_similarity_averages_over_the_other_images_of_the_group():
+def _paper_similarity(embeddings: torch.Tensor, group_size: int) -> torch.Tensor:
+    """The paper's code (both trainers), position by position: the cosine similarity of every pair of the group's
+    images, averaged over the pairs i ≠ j, and that one score repeated for each of the group's images."""
+    batch, n, dim = embeddings.shape
+    grouped = embeddings.reshape(batch // group_size, group_size, n, dim)
+    pairs = ~torch.eye(group_size, dtype=torch.bool)
+    columns = []
+    for position in range(n):
+        tokens = grouped[:, :, position]
+        matrix = F.cosine_similarity(tokens.unsqueeze(2), tokens.unsqueeze(1), dim=-1)
+        columns.append(matrix[:, pairs].mean(1).repeat_interleave(group_size))
+    return torch.stack(columns, dim=1)
+
+
+def test_group_similarity_is_the_mean_over_the_pairs_of_the_group():
     # two groups of three images, two positions, 2-D embeddings
     e = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
-    embeddings = torch.stack([e[[0, 1]], e[[0, 0]], e[[1, 1]]])  # group 0: (pos 0, pos 1) per image
+    embeddings = torch.stack([e[[0, 0]], e[[0, 0]], e[[1, 2]]])  # group 0: (pos 0, pos 1) per image
     embeddings = torch.cat([embeddings, embeddings.flip(0)])
     similarity = group_similarity(embeddings, group_size=3)
-    # position 0 of group 0 holds e0, e0, e1: image 0 sees cos(e0,e0)=1 and cos(e0,e1)=0
-    assert similarity[:3, 0].tolist() == pytest.approx([0.5, 0.5, 0.0])
-    assert similarity[:3, 1].tolist() == pytest.approx([0.5, 0.0, 0.5])
-    torch.testing.assert_close(similarity[3:], similarity[:3].flip(0))
+    # position 0 holds e0, e0, e1: the pairs' similarities are 1, 0, 0, shared by the three images
+    assert similarity[:, 0].tolist() == pytest.approx([1 / 3] * 6)
+    # position 1 holds e0, e0, e2: 1, cos 45°, cos 45°
+    assert similarity[:, 1].tolist() == pytest.approx([(1 + math.sqrt(2)) / 3] * 6)
+
+
+def test_group_similarity_is_the_paper_codes_rule():
+    embeddings = torch.randn(16, 25, 8)
+    torch.testing.assert_close(group_similarity(embeddings, group_size=8), _paper_similarity(embeddings, 8))
 
 
 def test_critical_tokens_are_the_union_of_the_three_rules():
     n = 100  # a 10 × 10 grid: 10 first positions, 10 by entropy gradient, 10 by dissimilarity
-    entropies = torch.rand(2, n)
-    embeddings = torch.randn(2, n, 4)
-    mask = critical_token_mask(entropies, embeddings, group_size=2)
+    entropies = torch.rand(8, n)
+    embeddings = torch.randn(8, n, 4)
+    mask = critical_token_mask(entropies, embeddings, group_size=4)
     first = torch.arange(n) < 10
     gradient = _gradient_by_definition(entropies)[:, 10:90]
-    by_entropy = torch.zeros(2, n, dtype=torch.bool)
+    by_entropy = torch.zeros(8, n, dtype=torch.bool)
     by_entropy[:, 10:90] = gradient >= gradient.topk(10).values[:, -1:]
-    # cosine similarity of the two images of the group at each position, shared by both
-    similarity = torch.nn.functional.cosine_similarity(embeddings[0], embeddings[1], dim=-1).expand(2, n)
-    candidates = similarity.masked_fill(first | by_entropy, math.inf)
+    candidates = _paper_similarity(embeddings, 4).masked_fill(first | by_entropy, math.inf)
     by_similarity = candidates <= candidates.topk(10, largest=False).values[:, -1:]
     assert torch.equal(mask, first | by_entropy | by_similarity)
-    assert mask.sum(-1).tolist() == [30, 30]
+    assert mask.sum(-1).tolist() == [30] * 8
 
 
 def test_the_entropy_rule_stays_in_its_window():

@@ -90,10 +90,12 @@ def test_card_names_the_adaptive_target_and_the_paper_loss_options(trained, tmp_
         divergence_target=0.3,
         token_selection="critical",
         dynamic_advantage=True,
+        divergence_in="reward",
     )
     card = hub.model_card(settings=settings, output_dir=tmp_path / "run", is_adapter=True, metrics={})
     assert "| β | 0.04 (adaptive, steering `js` to 0.3) |" in card
     assert "| tokens trained | `critical`, dynamic advantage |" in card
+    assert "| penalty in | the loss and the reward (sequence-level gradient) |" in card
 
 
 def test_the_usage_snippet_samples_with_the_runs_settings(trained, tmp_path):

@@ -56,6 +56,25 @@ def test_4bit_loading_quantizes_every_language_model_linear():
     assert set(JanusFamily.quantization_skip_modules) <= set(model.config.quantization_config.llm_int8_skip_modules)
 
 
+def test_similarity_embeddings_are_the_generation_embeddings(tiny_janus):
+    # the paper's Janus code compares `prepare_gen_img_embeds`: the generation embedding, then its aligner
+    model, _, family = tiny_janus
+    tokens = torch.randint(0, family.codebook_size, (3, family.num_image_tokens))
+    expected = model.model.generation_aligner(model.model.generation_embeddings(tokens))
+    torch.testing.assert_close(family.similarity_embeddings(model, tokens), expected)
+
+
+def test_a_bf16_model_decodes_in_bf16_as_janus_does(tiny_janus):
+    # deepseek-ai/Janus decodes with the whole model in bf16 (no autocast): so do we, with a bf16 model
+    model, _, family = tiny_janus
+    tokens = torch.randint(0, family.codebook_size, (3, family.num_image_tokens))
+    model.to(torch.bfloat16)
+    pixels = model.model.vqmodel.decode(tokens).permute(0, 2, 3, 1)
+    expected = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(family.decode(model, tokens), expected)
+
+
 def test_text_forward_still_works_after_patching(tiny_janus, prompts):
     model, _, family = tiny_janus
     input_ids, attention_mask = family.tokenize_prompts(prompts)

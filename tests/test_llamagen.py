@@ -37,6 +37,28 @@ def test_save_and_load_give_the_same_model_with_frozen_t5_and_vq(tiny, tmp_path)
     assert "caption_embedder.null_caption" in loaded.state_dict()  # saved, never trained
 
 
+def test_similarity_embeddings_are_the_vq_codebook_vectors(tiny):
+    # the paper's LlamaGen code compares `decode_code`'s z_q: the l2-normalised VQ codebook rows of the tokens
+    model, tokenizer, _, tokens = tiny
+    codebook = torch.nn.functional.normalize(model.vqmodel.quantize.embedding.weight, dim=-1)
+    embeddings = get_family(model, tokenizer).similarity_embeddings(model, tokens)
+    torch.testing.assert_close(embeddings, codebook[tokens])
+
+
+def test_a_bf16_model_decodes_in_fp32_as_llamagen_does(tiny):
+    # LlamaGen's sample_t2i.py keeps its VQ model in fp32: decoding the bf16 weights in fp32 is exactly decoding
+    # their fp32 values, not a bf16 decode
+    model, _, _, tokens = tiny
+    rounded = model.to(torch.bfloat16).to(torch.float32).vqmodel
+    codes = torch.nn.functional.normalize(rounded.quantize.embedding.weight, dim=-1)[tokens]
+    side = model.config.image_grid_size
+    latent = rounded.post_quant_conv(codes.view(len(tokens), side, side, -1).permute(0, 3, 1, 2))
+    expected = rounded.decoder(latent).permute(0, 2, 3, 1)
+    pixels = model.to(torch.bfloat16).decode_image_tokens(tokens)
+    assert pixels.dtype == torch.float32
+    torch.testing.assert_close(pixels, expected, atol=1e-6, rtol=0)
+
+
 def test_the_tiny_llamagen_loads_by_name():
     model, tokenizer = load_model(TINY_LLAMAGEN), load_processor(TINY_LLAMAGEN, padding_side="left")
     assert isinstance(model, LlamaGenForImageGeneration) and tokenizer.pad_token_id == 0

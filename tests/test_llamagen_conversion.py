@@ -6,8 +6,10 @@ equations of the original (complex-number 2D RoPE, explicit masked softmax atten
 MLP, GroupNorm/SiLU convolutions, nearest upsampling), never our modules.
 """
 
+import argparse
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -292,6 +294,54 @@ def test_checkpoints_given_the_wrong_way_round_are_named(checkpoints):
     directory, _, _ = checkpoints
     with pytest.raises(ValueError, match="Not a LlamaGen-T2I GPT checkpoint: it lacks tok_embeddings.weight"):
         convert_llamagen(directory / "vq.pt", directory / "t2i_gpt.pt", str(directory / "t5"), None, 8, HEADS)
+
+
+def _convert(directory, gpt_checkpoint, image_size=None):
+    return convert_llamagen(gpt_checkpoint, directory / "vq.pt", str(directory / "t5"), None, image_size, HEADS)[0]
+
+
+def test_the_image_size_is_read_from_the_checkpoints_name(checkpoints, tmp_path):
+    # the official names end in the size: t2i_XL_stage1_256.pt, t2i_XL_stage2_512.pt (this VQ downsamples 2×)
+    directory, gpt, _ = checkpoints
+    for size in (256, 512):
+        torch.save({"model": gpt}, tmp_path / f"t2i_XL_stage2_{size}.pt")
+        assert _convert(directory, tmp_path / f"t2i_XL_stage2_{size}.pt").config.image_grid_size == size // 2
+
+
+def test_the_image_size_is_read_from_a_training_checkpoints_arguments(checkpoints, tmp_path):
+    # LlamaGen's train_t2i.py saves its argparse arguments next to the weights, under steps-numbered names
+    directory, gpt, _ = checkpoints
+    arguments = argparse.Namespace(image_size=384, downsample_size=16, gpt_model="GPT-XL")
+    torch.save({"model": gpt, "optimizer": {}, "steps": 5000, "args": arguments}, tmp_path / "0005000.pt")
+    assert _convert(directory, tmp_path / "0005000.pt").config.image_grid_size == 192
+
+
+@pytest.mark.parametrize(
+    "name, contents, given",
+    [("t2i_XL_stage2_512.pt", None, 256), ("t2i_XL_stage1_256.pt", 512, None), ("0005000.pt", 384, 256)],
+)
+def test_an_inconsistent_image_size_is_refused_naming_each_source(checkpoints, tmp_path, name, contents, given):
+    directory, gpt, _ = checkpoints
+    saved = {"model": gpt} if contents is None else {"model": gpt, "args": argparse.Namespace(image_size=contents)}
+    torch.save(saved, tmp_path / name)
+    with pytest.raises(ValueError, match="inconsistent image sizes") as failure:
+        _convert(directory, tmp_path / name, given)
+    for size in filter(None, (contents, given, *map(int, re.findall(r"_(\d{3})\.pt", name)))):
+        assert f"{size} px" in str(failure.value)
+
+
+@pytest.mark.parametrize("name", ["t2i_gpt.pt", "checkpoint_1000.pt"])  # a step count is not a size
+def test_an_unknown_image_size_is_asked_for(checkpoints, tmp_path, name):
+    directory, gpt, _ = checkpoints
+    torch.save({"model": gpt}, tmp_path / name)
+    with pytest.raises(ValueError, match="Cannot tell the image size .* Give `image_size`"):
+        _convert(directory, tmp_path / name)
+
+
+def test_an_image_size_the_vq_model_cannot_tile_is_refused(checkpoints):
+    directory, _, _ = checkpoints
+    with pytest.raises(ValueError, match="image_size=9 is not a multiple of the VQ model's downsampling \\(2\\)"):
+        _convert(directory, directory / "t2i_gpt.pt", 9)
 
 
 def test_the_cli_converts_into_a_folder_that_load_model_reads(checkpoints, tmp_path, capsys):

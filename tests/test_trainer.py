@@ -10,7 +10,7 @@ from trl import GRPOTrainer
 from trl_t2i import TINY_JANUS, T2IGRPOTrainer
 from trl_t2i.beta_schedule import BetaSchedule
 from trl_t2i.divergences import DIVERGENCES
-from trl_t2i.models import TINY_LLAMAGEN, build_tiny_janus, load_model
+from trl_t2i.models import TINY_LLAMAGEN, build_tiny_janus, get_family, load_model
 from trl_t2i.rewards import colour_match
 
 
@@ -84,6 +84,30 @@ def test_full_finetuning_uses_a_frozen_reference_copy(tmp_path, given_as):
     assert any(not torch.equal(policy_before[k], v) for k, v in clone_parameters(trainer.model).items())
     divergences = [log["divergence/reverse_kl"] for log in trainer.state.log_history if "divergence/reverse_kl" in log]
     assert divergences[0] == pytest.approx(0.0, abs=1e-6) and divergences[-1] > 0
+
+
+def test_the_reference_copy_of_a_model_patched_earlier_keeps_the_initial_weights(tmp_path):
+    # a model that evaluation (or a previous trainer) patched, then given for full fine-tuning: deep-copied
+    model, processor = build_tiny_janus()
+    get_family(model, processor).patch_forward(model)
+    trainer = T2IGRPOTrainer(
+        model=model,
+        reward_funcs=colour_match,
+        args=make_config(tmp_path, divergence_estimator="exact"),
+        train_dataset=Dataset.from_dict({"prompt": TRAINING_PROMPTS}),
+        processing_class=processor,
+    )
+    inputs = first_batch(trainer)
+    with torch.no_grad():
+        for param in trainer.model.parameters():
+            param.add_(torch.randn_like(param), alpha=0.1)
+    scored = inputs["prompt_ids"], inputs["prompt_mask"], inputs["completion_ids"]
+    reference = trainer._reference_logp_table(*scored)
+    initial, _ = build_tiny_janus()
+    trainer.family.patch_forward(initial)
+    with torch.no_grad():
+        torch.testing.assert_close(reference, trainer._teacher_forced_logits(initial, *scored).log_softmax(-1))
+        assert (trainer._teacher_forced_logits(trainer.model, *scored).log_softmax(-1) - reference).abs().max() > 1e-2
 
 
 def test_sync_ref_model_updates_our_reference_copy(tmp_path):
@@ -216,6 +240,49 @@ def test_exact_js_penalty_equals_an_independent_full_codebook_sum(tmp_path):
     js = 0.5 * (policy * (policy / middle).log()).sum(-1) + 0.5 * (reference * (reference / middle).log()).sum(-1)
     assert js.mean() > 1e-3  # policy ≠ reference: the comparison is not trivially zero
     torch.testing.assert_close(ours.double(), without_penalty.double() + beta * js.mean(), rtol=1e-4, atol=1e-6)
+
+
+def test_the_penalty_in_the_reward_adds_the_prefix_term_to_the_loss_penalty(tmp_path):
+    # divergence_in="reward": the same loss value; the gradient gains β · Σ_s (Σ_{t>s} D̂_t) ∇log π(x_s), here with
+    # TRL's token-mean normalisation (bnpo) and the sampled reverse KL (TRL's k3 × π/π_old)
+    beta = 0.3
+    trainer = make_trainer(tmp_path, beta=beta, divergence="reverse_kl", divergence_in="reward", loss_type="bnpo")
+    perturb_adapters(trainer.model)  # policy ≠ reference: the divergences are not 0
+    inputs = first_batch(trainer)
+    trainer.current_gradient_accumulation_steps = 1
+    parameters = [p for p in trainer.model.parameters() if p.requires_grad]
+
+    def loss_and_gradients():
+        loss = trainer._compute_loss(trainer.model, inputs)
+        return loss, torch.autograd.grad(loss, parameters)
+
+    with_reward, reward_gradients = loss_and_gradients()
+    trainer.args.divergence_in = "loss"
+    in_loss, loss_gradients = loss_and_gradients()
+
+    ids, mask, tokens = inputs["prompt_ids"], inputs["prompt_mask"], inputs["completion_ids"]
+    logps = trainer._teacher_forced_logits(trainer.model, ids, mask, tokens).log_softmax(-1)
+    logps = logps.gather(-1, tokens[..., None]).squeeze(-1)
+    log_ratio = (inputs["ref_per_token_logps"] - logps).detach()
+    k3 = log_ratio.exp() - log_ratio - 1
+    later = torch.stack([k3[:, s + 1 :].sum(-1) for s in range(k3.size(1))], dim=1)
+    prefix_term = beta * (later * logps).mean()  # its gradient: β · mean over tokens of later · ∇log π
+    assert later.abs().max() > 0.1
+    torch.testing.assert_close(with_reward, in_loss)
+    for reward_gradient, loss_gradient, prefix_gradient in zip(
+        reward_gradients, loss_gradients, torch.autograd.grad(prefix_term, parameters), strict=True
+    ):
+        torch.testing.assert_close(reward_gradient, loss_gradient + prefix_gradient)
+
+
+@pytest.mark.parametrize("estimator", ["sampled", "exact"])
+def test_the_penalty_in_the_reward_trains_with_updates_off_the_sampling_policy(tmp_path, estimator):
+    trainer = make_trainer(
+        tmp_path, beta=0.3, divergence="js", divergence_estimator=estimator, divergence_in="reward", num_iterations=2
+    )
+    trainer.train()
+    logs = [log for log in trainer.state.log_history if "loss" in log]
+    assert len(logs) == 2 and all(math.isfinite(log["loss"]) and math.isfinite(log["grad_norm"]) for log in logs)
 
 
 def test_beta_schedules():
@@ -374,6 +441,10 @@ def test_bad_inputs_are_clear_errors(tmp_path):
         make_config(tmp_path, beta_schedule="linear")
     with pytest.raises(ValueError, match="divergence_alpha.*only applies"):
         make_config(tmp_path, divergence="js", divergence_alpha=0.3)
+    with pytest.raises(ValueError, match="'rewards'.*loss, reward"):
+        make_config(tmp_path, divergence_in="rewards")
+    with pytest.raises(ValueError, match="divergence_in='reward'.*use_bias_correction_kl=True"):
+        make_config(tmp_path, divergence_in="reward", use_bias_correction_kl=False)
     with pytest.raises(ValueError, match="at least 2 generations"):
         make_config(tmp_path, num_generations=1)
     with pytest.raises(ValueError, match="use_vllm"):

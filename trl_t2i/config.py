@@ -8,6 +8,7 @@ from .sampling import CFG_LOGPROBS, SamplingConfig
 
 
 DIVERGENCE_ESTIMATORS = ("sampled", "exact")
+DIVERGENCE_IN = ("loss", "reward")
 BETA_SCHEDULES = ("constant", "linear", "cosine", "adaptive")
 TOKEN_SELECTIONS = ("all", "critical")
 SAMPLER_CORRECTION_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
@@ -57,9 +58,19 @@ class T2IGRPOConfig(GRPOConfig):
             `divergence="alpha"`, where it defaults to 0.5.
         divergence_estimator (`str`, *optional*, defaults to `"sampled"`):
             `"sampled"`: one unbiased term per sampled token (the paper's estimators; with
-            `use_bias_correction_kl=True` its expected gradient is the divergence's gradient). `"exact"`: the
-            divergence summed over the whole codebook at every position — zero variance and the exact gradient,
-            for one extra no-grad reference forward per micro-batch.
+            `use_bias_correction_kl=True` its expected gradient is the gradient of the position's divergence given
+            the sampled prefix). `"exact"`: the divergence summed over the whole codebook at every position — zero
+            variance, and that same gradient exactly — for one extra no-grad reference forward per micro-batch.
+            Neither includes the prefix term of the sequence-level gradient: see `divergence_in`.
+        divergence_in (`str`, *optional*, defaults to `"loss"`):
+            `"loss"`: `beta · D_t` is added to the loss at every position, differentiated with the sampled prefix
+            held fixed (as TRL's k3 and the paper's code): its expected gradient is E[Σ_t ∇D_t(x_<t)], not the
+            gradient of the sequence-level penalty E_π[Σ_t D_t(x_<t)], which also has the prefix term
+            E[Σ_t D_t ∇log π(x_<t)] (how the policy's earlier tokens lead to positions where it diverges).
+            `"reward"`: the penalty also acts as a reward: each token is charged, through its log-prob, with
+            `beta ×` the divergences of the later positions (a reward-to-go), which adds that term, so the expected
+            gradient is the sequence-level penalty's. No extra forward; more variance. With
+            `divergence_estimator="sampled"` it needs `use_bias_correction_kl=True`.
         beta_schedule (`str`, *optional*, defaults to `"constant"`):
             How `beta` evolves over training: `"constant"`, `"linear"` / `"cosine"` from `beta` to `beta_end` over
             the run's optimizer steps, or `"adaptive"`: starting at `beta`, a proportional controller (PPO's adaptive
@@ -78,13 +89,15 @@ class T2IGRPOConfig(GRPOConfig):
 
         token_selection (`str`, *optional*, defaults to `"all"`):
             `"all"`: every image token. `"critical"`: GCPO's critical tokens, about 30% of each image (see
-            `trl_t2i.token_selection`), chosen at rollout time; the policy-gradient term and the penalty cover only
+            `trl_t2i.gcpo`), chosen at rollout time; the policy-gradient term and the penalty cover only
             them. Needs the images of a prompt on one process (`per_device_train_batch_size × steps_per_generation`
             a multiple of `num_generations`).
         critical_first_fraction, critical_entropy_fraction, critical_similarity_fraction (`float`, *optional*,
             default to `0.1`):
             The fractions of the three rules: the first positions, the largest spatial entropy gradients (inside
-            `[critical_first_fraction, critical_window_end)`), and the tokens least similar to the rest of their group.
+            `[critical_first_fraction, critical_window_end)`), and the positions where the images of the group are
+            least alike (mean cosine similarity over the group's pairs of sampled-token embeddings, as the paper's
+            code: one score per position, shared by the group).
             The paper's Janus code effectively ran `critical_entropy_fraction=1.0` (see the Janus paper recipes).
         critical_window_end (`float`, *optional*, defaults to `0.9`):
             End of the window of the entropy rule, as a fraction of the positions.
@@ -162,6 +175,14 @@ class T2IGRPOConfig(GRPOConfig):
             "choices": list(DIVERGENCE_ESTIMATORS),
         },
     )
+    divergence_in: str = field(
+        default="loss",
+        metadata={
+            "help": "`loss`: the per-position penalty (prefix held fixed); `reward`: also charged to earlier tokens "
+            "as a reward-to-go, for the sequence-level penalty's gradient.",
+            "choices": list(DIVERGENCE_IN),
+        },
+    )
     beta_schedule: str = field(
         default="constant",
         metadata={"help": "Schedule of `beta` over training.", "choices": list(BETA_SCHEDULES)},
@@ -234,7 +255,8 @@ class T2IGRPOConfig(GRPOConfig):
         default=0.1, metadata={"help": "Critical tokens: fraction chosen by the largest spatial entropy gradient."}
     )
     critical_similarity_fraction: float = field(
-        default=0.1, metadata={"help": "Critical tokens: fraction chosen as least similar to the rest of the group."}
+        default=0.1,
+        metadata={"help": "Critical tokens: fraction of positions where the group's images are least alike."},
     )
     critical_window_end: float = field(
         default=0.9, metadata={"help": "Critical tokens: end of the entropy rule's window (fraction of positions)."}
@@ -296,6 +318,7 @@ class T2IGRPOConfig(GRPOConfig):
         for name, choices in [
             ("divergence", sorted(DIVERGENCES)),
             ("divergence_estimator", DIVERGENCE_ESTIMATORS),
+            ("divergence_in", DIVERGENCE_IN),
             ("beta_schedule", BETA_SCHEDULES),
             ("token_selection", TOKEN_SELECTIONS),
             ("cfg_logprobs", CFG_LOGPROBS),
@@ -309,6 +332,16 @@ class T2IGRPOConfig(GRPOConfig):
             raise ValueError(
                 f"`divergence_alpha={self.divergence_alpha}` only applies to `divergence='alpha'`, "
                 f"not {self.divergence!r}."
+            )
+        if (
+            self.divergence_in == "reward"
+            and self.divergence_estimator == "sampled"
+            and not self.use_bias_correction_kl
+        ):
+            raise ValueError(
+                "`divergence_in='reward'` adds the prefix term to a per-token penalty whose gradient is the position's "
+                "divergence gradient; the sampled estimator has that gradient only with `use_bias_correction_kl=True` "
+                "(or use `divergence_estimator='exact'`)."
             )
         if self.beta < 0 or (self.beta_end is not None and self.beta_end < 0):
             raise ValueError(f"`beta` and `beta_end` must be >= 0, got beta={self.beta}, beta_end={self.beta_end}.")

@@ -27,6 +27,13 @@ Gradient facts for `sampled`, with π_old = π.detach() the distribution the tok
 - Without it, E_{x~π_old}[∇_θ h(u(x))] misses the score-function term. For `reverse_kl` (k3 added directly to the
   loss, as the paper's code, older TRL and TRL with `use_bias_correction_kl=False` do) it equals ∇_θ KL(ρ‖π), the
   gradient of the *forward* KL, not of KL(π‖ρ). TRL's default `use_bias_correction_kl=True` multiplies by the ratio.
+
+Both estimators work position by position: at image position t, given the prefix x_<t that was sampled, the
+per-token term estimates D_t(x_<t) = D_f(π(·|x_<t)‖ρ(·|x_<t)) (`exact`: equals it) and its gradient with the prefix
+held fixed. Summed over the positions of the policy's own images, the penalty's value estimates
+E_{x~π}[Σ_t D_t(x_<t)], but its gradient is only E[Σ_t ∇_θ D_t(x_<t)]: the gradient of that sequence-level penalty
+also has the prefix term E[Σ_t D_t(x_<t) ∇_θ log π(x_<t)] (the policy also chooses the prefixes on which later
+positions diverge), which neither estimator, nor TRL's k3, includes. `with_prefix_term` adds it.
 """
 
 import inspect
@@ -344,6 +351,37 @@ class AlphaDivergence(Divergence):
             _both_zero(logp_table, ref_logp_table), -math.inf
         )
         return log_terms.exp() / (alpha - 1)
+
+
+def with_prefix_term(
+    per_token: torch.Tensor, logps: torch.Tensor, old_logps: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """
+    The per-token penalty plus the prefix term that makes its expected gradient the sequence-level one.
+
+    With per-token terms D̂_t whose expected gradient is ∇_θ D_t(x_<t) with the prefix held fixed (the exact
+    estimator, or the sampled one times the importance ratio), the gradient of E_{x~π}[Σ_t D_t(x_<t)] also has
+    E[Σ_s ∇_θ log π(x_s|x_<s) · Σ_{t>s} D_t(x_<t)]: each token is charged, through its log-prob, with the divergences
+    of the positions after it (a reward-to-go of −D). Only later positions: D̂_s itself depends on x_s (sampled
+    estimator), which would bias the term.
+
+    Args:
+        per_token (`torch.Tensor`):
+            The per-token penalty `(B, N)`, differentiable.
+        logps, old_logps (`torch.Tensor`):
+            Log-probs `(B, N)` of the sampled tokens under the distribution that is trained (differentiable) and
+            under the one that sampled them.
+        mask (`torch.Tensor`):
+            The positions `(B, N)` the penalty covers: only their divergences enter the reward-to-go.
+
+    Returns:
+        `torch.Tensor`: `per_token` plus sg(Σ_{t>s} D̂_t) · (r_s − sg(r_s)) with r = π/π_old: the same values, the
+        gradient of the prefix term added (importance-weighted when the policy has moved since sampling).
+    """
+    divergences = per_token.detach() * mask
+    later = divergences.flip(-1).cumsum(-1).flip(-1) - divergences
+    ratio = torch.exp(logps - old_logps)
+    return per_token + later * (ratio - ratio.detach())
 
 
 DIVERGENCES: dict[str, type[Divergence]] = {

@@ -8,8 +8,9 @@ The critical tokens are about 30% of each image, the union of
   `[first_fraction, window_end)`: the per-token entropy of the sampled distribution on the `h × w` grid, averaged
   over the token and its causal neighbours (left, up-left, up, up-right), then the magnitude of its central-difference
   gradient (one-sided at the borders);
-* the `similarity_fraction` of the remaining positions whose sampled token's embedding is least similar, on average
-  (cosine), to the tokens at the same position in the other images of its group.
+* the `similarity_fraction` of the remaining positions where the group's images are least alike: the cosine
+  similarity of the sampled tokens' embeddings averaged over every pair of the group's images, one score per
+  position shared by the whole group (as in that code; each image still excludes its own first and entropy tokens).
 
 Counts are `int(N · fraction)`, as in that code. Its Janus trainer passes a count where a fraction is expected, so
 the entropy rule selects the whole window (and the union all but a few tokens): `entropy_fraction=1.0` reproduces it.
@@ -47,14 +48,16 @@ def _central_difference(values: torch.Tensor, dim: int) -> torch.Tensor:
 
 def group_similarity(embeddings: torch.Tensor, group_size: int) -> torch.Tensor:
     """`(B, N, D)` embeddings of the sampled tokens, rows in groups of `group_size` consecutive images →
-    `(B, N)` mean cosine similarity of each token to the tokens at its position in the other images of its group."""
+    `(B, N)`: at each position, the cosine similarity of the group's tokens averaged over every pair of distinct
+    images, one score shared by the group's images (the paper's `cos_sim_matrix[:, ~eye].mean(1)`, repeated G
+    times)."""
     batch, num_tokens, _ = embeddings.shape
     if batch % group_size:
         raise ValueError(f"{batch} rows do not split into groups of {group_size} images.")
     unit = F.normalize(embeddings.float(), dim=-1).reshape(batch // group_size, group_size, num_tokens, -1)
     similarity = torch.einsum("gind,gjnd->gnij", unit, unit)  # (groups, N, G, G)
-    others = similarity.sum(-1) - similarity.diagonal(dim1=-2, dim2=-1)  # leave out each image's own 1
-    return (others / (group_size - 1)).permute(0, 2, 1).reshape(batch, num_tokens)
+    pairs = similarity.sum((-2, -1)) - similarity.diagonal(dim1=-2, dim2=-1).sum(-1)  # leave out the i = j ones
+    return (pairs / (group_size * (group_size - 1))).repeat_interleave(group_size, dim=0)
 
 
 def critical_token_mask(

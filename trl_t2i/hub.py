@@ -135,6 +135,9 @@ def _settings_rows(settings: RunSettings) -> dict[str, str]:
     return {
         "divergence": f"`{settings.divergence}`" + (f" ({parameters})" if parameters else ""),
         "estimator": f"`{settings.divergence_estimator}`" + (", ×π/π_old" if bias_correction else ""),
+        "penalty in": "the loss and the reward (sequence-level gradient)"
+        if settings.divergence_in == "reward"
+        else "the loss (per position)",
         "β": beta,
         "CFG scale / log-probs": f"{sampling.cfg_scale} / `{settings.cfg_logprobs}`",
         "temperature / top-k / top-p": f"{sampling.temperature} / {sampling.top_k} / {sampling.top_p}",

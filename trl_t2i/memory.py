@@ -95,8 +95,12 @@ class Architecture:
             Hidden width of a two-layer image head (Janus' `generation_head.proj_out`); `0` for a single linear.
         head_logits_fp32 (`bool`):
             Whether the model returns its image logits in fp32 whatever the compute dtype (LlamaGen does).
-        vq_params (`int`):
-            The VQ-VAE (encoder, codebook, decoder).
+        vq_params (`int`), vq_decoder_params (`int`):
+            The VQ-VAE (encoder, codebook, decoder), and its decoder part (`post_quant_conv` and the decoder).
+        vq_decodes_in_fp32 (`bool`):
+            Whether the VQ decoder runs in fp32 whatever the weights' dtype (LlamaGen, as its reference code does:
+            over bf16 weights, on fp32 copies of the decoder's); else in the weights' dtype (Janus). Never under
+            autocast.
         vq_decoder_channels (`int`), image_size (`int`):
             Channels of the VQ decoder's last (full-resolution) level and pixels per image side: its largest
             activations.
@@ -126,6 +130,8 @@ class Architecture:
     generation_head_width: int = 0
     head_logits_fp32: bool = False
     vq_params: int = 0
+    vq_decoder_params: int = 0
+    vq_decodes_in_fp32: bool = False
     vq_decoder_channels: int = 0
     image_size: int = 0
     frozen_components: tuple[str, ...] = ()
@@ -155,6 +161,7 @@ class Architecture:
             + _linear(vq.projection_dim, vq.num_embeddings),
             generation_head_width=vq.projection_dim,
             vq_params=_vqvae_params(vq),
+            vq_decoder_params=_vq_decoder_params(vq),
             vq_decoder_channels=vq.base_channels * vq.channel_multiplier[0],
             image_size=vq.num_patches * 2 ** (len(vq.channel_multiplier) - 1),
         )
@@ -184,6 +191,8 @@ class Architecture:
             generation_head_params=config.hidden_size * config.codebook_size,  # no bias
             head_logits_fp32=True,
             vq_params=_vqvae_params(vq),
+            vq_decoder_params=_vq_decoder_params(vq),
+            vq_decodes_in_fp32=True,
             vq_decoder_channels=vq.base_channels * vq.channel_multiplier[0],
             image_size=vq.num_patches * 2 ** (len(vq.channel_multiplier) - 1),
             frozen_components=("caption encoder", "VQ-VAE"),
@@ -365,6 +374,14 @@ def _vqvae_params(vq: JanusVQVAEConfig) -> int:
     latent_out = 2 * vq.latent_channels if vq.double_latent else vq.latent_channels
     encoder += _mid_block(block_in) + 2 * block_in + _conv(block_in, latent_out, 3)
 
+    codebook = vq.num_embeddings * vq.embed_dim
+    return encoder + codebook + _conv(vq.latent_channels, vq.embed_dim, 1) + _vq_decoder_params(vq)
+
+
+def _vq_decoder_params(vq: JanusVQVAEConfig) -> int:
+    """`JanusVQVAE`'s `post_quant_conv` and decoder: what decoding image tokens runs."""
+    channels = [vq.base_channels * multiplier for multiplier in vq.channel_multiplier]
+    levels = len(channels)
     decoder, block_in = _conv(vq.latent_channels, channels[-1], 3) + _mid_block(channels[-1]), channels[-1]
     for level in reversed(range(levels)):
         for _ in range(vq.num_res_blocks + 1):
@@ -373,10 +390,7 @@ def _vqvae_params(vq: JanusVQVAEConfig) -> int:
             block_in = channels[level]
         decoder += _conv(block_in, block_in, 3) if level > 0 else 0  # upsampling
     decoder += 2 * block_in + _conv(block_in, vq.out_channels, 3)
-
-    codebook = vq.num_embeddings * vq.embed_dim
-    quant_convs = _conv(vq.latent_channels, vq.embed_dim, 1) + _conv(vq.embed_dim, vq.latent_channels, 1)
-    return encoder + codebook + quant_convs + decoder
+    return _conv(vq.embed_dim, vq.latent_channels, 1) + decoder
 
 
 def _t5_encoder_params(t5: T5Config) -> int:
@@ -478,11 +492,6 @@ class TrainingSetup:
     def act_bytes(self) -> int:
         """Activations (and the KV cache): bf16 under autocast, else the weights' dtype."""
         return 2 if self.mixed_precision else self.weight_bytes
-
-    @property
-    def norm_bytes(self) -> int:
-        """GroupNorm outputs: autocast runs them in fp32."""
-        return 4 if self.mixed_precision else self.act_bytes
 
 
 @dataclass(frozen=True)
@@ -686,6 +695,9 @@ def _rollout_items(arch: Architecture, setup: TrainingSetup) -> list[MemoryItem]
     items.append(
         MemoryItem(f"VQ decoding, {decoded} images at a time", vq_decode_bytes(arch, setup, decoded), (DECODING,))
     )
+    if arch.vq_decodes_in_fp32 and setup.weight_bytes != 4:
+        copies = arch.vq_decoder_params * 4
+        items.append(MemoryItem("VQ decoder: fp32 copies of its weights while decoding", copies, (DECODING,)))
     reward = REWARD_MODELS.get(setup.reward)
     if reward is not None:
         items.append(
@@ -725,10 +737,10 @@ def rescores_rollout(setup: TrainingSetup) -> bool:
 
 def vq_decode_bytes(arch: Architecture, setup: TrainingSetup, images: int | None = None) -> float:
     """Peak of the VQ decoder, in a ResNet block at full resolution: the block's input, and GroupNorm's output with
-    the sigmoid of its SiLU (in fp32 under autocast)."""
+    the sigmoid of its SiLU, in the dtype the family decodes in (never under autocast: `ModelFamily.decode`)."""
     images = setup.rollout_images if images is None else images
     elements = arch.vq_decoder_channels * arch.image_size**2
-    return images * elements * (setup.act_bytes + 2 * setup.norm_bytes)
+    return images * elements * 3 * (4 if arch.vq_decodes_in_fp32 else setup.weight_bytes)
 
 
 def table_bytes(arch: Architecture, setup: TrainingSetup) -> int:

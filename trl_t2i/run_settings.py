@@ -28,8 +28,8 @@ class RunSettings:
         reward_weights: their weights (1.0 each unless set).
         divergence_estimator, use_bias_correction_kl, beta, beta_schedule, beta_end, cfg_logprobs, loss_type,
         num_generations, learning_rate, max_steps, seed, per_device_train_batch_size, divergence_target,
-        token_selection, dynamic_advantage: as in `T2IGRPOConfig` (the last three default to their `T2IGRPOConfig`
-        defaults when a file written before they were recorded is read).
+        token_selection, dynamic_advantage, divergence_in: as in `T2IGRPOConfig` (the last four default to their
+        `T2IGRPOConfig` defaults when a file written before they were recorded is read).
     """
 
     trl_t2i_version: str
@@ -54,6 +54,7 @@ class RunSettings:
     divergence_target: float | None = None
     token_selection: str = "all"
     dynamic_advantage: bool = False
+    divergence_in: str = "loss"
 
     @classmethod
     def from_trainer(cls, trainer) -> "RunSettings":

@@ -20,7 +20,7 @@ from . import trl_boundary as trl
 from .beta_schedule import BetaSchedule
 from .config import T2IGRPOConfig
 from .decoding import resolve_compile, sample_image_tokens, static_decoder
-from .divergences import MAX_LOG_RATIO, get_divergence
+from .divergences import MAX_LOG_RATIO, get_divergence, with_prefix_term
 from .gcpo import critical_token_mask, dynamic_advantage_weight
 from .image_logging import ImageGridCallback
 from .images import to_pil
@@ -332,7 +332,7 @@ class T2IGRPOTrainer(GRPOTrainer):
 
     def _critical_tokens(self, model, sample) -> torch.Tensor:
         """The rollout's critical tokens `(B, N)` (`token_selection="critical"`), from the sampled distributions'
-        entropies and the sampled tokens' embeddings; every group of images must be on this process."""
+        entropies and the sampled tokens' similarity embeddings; every group of images must be on this process."""
         if len(sample.image_tokens) % self.num_generations:
             raise ValueError(
                 f"token_selection='critical' compares the {self.num_generations} images of a prompt, but this process "
@@ -342,7 +342,7 @@ class T2IGRPOTrainer(GRPOTrainer):
         args = self.args
         return critical_token_mask(
             sample.entropies,
-            self.family.image_token_embeddings(model, sample.image_tokens),
+            self.family.similarity_embeddings(model, sample.image_tokens),
             self.num_generations,
             first_fraction=args.critical_first_fraction,
             entropy_fraction=args.critical_entropy_fraction,
@@ -579,6 +579,10 @@ class T2IGRPOTrainer(GRPOTrainer):
                 )
                 self.beta_schedule.measure(trl.global_masked_mean(self, measured, image_mask))
         trl.record_metric(self, "divergence/exact", float(ref_table is not None))
+        if self.args.divergence_in == "reward":  # the prefix term: the sequence-level penalty's gradient
+            old_logps = inputs.get("old_per_token_logps")
+            old_logps = policy_logps.detach() if old_logps is None else old_logps
+            per_token = with_prefix_term(per_token, policy_logps, old_logps, mask)
         return beta * trl.aggregate_like_trl(self, per_token, mask, inputs)
 
     def _logs_this_step(self) -> bool:
@@ -592,9 +596,11 @@ class T2IGRPOTrainer(GRPOTrainer):
         """The sampled penalty's importance weight π/π_old, which makes its expected gradient the divergence's.
 
         Without top-k/top-p it is TRL's ratio (`coef_1`). With them, π is the untruncated policy and π_old the
-        truncated distribution that sampled: the term then estimates the part of D(π‖π_ref) on the codes the sampler
-        could draw, and keeps pulling tokens that have since left the policy's truncated support. Its log is capped at
-        `MAX_LOG_RATIO` (as the sampled estimator's), and a token outside π_old's support counts 0.
+        truncated distribution that sampled, on the codes S it could draw: the term then estimates
+        Σ_{v∈S} π_ref(v)[f(u(v)) − f′(1)(u(v) − 1)] (u = π/π_ref), which is the part Σ_S π_ref f(u) of D(π‖π_ref) on
+        S only where f′(1) = 0 (JS, Hellinger, α) or π and π_ref give S the same mass (not for either KL), and keeps
+        pulling tokens that have since left the policy's truncated support. Its log is capped at `MAX_LOG_RATIO` (as
+        the sampled estimator's), and a token outside π_old's support counts 0.
         """
         mask = trl.loss_mask(inputs)
         old_logps = inputs.get("old_per_token_logps")

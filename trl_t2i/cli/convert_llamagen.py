@@ -4,7 +4,9 @@
         --text_encoder google/flan-t5-xl --output_dir llamagen-t2i-xl-256
 
 The checkpoints are those of HF `peizesun/llamagen_t2i` (state dicts under `"model"`); the T5 encoder and its
-tokenizer are copied into the folder. A wrong or partial checkpoint fails listing the missing and unexpected keys.
+tokenizer are copied into the folder. The image size comes from the GPT checkpoint's name or saved training arguments
+(`--image_size` when neither says it; one that disagrees is an error). A wrong or partial checkpoint fails listing the
+missing and unexpected keys.
 """
 
 from dataclasses import dataclass, field
@@ -25,8 +27,12 @@ class ConvertLlamaGenArguments:
         default="google/flan-t5-xl",
         metadata={"help": "Hub id or path of the T5 the GPT was trained with (transformers weights + tokenizer)."},
     )
-    image_size: int = field(
-        default=256, metadata={"help": "Image size in pixels the GPT generates (256 for `t2i_XL_stage1_256.pt`)."}
+    image_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Image size in pixels the GPT generates. Read from the checkpoint's name (`…_256.pt`, `…_512.pt`) "
+            "or its saved training arguments when they say it; any size given must agree with them."
+        },
     )
     num_attention_heads: int | None = field(
         default=None, metadata={"help": "Attention heads; defaults to LlamaGen's for the checkpoint's width."}

@@ -10,6 +10,7 @@ chat-formatted token ids and their mask; a T5-conditioned family: caption featur
 teacher-forced scoring both consume it through the family, so they see the same rows, padding and masks.
 """
 
+import types
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -165,12 +166,21 @@ class ModelFamily(ABC):
         """
 
     @abstractmethod
-    def image_token_embeddings(self, model: nn.Module, image_tokens: torch.LongTensor) -> torch.Tensor:
-        """The input embeddings `(B, N, D)` the model gives image tokens `(B, N)` (bare model)."""
+    def similarity_embeddings(self, model: nn.Module, image_tokens: torch.LongTensor) -> torch.Tensor:
+        """The vectors `(B, N, D)` of image tokens `(B, N)` (bare model) that GCPO's similarity rule compares
+        (`token_selection="critical"`), those the paper's code takes for this family."""
 
     @abstractmethod
+    def decode_pixels(self, model: nn.Module, image_tokens: torch.LongTensor) -> torch.Tensor:
+        """VQ-decode `(B, N)` image tokens (bare model) to pixels `(B, H, W, 3)` in about `[-1, 1]`, in the precision
+        the family's reference code decodes in. Called outside autocast; use `decode`."""
+
     def decode(self, model: nn.Module, image_tokens: torch.LongTensor) -> torch.Tensor:
-        """VQ-decode `(B, N)` image tokens to `uint8` images `(B, H, W, 3)`."""
+        """VQ-decode `(B, N)` image tokens to `uint8` images `(B, H, W, 3)`, in the family's reference precision
+        (`decode_pixels`) whatever autocast the caller runs under."""
+        with torch.autocast(image_tokens.device.type, enabled=False):
+            pixels = self.decode_pixels(model, image_tokens)
+        return ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
     @classmethod
     def upcast_image_head(cls, model: nn.Module) -> None:
@@ -193,20 +203,23 @@ class ModelFamily(ABC):
 
         Scoring must go through the outermost wrapper's `forward` (DDP, PEFT, DeepSpeed): calling submodules
         directly skips DDP's gradient all-reduce and the ranks silently drift apart. TRL's fused LM head uses the
-        same instance patch. Idempotent.
+        same instance patch. Idempotent. The patch is a method bound to the instance, which `copy.deepcopy` rebinds
+        to the copy: a deep copy of a patched model (the frozen reference of a full fine-tune) scores with its own
+        weights.
         """
         bare = unwrap_model(model)
-        if getattr(bare, "_t2i_forward_patched", False):
+        if getattr(getattr(bare.forward, "__func__", None), "t2i_image_logits", False):
             return
-        original_forward = bare.forward
+        family = self
 
-        def forward(*args, t2i_image_tokens=None, **kwargs):
+        def forward(instance, *args, t2i_image_tokens=None, **kwargs):
             if t2i_image_tokens is None:
-                return original_forward(*args, **kwargs)
-            return self.teacher_forced_logits(bare, Conditioning(kwargs), t2i_image_tokens)
+                return instance._t2i_unpatched_forward(*args, **kwargs)
+            return family.teacher_forced_logits(instance, Conditioning(kwargs), t2i_image_tokens)
 
-        bare.forward = forward
-        bare._t2i_forward_patched = True
+        forward.t2i_image_logits = True
+        bare._t2i_unpatched_forward = bare.forward
+        bare.forward = types.MethodType(forward, bare)
 
     def image_logits(
         self, model: nn.Module, conditioning: Conditioning, image_tokens: torch.LongTensor

@@ -179,9 +179,10 @@ class JanusFamily(ModelFamily):
         )
         return image_head_logits(model.model.generation_head, output.last_hidden_state[:, -1])
 
-    def image_token_embeddings(self, model, image_tokens):
+    def similarity_embeddings(self, model, image_tokens):
+        # the input embeddings of image generation (the paper's `prepare_gen_img_embeds`)
         return model.prepare_embeddings_for_image_generation(image_tokens)
 
-    def decode(self, model: nn.Module, image_tokens: torch.LongTensor) -> torch.Tensor:
-        pixels = model.decode_image_tokens(image_tokens)  # (B, H, W, 3) in about [-1, 1]
-        return ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    def decode_pixels(self, model: nn.Module, image_tokens: torch.LongTensor) -> torch.Tensor:
+        # in the weights' dtype, as deepseek-ai/Janus decodes (the whole model in bf16, no autocast)
+        return model.decode_image_tokens(image_tokens)

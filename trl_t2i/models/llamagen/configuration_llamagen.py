@@ -52,6 +52,10 @@ class LlamaGenConfig(PreTrainedConfig):
         Number of image codes: the vocabulary of the image head and of the VQ codebook.
     caption_length (`int`, *optional*, defaults to 120):
         Most T5 tokens a caption keeps (LlamaGen's `cls_token_num`); captions are left-padded to at most this.
+    clean_captions (`bool`, *optional*, defaults to `True`):
+        Clean captions before T5 as LlamaGen's T5 embedder does for the released models (PixArt-α's rules, twice:
+        `trl_t2i.models.llamagen.captions`; needs the `llamagen` extra). `False` only lowercases and strips them,
+        LlamaGen's `use_text_preprocessing=False`.
     text_encoder_config (`dict` or `T5Config`, *optional*):
         The frozen T5 encoder of the captions (FLAN-T5-XL by default).
     vq_config (`dict` or `JanusVQVAEConfig`, *optional*):
@@ -78,6 +82,7 @@ class LlamaGenConfig(PreTrainedConfig):
     image_grid_size: int = 16
     codebook_size: int = 16384
     caption_length: int = 120
+    clean_captions: bool = True
     text_encoder_config: dict | PreTrainedConfig | None = None
     vq_config: dict | PreTrainedConfig | None = None
     pad_token_id: int | None = 0

@@ -2,11 +2,14 @@
 `peizesun/llamagen_t2i`) into a folder that `LlamaGenForImageGeneration.from_pretrained` loads.
 
 The architecture is read from the weights (width, depth, SwiGLU width, codebook, caption length and width, the VQ
-model's channels and levels); only what no weight shows is given: the number of heads (LlamaGen's for the width by
-default) and the image size. The T5 encoder and its tokenizer come from a transformers checkpoint of the caption
+model's channels and levels). No weight shows the number of heads (LlamaGen's for the width by default) nor the
+image size: that is read from the GPT checkpoint's name (`t2i_XL_stage2_512.pt`) or from the training arguments
+LlamaGen's `train_t2i.py` saves with its checkpoints (`args.image_size`), or given; every source known must agree.
+The T5 encoder and its tokenizer come from a transformers checkpoint of the caption
 encoder the model was trained with (`google/flan-t5-xl`) and are saved into the folder, so it is self-contained.
 """
 
+import argparse
 import re
 from pathlib import Path
 
@@ -50,23 +53,58 @@ VQ_STATISTICS = {"quantize.codebook_used"}
 """Codebook-usage statistics of VQ training: not weights."""
 
 
-def read_original_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
-    """The state dict of an official LlamaGen checkpoint (under `"model"`, or DeepSpeed's `"module"`)."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+IMAGE_SIZE_IN_NAME = re.compile(r"(?:^|[_.-])(256|384|512)(?:px)?$")
+"""A checkpoint name (without its suffix) that ends in the image size: `t2i_XL_stage1_256`, `t2i_XL_stage2_512`.
+Only the sizes LlamaGen trains at (its scripts' `--image-size` choices), so that a step count is never read as one."""
+
+
+def read_original_checkpoint(path: str | Path) -> dict:
+    """An official LlamaGen checkpoint file: its state dict (see `original_state_dict`), and in training checkpoints
+    `train_t2i.py`'s arguments (an `argparse.Namespace`, the one object besides tensors that is unpickled)."""
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def original_state_dict(checkpoint: dict, path: str | Path) -> dict[str, torch.Tensor]:
+    """The state dict of a checkpoint file read by `read_original_checkpoint` (under `"model"`, or DeepSpeed's
+    `"module"`)."""
     for key in ("model", "module", "state_dict"):
         if key in checkpoint:
             return checkpoint[key]
     raise ValueError(f"{path} holds no LlamaGen state dict (no 'model', 'module' or 'state_dict' entry).")
 
 
+def checkpoint_image_size(path: str | Path, checkpoint: dict, image_size: int | None = None) -> int:
+    """The image size in pixels a GPT checkpoint generates: given (`image_size`), at the end of its file name, or in
+    its saved training arguments. The sources that are known must agree; at least one must be."""
+    sources = {} if image_size is None else {"the `image_size` given": image_size}
+    if match := IMAGE_SIZE_IN_NAME.search(Path(path).stem):
+        sources[f"its name {Path(path).name!r}"] = int(match[1])
+    if getattr(checkpoint.get("args"), "image_size", None) is not None:
+        sources["its saved training arguments (`args.image_size`)"] = int(checkpoint["args"].image_size)
+    if not sources:
+        raise ValueError(
+            f"Cannot tell the image size of {path}: neither its name (e.g. `t2i_XL_stage1_256.pt`) nor its contents "
+            "say it. Give `image_size` (`--image_size`): 256 for `t2i_XL_stage1_256.pt`, 512 for "
+            "`t2i_XL_stage2_512.pt`."
+        )
+    if len(set(sources.values())) > 1:
+        found = ", ".join(f"{size} px from {source}" for source, size in sources.items())
+        raise ValueError(
+            f"{path}: inconsistent image sizes ({found}). A model converted at the wrong size silently generates on "
+            "the wrong grid: fix the name or the `image_size` given."
+        )
+    return next(iter(sources.values()))
+
+
 def llamagen_config(
     gpt: dict[str, torch.Tensor],
     vq: dict[str, torch.Tensor],
     text_encoder_config,
-    image_size: int = 256,
+    image_size: int,
     num_attention_heads: int | None = None,
 ) -> LlamaGenConfig:
-    """The `LlamaGenConfig` of original state dicts (see the module docstring)."""
+    """The `LlamaGenConfig` of original state dicts generating `image_size` pixels (see the module docstring)."""
     _require(
         gpt, ["tok_embeddings.weight", "cls_embedding.uncond_embedding", "layers.0.feed_forward.w1.weight"], "GPT"
     )
@@ -81,6 +119,11 @@ def llamagen_config(
     if num_attention_heads is None and hidden_size not in HEADS_BY_WIDTH:
         raise ValueError(f"No LlamaGen model is {hidden_size} wide: give its `num_attention_heads`.")
     levels = _count(vq, r"^encoder\.conv_blocks\.(\d+)\.")
+    if image_size % 2 ** (levels - 1):
+        raise ValueError(
+            f"image_size={image_size} is not a multiple of the VQ model's downsampling ({2 ** (levels - 1)}): no "
+            "grid of image tokens covers it."
+        )
     base_channels = vq["encoder.conv_in.weight"].shape[0]
     multipliers = [vq[f"encoder.conv_blocks.{i}.res.0.conv1.weight"].shape[0] // base_channels for i in range(levels)]
     return LlamaGenConfig(
@@ -147,12 +190,16 @@ def convert_llamagen(
     vq_checkpoint: str | Path,
     text_encoder: str,
     output_dir: str | Path | None = None,
-    image_size: int = 256,
+    image_size: int | None = None,
     num_attention_heads: int | None = None,
 ) -> tuple[LlamaGenForImageGeneration, PreTrainedTokenizerBase]:
     """Convert official checkpoints (plus a transformers T5 encoder and its tokenizer, e.g. `google/flan-t5-xl`)
-    into our model and tokenizer, saved into `output_dir` when given."""
-    gpt, vq = read_original_checkpoint(gpt_checkpoint), read_original_checkpoint(vq_checkpoint)
+    into our model and tokenizer, saved into `output_dir` when given. `image_size` may be left out when the GPT
+    checkpoint's name or contents say it (`checkpoint_image_size`)."""
+    gpt_file = read_original_checkpoint(gpt_checkpoint)
+    image_size = checkpoint_image_size(gpt_checkpoint, gpt_file, image_size)
+    gpt = original_state_dict(gpt_file, gpt_checkpoint)
+    vq = original_state_dict(read_original_checkpoint(vq_checkpoint), vq_checkpoint)
     t5 = T5EncoderModel.from_pretrained(text_encoder, dtype=torch.float32)
     config = llamagen_config(gpt, vq, t5.config, image_size, num_attention_heads)
     model = LlamaGenForImageGeneration(config)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..base import Conditioning, DecodeState, ModelFamily, static_cache_length
+from . import captions
 from .modeling_llamagen import LlamaGenForImageGeneration, LlamaGenKVCache, StaticLlamaGenKVCache
 
 
@@ -39,6 +40,11 @@ class LlamaGenFamily(ModelFamily):
     image_head = "image_head"
     supports_static_decoding = True
 
+    def __init__(self, config, processing_class):
+        super().__init__(config, processing_class)
+        if config.clean_captions:  # before any caption is tokenized, e.g. at the trainer's set-up
+            captions.check_installed()
+
     @property
     def num_image_tokens(self) -> int:
         return self.config.num_image_tokens
@@ -48,10 +54,10 @@ class LlamaGenFamily(ModelFamily):
         return self.config.codebook_size
 
     def tokenize_prompts(self, texts: list[str]) -> tuple[torch.LongTensor, torch.LongTensor]:
-        # LlamaGen cleans captions (PixArt's `clean_caption`, which lowercases them) before T5; plain prompts only
-        # need the lowercasing.
+        # The captions as LlamaGen's T5 embedder prepares them: cleaned (or only lowercased, `clean_captions`).
+        prepare = captions.clean_caption if self.config.clean_captions else _lowercased
         encoding = self.processing_class(
-            [text.lower().strip() for text in texts],
+            [prepare(text) for text in texts],
             padding=True,
             padding_side="left",
             truncation=True,
@@ -108,9 +114,13 @@ class LlamaGenFamily(ModelFamily):
         )
         return output.logits[:, -1]
 
-    def image_token_embeddings(self, model, image_tokens):
-        return model.transformer.embed_tokens(image_tokens)
+    def similarity_embeddings(self, model, image_tokens):
+        # the VQ codebook vectors the decoder starts from, l2-normalised (the paper's `decode_code` → z_q)
+        return F.normalize(model.vqmodel.quantize.embedding(image_tokens), dim=-1)
 
-    def decode(self, model: nn.Module, image_tokens: torch.LongTensor) -> torch.Tensor:
-        pixels = model.decode_image_tokens(image_tokens)  # (B, H, W, 3) in about [-1, 1]
-        return ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    def decode_pixels(self, model: nn.Module, image_tokens: torch.LongTensor) -> torch.Tensor:
+        return model.decode_image_tokens(image_tokens)  # in fp32, as LlamaGen decodes
+
+
+def _lowercased(text: str) -> str:
+    return text.lower().strip()

@@ -24,6 +24,7 @@ null caption). Neither exists here, so nothing random can act during RL whatever
 model are frozen: no gradient, and always in eval mode (T5 has dropout layers of its own).
 """
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -450,8 +451,19 @@ class LlamaGenForImageGeneration(LlamaGenPreTrainedModel):
 
     @torch.no_grad()
     def decode_image_tokens(self, image_tokens: torch.LongTensor) -> torch.Tensor:
-        """VQ-decode `(B, N)` image tokens to `(B, H, W, 3)` pixels in about `[-1, 1]`."""
-        return self.vqmodel.decode(image_tokens).permute(0, 2, 3, 1)
+        """VQ-decode `(B, N)` image tokens to `(B, H, W, 3)` pixels in about `[-1, 1]`, in fp32 whatever the model's
+        dtype and autocast (LlamaGen's `sample_t2i.py` keeps its VQ model in fp32): the tokens' l2-normalised
+        codebook rows, `post_quant_conv`, then the decoder, each run with fp32 copies of weights that are not fp32
+        (the modules themselves are left as they are, so sharded or cast-down weights stay untouched)."""
+        vq, side = self.vqmodel, self.config.image_grid_size
+        codes = F.normalize(vq.quantize.embedding.weight[image_tokens].float(), dim=-1)
+        hidden_states = codes.view(len(image_tokens), side, side, -1).permute(0, 3, 1, 2)
+        with torch.autocast(image_tokens.device.type, enabled=False):
+            for module in (vq.post_quant_conv, vq.decoder):
+                tensors = itertools.chain(module.named_parameters(), module.named_buffers())
+                weights = {name: tensor.float() for name, tensor in tensors}
+                hidden_states = torch.func.functional_call(module, weights, (hidden_states,))
+        return hidden_states.permute(0, 2, 3, 1)
 
 
 __all__ = ["LlamaGenForImageGeneration", "LlamaGenPreTrainedModel", "LlamaGenKVCache", "LlamaGenOutput"]

@@ -4,7 +4,8 @@ It is the real `LlamaGenForImageGeneration` with a tiny T5 encoder and a word-le
 tokens (`<pad>` 0, `</s>` 1 appended to every caption, `<unk>` 2). As in the tiny Janus, the VQ decoder is set up so
 that every code decodes to its own flat colour (`trl_t2i.models.tiny`), and the image head gives unit-variance
 logits, so that the `colour_match` reward has a signal that a short RL run can follow. T5 keeps its dropout layers
-(rate 0.1), so that tests see that the model never applies them.
+(rate 0.1), so that tests see that the model never applies them. Its captions are only lowercased
+(`clean_captions=False`), so it runs without the `llamagen` extra.
 """
 
 import math
@@ -21,7 +22,7 @@ TINY_LLAMAGEN = "trl-t2i/tiny-llamagen"
 """Name under which recipes and scripts refer to the tiny LlamaGen; resolved to a local directory by
 `resolve_tiny_llamagen`."""
 
-TINY_REVISION = 1
+TINY_REVISION = 2
 """Bump whenever `build_tiny_llamagen` changes, so that copies cached by older versions are not reused."""
 
 PAD, EOS, UNK = "<pad>", "</s>", "<unk>"
@@ -59,6 +60,7 @@ def build_tiny_llamagen(
         num_attention_heads=4,
         image_grid_size=image_grid_size,
         codebook_size=codebook_size,
+        clean_captions=False,  # its captions are plain words: no extra needed to run it
         text_encoder_config={
             "d_model": 32,
             "d_kv": 8,
