@@ -191,3 +191,11 @@ def test_push_refuses_a_directory_without_weights(tmp_path, fake_hub):
     with pytest.raises(FileNotFoundError, match="No weights"):
         hub.push_output(tmp_path, "someone/empty")
     assert not fake_hub.commits
+
+
+def test_card_says_the_tokens_were_weighted_by_the_sampler_correction(trained, tmp_path):
+    settings = dataclasses.replace(
+        RunSettings.load(trained.args.output_dir), sampler_correction=True, sampler_correction_mode="token_mask"
+    )
+    card = hub.model_card(settings=settings, output_dir=tmp_path / "run", is_adapter=True, metrics={})
+    assert "| tokens trained | `all`, weighted by π_old/π_sampler (`token_mask`) |" in card

@@ -52,6 +52,8 @@ def test_run_settings_are_resolved_with_the_defaults_filled_in(alpha_run):
         "token_selection": "all",
         "dynamic_advantage": False,
         "divergence_in": "loss",
+        "sampler_correction": False,
+        "sampler_correction_mode": "token_truncate",
     }
     assert RunSettings.load(alpha_run.args.output_dir).sampling == SamplingConfig(top_k=7)
 
@@ -82,8 +84,13 @@ def test_malformed_run_settings_name_the_file(tmp_path, alpha_run, edit):
 def test_settings_written_before_the_paper_loss_options_were_recorded_still_load(tmp_path, alpha_run):
     data = dataclasses.asdict(RunSettings.load(alpha_run.args.output_dir))
     older = {key: value for key, value in data.items() if key not in ("divergence_target", "token_selection")}
-    older.pop("divergence_in")
+    for recorded_later in ("divergence_in", "sampler_correction", "sampler_correction_mode"):
+        older.pop(recorded_later)
     (tmp_path / RUN_SETTINGS_FILE).write_text(json.dumps({**older, "dynamic_advantage": True}))
     loaded = RunSettings.load(tmp_path)
     assert (loaded.divergence_target, loaded.token_selection, loaded.dynamic_advantage) == (None, "all", True)
-    assert loaded.divergence_in == "loss"
+    assert (loaded.divergence_in, loaded.sampler_correction, loaded.sampler_correction_mode) == (
+        "loss",
+        False,
+        "token_truncate",
+    )

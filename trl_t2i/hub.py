@@ -149,7 +149,12 @@ def _settings_rows(settings: RunSettings) -> dict[str, str]:
         "learning rate": f"{settings.learning_rate}",
         "loss type": f"`{settings.loss_type}`",
         "tokens trained": f"`{settings.token_selection}`"
-        + (", dynamic advantage" if settings.dynamic_advantage else ""),
+        + (", dynamic advantage" if settings.dynamic_advantage else "")
+        + (
+            f", weighted by π_old/π_sampler (`{settings.sampler_correction_mode}`)"
+            if settings.sampler_correction
+            else ""
+        ),
         "max steps": f"{settings.max_steps}",
     }
 

@@ -28,8 +28,9 @@ class RunSettings:
         reward_weights: their weights (1.0 each unless set).
         divergence_estimator, use_bias_correction_kl, beta, beta_schedule, beta_end, cfg_logprobs, loss_type,
         num_generations, learning_rate, max_steps, seed, per_device_train_batch_size, divergence_target,
-        token_selection, dynamic_advantage, divergence_in: as in `T2IGRPOConfig` (the last four default to their
-        `T2IGRPOConfig` defaults when a file written before they were recorded is read).
+        token_selection, dynamic_advantage, divergence_in, sampler_correction, sampler_correction_mode: as in
+        `T2IGRPOConfig` (the last six default to their `T2IGRPOConfig` defaults when a file written before they were
+        recorded is read).
     """
 
     trl_t2i_version: str
@@ -55,6 +56,8 @@ class RunSettings:
     token_selection: str = "all"
     dynamic_advantage: bool = False
     divergence_in: str = "loss"
+    sampler_correction: bool = False
+    sampler_correction_mode: str = "token_truncate"
 
     @classmethod
     def from_trainer(cls, trainer) -> "RunSettings":
