@@ -9,9 +9,8 @@ tokenizer are copied into the folder. A wrong or partial checkpoint fails listin
 
 from dataclasses import dataclass, field
 
-from trl import TrlParser
-
 from ..models.llamagen.conversion import convert_llamagen
+from .parsing import RecipeParser
 
 
 @dataclass
@@ -33,8 +32,8 @@ class ConvertLlamaGenArguments:
     )
 
 
-def make_parser() -> TrlParser:
-    return TrlParser(ConvertLlamaGenArguments)
+def make_parser() -> RecipeParser:
+    return RecipeParser(ConvertLlamaGenArguments)
 
 
 def main(args: ConvertLlamaGenArguments) -> str:
