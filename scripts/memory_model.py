@@ -7,29 +7,42 @@ against what a CPU run allocates.
 
 A recipe's settings come from its YAML (missing keys take `T2IGRPOConfig`'s and TRL's `ModelConfig`'s defaults), the
 number of processes and the ZeRO stage from the accelerate config its header launches with (`--config_file`,
-`--num_processes`). `--check` measures each phase of a training step twice: the bytes of the live tensors
-(`LiveTensorBytes`, what `torch.cuda.max_memory_allocated` would say) and the growth of the process's peak RSS,
-and prints them next to the model's prediction for the same reduced model. It takes about 30 s on one thread.
+`--num_processes`). `--check` runs one step of `T2IGRPOTrainer` and counts the bytes of the live tensors at the
+peak of each phase (`LiveTensorBytes`, what `torch.cuda.max_memory_allocated` would say), next to the model's
+prediction for the same reduced model.
 """
 
+import contextlib
 import dataclasses
+import functools
 import re
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from unittest import mock
 
 import torch
 import yaml
-from peft import LoraConfig, get_peft_model
+from datasets import Dataset
+from peft import LoraConfig
 from transformers import HfArgumentParser, JanusForConditionalGeneration
 from trl import ModelConfig
 
+import trl_t2i.trainer as trainer_module
 from trl_t2i.cli.grpo import T2IScriptArguments
 from trl_t2i.config import T2IGRPOConfig
 from trl_t2i.memory import (
+    BACKWARD,
+    DECODING,
     GB,
+    LOSS,
     PHASES,
     REWARD_MODELS,
+    REWARDS,
+    SAMPLING,
+    SCORING,
     Architecture,
     LiveTensorBytes,
     TrainingSetup,
@@ -37,13 +50,11 @@ from trl_t2i.memory import (
     janus_pro_1b,
     janus_pro_1b_config,
     janus_pro_7b,
-    kv_cache_bytes,
     llamagen_t2i_xl,
-    replay_training_tables,
-    vq_decode_bytes,
 )
-from trl_t2i.models import Conditioning, build_tiny_janus, get_family
-from trl_t2i.sampling import SamplingConfig, image_logp_table, prefill_distinct_rows, token_logits
+from trl_t2i.models import build_tiny_janus
+from trl_t2i.rewards import colour_match
+from trl_t2i.trainer import T2IGRPOTrainer
 
 
 RECIPES = Path(__file__).resolve().parents[1] / "trl_t2i" / "recipes"
@@ -68,16 +79,13 @@ class ScriptArguments:
         check_layers (`int`, *optional*, defaults to `2`):
             Language-model layers of the reduced model (every width stays Janus-Pro-1B's).
         check_images (`int`, *optional*, defaults to `2`):
-            Images sampled (two rows each with CFG); the training step scores one of them.
-        check_tokens (`int`, *optional*, defaults to `8`):
-            Image tokens sampled: the KV cache is allocated for all 576 at the first step, the rest is time.
+            Images sampled (two rows each with CFG), one prompt group; each is a training micro-batch.
     """
 
     check: bool = field(default=False, metadata={"help": "Measure a reduced Janus-Pro-1B on CPU."})
     write_headers: bool = field(default=False, metadata={"help": "Rewrite the recipes' memory comment blocks."})
     check_layers: int = field(default=2, metadata={"help": "Language-model layers of the reduced model."})
     check_images: int = field(default=2, metadata={"help": "Images sampled by the check."})
-    check_tokens: int = field(default=8, metadata={"help": "Image tokens sampled by the check."})
 
 
 def make_parser() -> HfArgumentParser:
@@ -182,7 +190,7 @@ def memory_header(architecture: Architecture, setup: TrainingSetup, largest: int
     result = estimate(architecture, setup)
     lines = [
         HEADER_MARKER,
-        f"{HEADER_LINE}block, docs/memory.md explains it): peak {result.peak / GB:.1f} GB while {result.peak_phase}, "
+        f"{HEADER_LINE}block, docs/memory.md explains it): peak {result.peak / GB:.1f} GB in the {result.peak_phase} phase, "
         f"training {result.training_peak / GB:.1f} GB. Largest items:",
     ]
     for item in sorted(result.items, key=lambda item: -item.bytes)[:largest]:
@@ -214,70 +222,44 @@ def write_headers() -> None:
 # ---------------------------------------------------------------------------------------------- --check
 
 
-def peak_rss() -> int:
-    return _proc_status("VmHWM")
-
-
-def rss() -> int:
-    return _proc_status("VmRSS")
-
-
-def _proc_status(key: str) -> int:
-    return int(re.search(rf"{key}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
-
-
-def reset_peak_rss() -> None:
-    Path("/proc/self/clear_refs").write_text("5")  # Linux: the peak RSS restarts from the current RSS
-
-
 def dynamic_bytes(result, phase: str) -> float:
     """What a phase adds to the memory that every phase holds (weights, optimizer, context)."""
     return sum(item.bytes for item in result.items if phase in item.phases and set(item.phases) != set(PHASES))
 
 
-class Measure:
-    """Live tensor bytes and peak-RSS growth of the code run inside it."""
+@contextlib.contextmanager
+def phase_peaks(trainer: T2IGRPOTrainer) -> Iterator[dict[str, int]]:
+    """The live tensor bytes (`LiveTensorBytes`) at the peak of each phase of the training steps run inside it, by
+    phase name (`trl_t2i.memory.PHASES`): the trainer's own calls of the sampler, the VQ decoder, the rewards, the
+    sampled estimator's re-scoring of the rollout, the loss and the backward. Tensors made before it was entered
+    (weights, adapters) are not counted; what an earlier phase left alive is."""
+    peaks = {}
+    live = LiveTensorBytes()
 
-    def __enter__(self):
-        reset_peak_rss()
-        self.rss_before, self.start = rss(), time.perf_counter()
-        self.live = LiveTensorBytes().__enter__()
-        return self
+    def probed(phase, function):
+        @functools.wraps(function)
+        def probe(*args, **kwargs):
+            live.reset_peak()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                peaks[phase] = max(peaks.get(phase, 0), live.peak)
 
-    def __exit__(self, *exc):
-        self.live.__exit__(*exc)
-        self.rss_growth, self.seconds = peak_rss() - self.rss_before, time.perf_counter() - self.start
+        return probe
 
-    def row(self, name: str, predicted: float) -> str:
-        return (
-            f"| {name} | {predicted / MB:,.0f} | {self.live.peak / MB:,.0f} | {self.rss_growth / MB:,.0f} | "
-            f"{self.seconds:.1f} |"
-        )
-
-
-def sample(family, model, conditioning, tokens: int) -> None:
-    """The first `tokens` steps of `sample_image_tokens` (greedy): the prefill allocates the whole KV cache."""
-    sampling = SamplingConfig()
-    batch_size = len(conditioning)
-    logits, state = prefill_distinct_rows(family, model, family.guided_rows(conditioning))
-    for _ in range(tokens):
-        token = token_logits(logits[:batch_size], logits[batch_size:], sampling).argmax(dim=-1)
-        logits = family.step(model, token.repeat(2), state)
-
-
-def training_step(family, peft_model, conditioning, image_tokens) -> None:
-    """A LoRA micro-batch with the exact JS estimator, as `T2IGRPOTrainer._compute_loss` runs it (the reference is
-    the model with its adapters off)."""
-    sampling = SamplingConfig()
-
-    def score():
-        return image_logp_table(family, peft_model, conditioning, image_tokens, sampling)
-
-    def score_reference():
-        with peft_model.disable_adapter():
-            return score()
-
-    replay_training_tables(score, score_reference, image_tokens, "js", "exact")
+    probes = [
+        (trainer_module, "sample_image_tokens", SAMPLING),
+        (trainer.family, "decode", DECODING),
+        (trainer, "_calculate_rewards", REWARDS),
+        (trainer, "_reference_logps", SCORING),
+        (trainer, "compute_loss", LOSS),
+        (trainer.accelerator, "backward", BACKWARD),
+    ]
+    with contextlib.ExitStack() as stack:
+        for owner, name, phase in probes:
+            stack.enter_context(mock.patch.object(owner, name, probed(phase, getattr(owner, name))))
+        stack.enter_context(live)
+        yield peaks
 
 
 def check(args: ScriptArguments) -> None:
@@ -286,47 +268,57 @@ def check(args: ScriptArguments) -> None:
     config = janus_pro_1b_config()
     config.text_config.num_hidden_layers = args.check_layers
     _, processor = build_tiny_janus()  # a small tokenizer with Janus' special tokens: its ids fit the real vocab
-
-    with Measure() as building:
-        model = JanusForConditionalGeneration(config).eval()
-    family = get_family(model, processor)
-    family.patch_forward(model)
-    conditioning = family.encode_prompts(["a fox and a rabbit reading a book together"] * args.check_images)
-    architecture = Architecture.from_janus_config(
-        config, name="reduced Janus-Pro-1B", prompt_length=conditioning.tensors["input_ids"].size(1)
+    with LiveTensorBytes() as building:
+        model = JanusForConditionalGeneration(config)
+    prompts = ["a red fox and a rabbit reading a book together"]  # a colour for `colour_match`
+    training_args = T2IGRPOConfig(
+        output_dir=tempfile.mkdtemp(),
+        use_cpu=True,
+        bf16=False,
+        per_device_train_batch_size=1,
+        gradient_accumulation_steps=args.check_images,
+        num_generations=args.check_images,
+        max_steps=1,
+        divergence="js",
+        divergence_estimator="exact",
+        activation_checkpointing=True,
+        report_to=[],
+        save_strategy="no",
+        image_log_steps=0,
+        disable_tqdm=True,
     )
+    trainer = T2IGRPOTrainer(
+        model=model,
+        reward_funcs=colour_match,
+        args=training_args,
+        train_dataset=Dataset.from_dict({"prompt": prompts}),
+        processing_class=processor,
+        peft_config=LoraConfig(r=32, lora_alpha=64),
+    )
+    prompt_length = trainer.family.tokenize_prompts(prompts)[0].size(1)
+    architecture = Architecture.from_janus_config(config, name="reduced Janus-Pro-1B", prompt_length=prompt_length)
     setup = TrainingSetup(
-        rollout_images=args.check_images, micro_batch=1, lora_r=32, weight_dtype="float32", mixed_precision=False
-    )
+        rollout_images=args.check_images, micro_batch=1, lora_r=32, reward=None, weight_dtype="float32",
+        mixed_precision=False,
+    )  # fmt: skip
     result = estimate(architecture, setup)
-    weights = architecture.num_params * 4
-
-    with Measure() as sampled, torch.no_grad():
-        sample(family, model, conditioning, args.check_tokens)
-    image_tokens = torch.randint(architecture.codebook_size, (1, architecture.num_image_tokens))
-    with Measure() as decoded, torch.no_grad():  # as in `T2IGRPOTrainer._generate`
-        family.decode(model, image_tokens)
-
-    peft_model = get_peft_model(model, LoraConfig(r=setup.lora_r, target_modules=family.lora_target_modules))
-    peft_model.enable_input_require_grads()  # as TRL does with PEFT and activation checkpointing
-    model.activation_checkpointing_enable()
-    peft_model.train()  # transformers checkpoints layers in training mode only
-    first_image = Conditioning({name: tensor[:1] for name, tensor in conditioning.tensors.items()})
-    with Measure() as trained:
-        training_step(family, peft_model, first_image, image_tokens)
-    predicted_training = max(dynamic_bytes(result, phase) for phase in ("loss", "backward"))
+    start = time.perf_counter()
+    with phase_peaks(trainer) as measured:
+        trainer.train()
+    seconds = time.perf_counter() - start
 
     print(
-        f"{architecture.name}: {args.check_layers} layers, {architecture.num_params / 1e9:.3f} B params, fp32, CPU, 1 thread"
+        f"{architecture.name}: {args.check_layers} layers, {architecture.num_params / 1e9:.3f} B params, fp32, CPU, "
+        f"1 thread; one T2IGRPOTrainer step ({seconds:.0f} s): {args.check_images} images sampled and decoded, "
+        f"{args.check_images} micro-batches of 1 image, LoRA r=32, exact js\n"
     )
-    print(
-        f"{args.check_images} images sampled ({args.check_tokens} tokens), 1 decoded, 1 scored with LoRA r=32, exact js\n"
-    )
-    print("| phase | predicted MB | live tensors MB | peak RSS growth MB | seconds |\n|---|---:|---:|---:|---:|")
-    print(building.row("building the model: weights", weights))
-    print(sampled.row("sampling: KV cache", kv_cache_bytes(architecture, setup)))
-    print(decoded.row("decoding 1 image: VQ decoder", vq_decode_bytes(architecture, setup, images=1)))
-    print(trained.row("training micro-batch: loss and backward", predicted_training))
+    print("| phase | predicted MB | live tensors MB |\n|---|---:|---:|")
+    print(f"| building the model: weights | {architecture.num_params * 4 / MB:,.0f} | {building.peak / MB:,.0f} |")
+    for phase in (SAMPLING, DECODING):
+        print(f"| {phase} | {dynamic_bytes(result, phase) / MB:,.0f} | {measured[phase] / MB:,.0f} |")
+    # The model counts the backward through the (B, N, V) tables in `loss`; the trainer runs it in `backward`.
+    predicted = max(dynamic_bytes(result, LOSS), dynamic_bytes(result, BACKWARD))
+    print(f"| loss and backward | {predicted / MB:,.0f} | {max(measured[LOSS], measured[BACKWARD]) / MB:,.0f} |")
 
 
 def main(args: ScriptArguments) -> None:
