@@ -5,17 +5,15 @@ against what a CPU run allocates.
     python scripts/memory_model.py --write_headers   # the recipes' memory comment blocks
     python scripts/memory_model.py --check    # a real-width Janus-Pro-1B with 2 layers, random weights, fp32, CPU
 
-A recipe's settings come from its YAML (missing keys take `T2IGRPOConfig`'s and TRL's `ModelConfig`'s defaults), the
-number of processes and the ZeRO stage from the accelerate config its header launches with (`--config_file`,
-`--num_processes`). `--check` runs one step of `T2IGRPOTrainer` and counts the bytes of the live tensors at the
+A recipe is read as `trl-t2i plan` reads it (`trl_t2i.cli.plan.read_recipe`): its YAML through the parser of
+`trl-t2i grpo`, the number of processes and the ZeRO stage from the accelerate config its header launches with
+(`--config_file`, `--num_processes`). `--check` runs one step of `T2IGRPOTrainer` and counts the bytes of the live tensors at the
 peak of each phase (`LiveTensorBytes`, what `torch.cuda.max_memory_allocated` would say), next to the model's
 prediction for the same reduced model.
 """
 
 import contextlib
-import dataclasses
 import functools
-import re
 import tempfile
 import time
 from collections.abc import Iterator
@@ -24,14 +22,12 @@ from pathlib import Path
 from unittest import mock
 
 import torch
-import yaml
 from datasets import Dataset
 from peft import LoraConfig
 from transformers import HfArgumentParser, JanusForConditionalGeneration
-from trl import ModelConfig
 
 import trl_t2i.trainer as trainer_module
-from trl_t2i.cli.grpo import T2IScriptArguments
+from trl_t2i.cli.plan import read_recipe
 from trl_t2i.config import T2IGRPOConfig
 from trl_t2i.memory import (
     BACKWARD,
@@ -39,7 +35,6 @@ from trl_t2i.memory import (
     GB,
     LOSS,
     PHASES,
-    REWARD_MODELS,
     REWARDS,
     SAMPLING,
     SCORING,
@@ -47,10 +42,7 @@ from trl_t2i.memory import (
     LiveTensorBytes,
     TrainingSetup,
     estimate,
-    janus_pro_1b,
     janus_pro_1b_config,
-    janus_pro_7b,
-    llamagen_t2i_xl,
 )
 from trl_t2i.models import build_tiny_janus
 from trl_t2i.rewards import colour_match
@@ -59,11 +51,6 @@ from trl_t2i.trainer import T2IGRPOTrainer
 
 RECIPES = Path(__file__).resolve().parents[1] / "trl_t2i" / "recipes"
 RECIPE_DIRS = ("janus_pro_1b", "janus_pro_7b", "llamagen_t2i")
-ARCHITECTURES = {
-    "deepseek-community/Janus-Pro-1B": janus_pro_1b,
-    "deepseek-community/Janus-Pro-7B": janus_pro_7b,
-    "llamagen-t2i-xl-256": llamagen_t2i_xl,
-}
 MB = 1e6
 
 
@@ -92,62 +79,10 @@ def make_parser() -> HfArgumentParser:
     return HfArgumentParser(ScriptArguments)
 
 
-def defaults() -> dict:
-    """The values a recipe gets for the keys it leaves out (the `__post_init__` ones resolved as there)."""
-    values = {}
-    for config in (T2IScriptArguments, ModelConfig, T2IGRPOConfig):
-        for f in dataclasses.fields(config):
-            if f.default is not dataclasses.MISSING:
-                values[f.name] = f.default
-            elif f.default_factory is not dataclasses.MISSING:
-                values[f.name] = f.default_factory()
-    return {**values, "bf16": True, "activation_checkpointing": True}  # both `None` → on (T2IGRPOConfig, TRL)
-
-
-def launch(recipe_text: str) -> tuple[int, int]:
-    """`(processes, ZeRO stage)` of the `accelerate launch` command in a recipe's header."""
-    config_file = re.search(r"--config_file (\S+)", recipe_text).group(1)
-    accelerate = yaml.safe_load((RECIPES / config_file.removeprefix("recipes/")).read_text())
-    processes = re.search(r"--num_processes (\d+)", recipe_text)
-    processes = int(processes.group(1)) if processes else accelerate["num_processes"]
-    zero_stage = accelerate["deepspeed_config"]["zero_stage"] if accelerate["distributed_type"] == "DEEPSPEED" else 0
-    return processes, zero_stage
-
-
 def recipe_setup(path: Path) -> tuple[Architecture, TrainingSetup]:
-    """The architecture and per-process setup a recipe trains with."""
-    text = path.read_text()
-    args = {**defaults(), **yaml.safe_load(text)}
-    processes, zero_stage = launch(text)
-    accumulation = args["gradient_accumulation_steps"]
-    if args["generation_batch_size"]:
-        rollout_images = args["generation_batch_size"] // processes
-        steps_per_generation = rollout_images // args["per_device_train_batch_size"]
-    else:
-        steps_per_generation = args["steps_per_generation"] or accumulation
-        rollout_images = args["per_device_train_batch_size"] * steps_per_generation
-    generate_every = steps_per_generation * args["num_iterations"]
-    guided = args["cfg_scale"] != 1.0
-    setup = TrainingSetup(
-        rollout_images=rollout_images,
-        micro_batch=args["per_device_train_batch_size"],
-        weight_dtype="bfloat16" if args["dtype"] in ("bfloat16", "auto") else "float32",  # auto: the checkpoint's
-        load_in_4bit=args["load_in_4bit"],
-        double_quant=args["use_bnb_nested_quant"],
-        lora_r=args["lora_r"] if args["use_peft"] else None,
-        mixed_precision=args["bf16"],
-        guided_sampling=guided,
-        guided_scoring=guided and args["cfg_logprobs"] == "guided",
-        activation_checkpointing=args["activation_checkpointing"],
-        divergence_estimator=args["divergence_estimator"],
-        reference=args["use_peft"] or args["beta"] > 0 or bool(args["beta_end"]) or args["dynamic_advantage"],
-        old_logps=accumulation % generate_every != 0,
-        grads_during_rollout=accumulation > generate_every,
-        num_processes=processes,
-        zero_stage=zero_stage,
-        reward=next((name for name in args["reward_funcs"] if name in REWARD_MODELS), None),
-    )
-    return ARCHITECTURES[args["model_name_or_path"]](), setup
+    """The architecture and per-process setup a recipe trains with (as `trl-t2i plan` reads it)."""
+    recipe = read_recipe(path)
+    return recipe.architecture, recipe.setup
 
 
 def describe(architecture: Architecture, setup: TrainingSetup) -> str:
