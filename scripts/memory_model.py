@@ -197,6 +197,24 @@ def phase_peaks(trainer: T2IGRPOTrainer) -> Iterator[dict[str, int]]:
         yield peaks
 
 
+def measure_training_step(
+    model, processor, prompts: list[str], args: T2IGRPOConfig, lora_r: int
+) -> tuple[dict[str, int], int]:
+    """`phase_peaks` of `T2IGRPOTrainer.train()` on `model` with LoRA of rank `lora_r` and `colour_match` on `prompts`
+    (each with a colour word), and the positions of those prompts (the rollout's `prompt_length`)."""
+    trainer = T2IGRPOTrainer(
+        model=model,
+        reward_funcs=colour_match,
+        args=args,
+        train_dataset=Dataset.from_dict({"prompt": prompts}),
+        processing_class=processor,
+        peft_config=LoraConfig(r=lora_r, lora_alpha=2 * lora_r),
+    )
+    with phase_peaks(trainer) as measured:
+        trainer.train()
+    return measured, trainer.family.tokenize_prompts(prompts)[0].size(1)
+
+
 def check(args: ScriptArguments) -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -222,25 +240,19 @@ def check(args: ScriptArguments) -> None:
         image_log_steps=0,
         disable_tqdm=True,
     )
-    trainer = T2IGRPOTrainer(
-        model=model,
-        reward_funcs=colour_match,
-        args=training_args,
-        train_dataset=Dataset.from_dict({"prompt": prompts}),
-        processing_class=processor,
-        peft_config=LoraConfig(r=32, lora_alpha=64),
-    )
-    prompt_length = trainer.family.tokenize_prompts(prompts)[0].size(1)
+    start = time.perf_counter()
+    measured, prompt_length = measure_training_step(model, processor, prompts, training_args, lora_r=32)
+    seconds = time.perf_counter() - start
     architecture = Architecture.from_janus_config(config, name="reduced Janus-Pro-1B", prompt_length=prompt_length)
     setup = TrainingSetup(
-        rollout_images=args.check_images, micro_batch=1, lora_r=32, reward=None, weight_dtype="float32",
+        rollout_images=args.check_images,
+        micro_batch=1,
+        lora_r=32,
+        reward=None,
+        weight_dtype="float32",
         mixed_precision=False,
-    )  # fmt: skip
+    )
     result = estimate(architecture, setup)
-    start = time.perf_counter()
-    with phase_peaks(trainer) as measured:
-        trainer.train()
-    seconds = time.perf_counter() - start
 
     print(
         f"{architecture.name}: {args.check_layers} layers, {architecture.num_params / 1e9:.3f} B params, fp32, CPU, "

@@ -8,7 +8,6 @@ from collections import Counter
 import pytest
 import torch
 from conftest import load_script, make_config
-from datasets import Dataset
 from peft import LoraConfig
 from transformers import JanusForConditionalGeneration, JanusVQVAE, JanusVQVAEConfig, LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
@@ -45,9 +44,8 @@ from trl_t2i.models import (
     get_family,
     load_model,
 )
-from trl_t2i.rewards import colour_match
 from trl_t2i.sampling import MIN_LOGP, SamplingConfig, prefill_distinct_rows, teacher_forced_logits
-from trl_t2i.trainer import METRIC_DIVERGENCES, T2IGRPOTrainer
+from trl_t2i.trainer import METRIC_DIVERGENCES
 
 
 FP32 = {"weight_dtype": "float32", "mixed_precision": False}
@@ -315,17 +313,7 @@ def test_training_peaks_match_the_live_tensors_of_a_trainer_step(tmp_path, monke
         divergence_estimator=estimator,
         cfg_scale=cfg_scale,
     )
-    trainer = T2IGRPOTrainer(
-        model=model,
-        reward_funcs=colour_match,
-        args=args,
-        train_dataset=Dataset.from_dict({"prompt": prompts}),
-        processing_class=processor,
-        peft_config=LoraConfig(r=4, lora_alpha=8),
-    )
-    with script.phase_peaks(trainer) as measured:
-        trainer.train()
-    prompt_length = trainer.family.tokenize_prompts(prompts)[0].size(1)
+    measured, prompt_length = script.measure_training_step(model, processor, prompts, args, lora_r=4)
     setup = TrainingSetup(
         rollout_images=2,
         micro_batch=2,
@@ -348,7 +336,7 @@ def test_training_peaks_match_the_live_tensors_of_a_trainer_step(tmp_path, monke
 
 @pytest.mark.parametrize("lora_r", [None, 8])
 def test_layer_activations_match_the_live_tensors_of_a_llama_layer(lora_r):
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
     hidden_size, intermediate_size, heads, length, rows = 256, 704, 4, 96, 2
     config = LlamaConfig(

@@ -1,10 +1,14 @@
 """`trl-t2i plan` (`trl_t2i.memory_plan`): the largest batches that fit a GPU, keeping a recipe's optimizer step."""
 
 import dataclasses
+import re
+import shlex
+from pathlib import Path
 
 import pytest
 import yaml
 
+from trl_t2i.cli import main as cli_main
 from trl_t2i.cli import plan as plan_command
 from trl_t2i.cli.grpo import make_parser as grpo_parser
 from trl_t2i.cli.parsing import RECIPES
@@ -131,3 +135,10 @@ def test_a_local_model_folder_is_read_from_its_config(tmp_path):
     model, _ = build_tiny_janus(hidden_size=64, num_layers=3)
     model.config.save_pretrained(tmp_path)
     assert architecture_for(str(tmp_path)) == Architecture.from_janus_config(model.config, name=str(tmp_path))
+
+
+def test_the_readme_shows_what_the_command_prints(capsys):
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    command, printed = re.search(r"```bash\n(trl-t2i plan [^\n]*)\n```\n\n```\n(.*?)\n```", readme, re.DOTALL).groups()
+    cli_main(shlex.split(command)[1:])
+    assert capsys.readouterr().out.rstrip("\n") == printed
