@@ -5,55 +5,52 @@ against what a CPU run allocates.
     python scripts/memory_model.py --write_headers   # the recipes' memory comment blocks
     python scripts/memory_model.py --check    # a real-width Janus-Pro-1B with 2 layers, random weights, fp32, CPU
 
-A recipe's settings come from its YAML (missing keys take `T2IGRPOConfig`'s and TRL's `ModelConfig`'s defaults), the
-number of processes and the ZeRO stage from the accelerate config its header launches with (`--config_file`,
-`--num_processes`). `--check` measures each phase of a training step twice: the bytes of the live tensors
-(`LiveTensorBytes`, what `torch.cuda.max_memory_allocated` would say) and the growth of the process's peak RSS,
-and prints them next to the model's prediction for the same reduced model. It takes about 30 s on one thread.
+A recipe is read as `trl-t2i plan` reads it (`trl_t2i.cli.plan.read_recipe`): its YAML through the parser of
+`trl-t2i grpo`, the number of processes and the ZeRO stage from the accelerate config its header launches with
+(`--config_file`, `--num_processes`). `--check` runs one step of `T2IGRPOTrainer` and counts the bytes of the live tensors at the
+peak of each phase (`LiveTensorBytes`, what `torch.cuda.max_memory_allocated` would say), next to the model's
+prediction for the same reduced model.
 """
 
-import dataclasses
-import re
+import contextlib
+import functools
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from unittest import mock
 
 import torch
-import yaml
-from peft import LoraConfig, get_peft_model
+from datasets import Dataset
+from peft import LoraConfig
 from transformers import HfArgumentParser, JanusForConditionalGeneration
-from trl import ModelConfig
 
-from trl_t2i.cli.grpo import T2IScriptArguments
+import trl_t2i.trainer as trainer_module
+from trl_t2i.cli.plan import read_recipe
 from trl_t2i.config import T2IGRPOConfig
-from trl_t2i.decoding import prefill_distinct_rows
 from trl_t2i.memory import (
+    BACKWARD,
+    DECODING,
     GB,
+    LOSS,
     PHASES,
-    REWARD_MODELS,
+    REWARDS,
+    SAMPLING,
+    SCORING,
     Architecture,
     LiveTensorBytes,
     TrainingSetup,
     estimate,
-    janus_pro_1b,
     janus_pro_1b_config,
-    janus_pro_7b,
-    kv_cache_bytes,
-    llamagen_t2i_xl,
-    replay_training_tables,
-    vq_decode_bytes,
 )
-from trl_t2i.models import Conditioning, build_tiny_janus, get_family
-from trl_t2i.sampling import SamplingConfig, image_logp_table, token_logits
+from trl_t2i.models import build_tiny_janus
+from trl_t2i.rewards import colour_match
+from trl_t2i.trainer import T2IGRPOTrainer
 
 
 RECIPES = Path(__file__).resolve().parents[1] / "trl_t2i" / "recipes"
 RECIPE_DIRS = ("janus_pro_1b", "janus_pro_7b", "llamagen_t2i")
-ARCHITECTURES = {
-    "deepseek-community/Janus-Pro-1B": janus_pro_1b,
-    "deepseek-community/Janus-Pro-7B": janus_pro_7b,
-    "llamagen-t2i-xl-256": llamagen_t2i_xl,
-}
 MB = 1e6
 
 
@@ -69,78 +66,23 @@ class ScriptArguments:
         check_layers (`int`, *optional*, defaults to `2`):
             Language-model layers of the reduced model (every width stays Janus-Pro-1B's).
         check_images (`int`, *optional*, defaults to `2`):
-            Images sampled (two rows each with CFG); the training step scores one of them.
-        check_tokens (`int`, *optional*, defaults to `8`):
-            Image tokens sampled: the KV cache is allocated for all 576 at the first step, the rest is time.
+            Images sampled (two rows each with CFG), one prompt group; each is a training micro-batch.
     """
 
     check: bool = field(default=False, metadata={"help": "Measure a reduced Janus-Pro-1B on CPU."})
     write_headers: bool = field(default=False, metadata={"help": "Rewrite the recipes' memory comment blocks."})
     check_layers: int = field(default=2, metadata={"help": "Language-model layers of the reduced model."})
     check_images: int = field(default=2, metadata={"help": "Images sampled by the check."})
-    check_tokens: int = field(default=8, metadata={"help": "Image tokens sampled by the check."})
 
 
 def make_parser() -> HfArgumentParser:
     return HfArgumentParser(ScriptArguments)
 
 
-def defaults() -> dict:
-    """The values a recipe gets for the keys it leaves out (the `__post_init__` ones resolved as there)."""
-    values = {}
-    for config in (T2IScriptArguments, ModelConfig, T2IGRPOConfig):
-        for f in dataclasses.fields(config):
-            if f.default is not dataclasses.MISSING:
-                values[f.name] = f.default
-            elif f.default_factory is not dataclasses.MISSING:
-                values[f.name] = f.default_factory()
-    return {**values, "bf16": True, "activation_checkpointing": True}  # both `None` → on (T2IGRPOConfig, TRL)
-
-
-def launch(recipe_text: str) -> tuple[int, int]:
-    """`(processes, ZeRO stage)` of the `accelerate launch` command in a recipe's header."""
-    config_file = re.search(r"--config_file (\S+)", recipe_text).group(1)
-    accelerate = yaml.safe_load((RECIPES / config_file.removeprefix("recipes/")).read_text())
-    processes = re.search(r"--num_processes (\d+)", recipe_text)
-    processes = int(processes.group(1)) if processes else accelerate["num_processes"]
-    zero_stage = accelerate["deepspeed_config"]["zero_stage"] if accelerate["distributed_type"] == "DEEPSPEED" else 0
-    return processes, zero_stage
-
-
 def recipe_setup(path: Path) -> tuple[Architecture, TrainingSetup]:
-    """The architecture and per-process setup a recipe trains with."""
-    text = path.read_text()
-    args = {**defaults(), **yaml.safe_load(text)}
-    processes, zero_stage = launch(text)
-    accumulation = args["gradient_accumulation_steps"]
-    if args["generation_batch_size"]:
-        rollout_images = args["generation_batch_size"] // processes
-        steps_per_generation = rollout_images // args["per_device_train_batch_size"]
-    else:
-        steps_per_generation = args["steps_per_generation"] or accumulation
-        rollout_images = args["per_device_train_batch_size"] * steps_per_generation
-    generate_every = steps_per_generation * args["num_iterations"]
-    guided = args["cfg_scale"] != 1.0
-    setup = TrainingSetup(
-        rollout_images=rollout_images,
-        micro_batch=args["per_device_train_batch_size"],
-        weight_dtype="bfloat16" if args["dtype"] in ("bfloat16", "auto") else "float32",  # auto: the checkpoint's
-        load_in_4bit=args["load_in_4bit"],
-        double_quant=args["use_bnb_nested_quant"],
-        lora_r=args["lora_r"] if args["use_peft"] else None,
-        mixed_precision=args["bf16"],
-        guided_sampling=guided,
-        guided_scoring=guided and args["cfg_logprobs"] == "guided",
-        activation_checkpointing=args["activation_checkpointing"],
-        divergence_estimator=args["divergence_estimator"],
-        reference=args["use_peft"] or args["beta"] > 0 or bool(args["beta_end"]) or args["dynamic_advantage"],
-        old_logps=accumulation % generate_every != 0,
-        grads_during_rollout=accumulation > generate_every,
-        num_processes=processes,
-        zero_stage=zero_stage,
-        reward=next((name for name in args["reward_funcs"] if name in REWARD_MODELS), None),
-    )
-    return ARCHITECTURES[args["model_name_or_path"]](), setup
+    """The architecture and per-process setup a recipe trains with (as `trl-t2i plan` reads it)."""
+    recipe = read_recipe(path)
+    return recipe.architecture, recipe.setup
 
 
 def describe(architecture: Architecture, setup: TrainingSetup) -> str:
@@ -183,7 +125,7 @@ def memory_header(architecture: Architecture, setup: TrainingSetup, largest: int
     result = estimate(architecture, setup)
     lines = [
         HEADER_MARKER,
-        f"{HEADER_LINE}block, docs/memory.md explains it): peak {result.peak / GB:.1f} GB while {result.peak_phase}, "
+        f"{HEADER_LINE}block, docs/memory.md explains it): peak {result.peak / GB:.1f} GB in the {result.peak_phase} phase, "
         f"training {result.training_peak / GB:.1f} GB. Largest items:",
     ]
     for item in sorted(result.items, key=lambda item: -item.bytes)[:largest]:
@@ -215,70 +157,62 @@ def write_headers() -> None:
 # ---------------------------------------------------------------------------------------------- --check
 
 
-def peak_rss() -> int:
-    return _proc_status("VmHWM")
-
-
-def rss() -> int:
-    return _proc_status("VmRSS")
-
-
-def _proc_status(key: str) -> int:
-    return int(re.search(rf"{key}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
-
-
-def reset_peak_rss() -> None:
-    Path("/proc/self/clear_refs").write_text("5")  # Linux: the peak RSS restarts from the current RSS
-
-
 def dynamic_bytes(result, phase: str) -> float:
     """What a phase adds to the memory that every phase holds (weights, optimizer, context)."""
     return sum(item.bytes for item in result.items if phase in item.phases and set(item.phases) != set(PHASES))
 
 
-class Measure:
-    """Live tensor bytes and peak-RSS growth of the code run inside it."""
+@contextlib.contextmanager
+def phase_peaks(trainer: T2IGRPOTrainer) -> Iterator[dict[str, int]]:
+    """The live tensor bytes (`LiveTensorBytes`) at the peak of each phase of the training steps run inside it, by
+    phase name (`trl_t2i.memory.PHASES`): the trainer's own calls of the sampler, the VQ decoder, the rewards, the
+    sampled estimator's re-scoring of the rollout, the loss and the backward. Tensors made before it was entered
+    (weights, adapters) are not counted; what an earlier phase left alive is."""
+    peaks = {}
+    live = LiveTensorBytes()
 
-    def __enter__(self):
-        reset_peak_rss()
-        self.rss_before, self.start = rss(), time.perf_counter()
-        self.live = LiveTensorBytes().__enter__()
-        return self
+    def probed(phase, function):
+        @functools.wraps(function)
+        def probe(*args, **kwargs):
+            live.reset_peak()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                peaks[phase] = max(peaks.get(phase, 0), live.peak)
 
-    def __exit__(self, *exc):
-        self.live.__exit__(*exc)
-        self.rss_growth, self.seconds = peak_rss() - self.rss_before, time.perf_counter() - self.start
+        return probe
 
-    def row(self, name: str, predicted: float) -> str:
-        return (
-            f"| {name} | {predicted / MB:,.0f} | {self.live.peak / MB:,.0f} | {self.rss_growth / MB:,.0f} | "
-            f"{self.seconds:.1f} |"
-        )
-
-
-def sample(family, model, conditioning, tokens: int) -> None:
-    """The first `tokens` steps of `sample_image_tokens` (greedy): the prefill allocates the whole KV cache."""
-    sampling = SamplingConfig()
-    batch_size = len(conditioning)
-    logits, state = prefill_distinct_rows(family, model, family.guided_rows(conditioning))
-    for _ in range(tokens):
-        token = token_logits(logits[:batch_size], logits[batch_size:], sampling).argmax(dim=-1)
-        logits = family.step(model, token.repeat(2), state)
+    probes = [
+        (trainer_module, "sample_image_tokens", SAMPLING),
+        (trainer.family, "decode", DECODING),
+        (trainer, "_calculate_rewards", REWARDS),
+        (trainer, "_reference_logps", SCORING),
+        (trainer, "compute_loss", LOSS),
+        (trainer.accelerator, "backward", BACKWARD),
+    ]
+    with contextlib.ExitStack() as stack:
+        for owner, name, phase in probes:
+            stack.enter_context(mock.patch.object(owner, name, probed(phase, getattr(owner, name))))
+        stack.enter_context(live)
+        yield peaks
 
 
-def training_step(family, peft_model, conditioning, image_tokens) -> None:
-    """A LoRA micro-batch with the exact JS estimator, as `T2IGRPOTrainer._compute_loss` runs it (the reference is
-    the model with its adapters off)."""
-    sampling = SamplingConfig()
-
-    def score():
-        return image_logp_table(family, peft_model, conditioning, image_tokens, sampling)
-
-    def score_reference():
-        with peft_model.disable_adapter():
-            return score()
-
-    replay_training_tables(score, score_reference, image_tokens, "js", "exact")
+def measure_training_step(
+    model, processor, prompts: list[str], args: T2IGRPOConfig, lora_r: int
+) -> tuple[dict[str, int], int]:
+    """`phase_peaks` of `T2IGRPOTrainer.train()` on `model` with LoRA of rank `lora_r` and `colour_match` on `prompts`
+    (each with a colour word), and the positions of those prompts (the rollout's `prompt_length`)."""
+    trainer = T2IGRPOTrainer(
+        model=model,
+        reward_funcs=colour_match,
+        args=args,
+        train_dataset=Dataset.from_dict({"prompt": prompts}),
+        processing_class=processor,
+        peft_config=LoraConfig(r=lora_r, lora_alpha=2 * lora_r),
+    )
+    with phase_peaks(trainer) as measured:
+        trainer.train()
+    return measured, trainer.family.tokenize_prompts(prompts)[0].size(1)
 
 
 def check(args: ScriptArguments) -> None:
@@ -287,47 +221,51 @@ def check(args: ScriptArguments) -> None:
     config = janus_pro_1b_config()
     config.text_config.num_hidden_layers = args.check_layers
     _, processor = build_tiny_janus()  # a small tokenizer with Janus' special tokens: its ids fit the real vocab
-
-    with Measure() as building:
-        model = JanusForConditionalGeneration(config).eval()
-    family = get_family(model, processor)
-    family.patch_forward(model)
-    conditioning = family.encode_prompts(["a fox and a rabbit reading a book together"] * args.check_images)
-    architecture = Architecture.from_janus_config(
-        config, name="reduced Janus-Pro-1B", prompt_length=conditioning.tensors["input_ids"].size(1)
+    with LiveTensorBytes() as building:
+        model = JanusForConditionalGeneration(config)
+    prompts = ["a red fox and a rabbit reading a book together"]  # a colour for `colour_match`
+    training_args = T2IGRPOConfig(
+        output_dir=tempfile.mkdtemp(),
+        use_cpu=True,
+        bf16=False,
+        per_device_train_batch_size=1,
+        gradient_accumulation_steps=args.check_images,
+        num_generations=args.check_images,
+        max_steps=1,
+        divergence="js",
+        divergence_estimator="exact",
+        activation_checkpointing=True,
+        report_to=[],
+        save_strategy="no",
+        image_log_steps=0,
+        disable_tqdm=True,
     )
+    start = time.perf_counter()
+    measured, prompt_length = measure_training_step(model, processor, prompts, training_args, lora_r=32)
+    seconds = time.perf_counter() - start
+    architecture = Architecture.from_janus_config(config, name="reduced Janus-Pro-1B", prompt_length=prompt_length)
     setup = TrainingSetup(
-        rollout_images=args.check_images, micro_batch=1, lora_r=32, weight_dtype="float32", mixed_precision=False
+        rollout_images=args.check_images,
+        micro_batch=1,
+        lora_r=32,
+        reward=None,
+        weight_dtype="float32",
+        mixed_precision=False,
     )
     result = estimate(architecture, setup)
-    weights = architecture.num_params * 4
-
-    with Measure() as sampled, torch.no_grad():
-        sample(family, model, conditioning, args.check_tokens)
-    image_tokens = torch.randint(architecture.codebook_size, (1, architecture.num_image_tokens))
-    with Measure() as decoded, torch.no_grad():  # as in `T2IGRPOTrainer._generate`
-        family.decode(model, image_tokens)
-
-    peft_model = get_peft_model(model, LoraConfig(r=setup.lora_r, target_modules=family.lora_target_modules))
-    peft_model.enable_input_require_grads()  # as TRL does with PEFT and activation checkpointing
-    model.activation_checkpointing_enable()
-    peft_model.train()  # transformers checkpoints layers in training mode only
-    first_image = Conditioning({name: tensor[:1] for name, tensor in conditioning.tensors.items()})
-    with Measure() as trained:
-        training_step(family, peft_model, first_image, image_tokens)
-    predicted_training = max(dynamic_bytes(result, phase) for phase in ("loss", "backward"))
 
     print(
-        f"{architecture.name}: {args.check_layers} layers, {architecture.num_params / 1e9:.3f} B params, fp32, CPU, 1 thread"
+        f"{architecture.name}: {args.check_layers} layers, {architecture.num_params / 1e9:.3f} B params, fp32, CPU, "
+        f"1 thread; one T2IGRPOTrainer step ({seconds:.0f} s): {args.check_images} images sampled and decoded, "
+        f"{args.check_images} micro-batches of 1 image, LoRA r=32, exact js\n"
     )
-    print(
-        f"{args.check_images} images sampled ({args.check_tokens} tokens), 1 decoded, 1 scored with LoRA r=32, exact js\n"
-    )
-    print("| phase | predicted MB | live tensors MB | peak RSS growth MB | seconds |\n|---|---:|---:|---:|---:|")
-    print(building.row("building the model: weights", weights))
-    print(sampled.row("sampling: KV cache", kv_cache_bytes(architecture, setup)))
-    print(decoded.row("decoding 1 image: VQ decoder", vq_decode_bytes(architecture, setup, images=1)))
-    print(trained.row("training micro-batch: loss and backward", predicted_training))
+    print("| phase | predicted MB | live tensors MB |\n|---|---:|---:|")
+    print(f"| building the model: weights | {architecture.num_params * 4 / MB:,.0f} | {building.peak / MB:,.0f} |")
+    for phase in (SAMPLING, DECODING):
+        print(f"| {phase} | {dynamic_bytes(result, phase) / MB:,.0f} | {measured[phase] / MB:,.0f} |")
+    # The model counts the backward through the (B, N, V) tables in `loss`; the trainer runs it in `backward`.
+    predicted = max(dynamic_bytes(result, LOSS), dynamic_bytes(result, BACKWARD))
+    print(f"| loss and backward | {predicted / MB:,.0f} | {max(measured[LOSS], measured[BACKWARD]) / MB:,.0f} |")
 
 
 def main(args: ScriptArguments) -> None:

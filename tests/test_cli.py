@@ -1,3 +1,4 @@
+import importlib
 import os
 import re
 import subprocess
@@ -150,6 +151,39 @@ def test_recipe_paths_resolve_to_the_packaged_recipes_from_any_directory(tmp_pat
     assert find_recipe(FrontierArguments().recipe) == RECIPES / "tiny" / "frontier.yaml"
     with pytest.raises(FileNotFoundError, match="recipes/no_such.yaml.*recipes/tiny/cpu_demo.yaml"):
         _parse("--config", "recipes/no_such.yaml")
+
+
+# A key each command's `--config` may set, and the value the test recipe gives it (grpo and plan are tested with
+# real packaged recipes).
+COMMAND_RECIPES = {
+    "sample": {"num_images_per_prompt": 3},
+    "evaluate": {"num_images_per_prompt": 3},
+    "frontier": {"max_steps": 7},
+    "push": {"output_dir": "run", "hub_model_id": "me/run"},
+    "convert_llamagen": {"gpt_checkpoint": "gpt.pt", "vq_checkpoint": "vq.pt", "output_dir": "converted"},
+}
+
+
+@pytest.mark.parametrize("command", sorted(COMMAND_RECIPES))
+def test_every_command_resolves_packaged_recipes_from_any_directory(tmp_path, monkeypatch, command):
+    assert set(COMMAND_RECIPES) | {"grpo", "plan"} == set(COMMANDS)  # a new command gets a case here
+    packaged = tmp_path / "package_recipes"
+    (packaged / "mine").mkdir(parents=True)
+    (packaged / "mine" / f"{command}.yaml").write_text(yaml.safe_dump(COMMAND_RECIPES[command]))
+    monkeypatch.setattr("trl_t2i.cli.parsing.RECIPES", packaged)
+    monkeypatch.chdir(tmp_path)  # no `recipes/` here
+    module = importlib.import_module(f"trl_t2i.cli.{command}")
+    (args,) = module.make_parser().parse_args_and_config(["--config", f"recipes/mine/{command}.yaml"])
+    for key, value in COMMAND_RECIPES[command].items():
+        assert getattr(args, key) == value
+
+
+def test_plan_resolves_packaged_recipes_from_any_directory(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # no `recipes/` here
+    cli_main(["plan", "--config", "recipes/janus_pro_1b/lora_single_gpu.yaml", "--gpu_memory_gb", "24"])
+    out = capsys.readouterr().out
+    assert out.startswith("Janus-Pro-1B, LoRA r=32 on one 24 GB GPU.")
+    assert "trl-t2i grpo --config recipes/janus_pro_1b/lora_single_gpu.yaml --per_device_train_batch_size" in out
 
 
 def test_recipes_ship_in_the_package_and_the_checkout_links_to_them():

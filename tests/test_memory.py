@@ -7,13 +7,14 @@ from collections import Counter
 
 import pytest
 import torch
-from conftest import load_script
+from conftest import load_script, make_config
+from peft import LoraConfig
 from transformers import JanusForConditionalGeneration, JanusVQVAE, JanusVQVAEConfig, LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
 from trl_t2i import divergences
 from trl_t2i.decoding import prefill_distinct_rows
-from trl_t2i.divergences import DIVERGENCES
+from trl_t2i.divergences import DIVERGENCES, get_divergence
 from trl_t2i.memory import (
     EXACT_CHUNK_TEMPORARIES,
     Architecture,
@@ -27,12 +28,13 @@ from trl_t2i.memory import (
     janus_pro_7b_config,
     kv_cache_bytes,
     llamagen_t2i_xl,
-    replay_training_tables,
     table_bytes,
+    training_table_peaks,
     training_tables,
     vq_decode_bytes,
     weight_bytes,
 )
+from trl_t2i.metrics import position_entropy
 from trl_t2i.models import (
     TINY_JANUS,
     JanusFamily,
@@ -43,7 +45,8 @@ from trl_t2i.models import (
     get_family,
     load_model,
 )
-from trl_t2i.sampling import SamplingConfig, image_logp_table
+from trl_t2i.sampling import MIN_LOGP, SamplingConfig, teacher_forced_logits
+from trl_t2i.trainer import METRIC_DIVERGENCES
 
 
 FP32 = {"weight_dtype": "float32", "mixed_precision": False}
@@ -189,53 +192,152 @@ def test_4bit_estimate_keeps_the_skipped_modules_at_full_precision():
         assert quantized[component] == full[component] == 2 * architecture.components()[component]
 
 
-def _training_step_tables(family, divergence: str, estimator: str, guided: bool, head_dtype) -> float:
-    """Peak live bytes of a training micro-batch's tables, in `(B, N, V)` fp32 tables, in the order of
-    `T2IGRPOTrainer._compute_loss`: the policy's scoring (the head's logits, `teacher_forced_logits`, truncation,
-    `log_softmax`), then `replay_training_tables`."""
+def _replay_training_step(score_policy, score_reference, image_tokens, divergence, estimator, live) -> dict:
+    """The `(B, N, V)` work of a training micro-batch in the order of `T2IGRPOTrainer._compute_loss` on a logged step,
+    and the peak live bytes of each stage of `training_table_peaks`: the policy's logits (`score_policy()`), their
+    log-softmax, and the entropy TRL asks for, freed with the loop's logits; with the exact estimator the reference's
+    table (`score_reference()`) without gradient, the penalty and the other logged divergences; the backward.
+    `test_training_peaks_match_the_live_tensors_of_a_trainer_step` checks the trainer itself, for a few settings."""
+    peaks = {}
+
+    def end_stage(name):
+        peaks[name] = live.peak
+        live.reset_peak()
+
+    logits = score_policy()
+    table = logits.log_softmax(dim=-1)
+    logps = table.gather(-1, image_tokens[..., None]).squeeze(-1).clamp(min=MIN_LOGP)
+    entropy = position_entropy(table)
+    del entropy, logits
+    end_stage("policy")
+    if estimator == "exact":
+        with torch.no_grad():
+            reference = score_reference()
+        penalty = get_divergence(divergence).exact_penalty(table, reference)
+        with torch.no_grad():
+            for name in METRIC_DIVERGENCES:
+                if name != divergence:
+                    get_divergence(name).exact_penalty(table, reference)
+        del reference
+        end_stage("reference")
+    else:
+        penalty = get_divergence(divergence).sampled(logps, logps.detach() + 0.1)
+    loss = penalty.mean() - logps.mean()
+    del table, logps, penalty
+    loss.backward()
+    end_stage("backward")
+    return peaks
+
+
+HEADS = {  # how the logits reach the trainer: (dtype of the head, cast to fp32 at the forward's output)
+    "fp32": (torch.float32, False),
+    "bf16 autocast": (torch.bfloat16, True),  # accelerate's `convert_outputs_to_fp32`
+    "bf16 DeepSpeed": (torch.bfloat16, False),  # a bf16 model, no autocast
+}
+
+
+def _training_step_tables(family, divergence: str, estimator: str, guided: bool, head: str) -> dict[str, float]:
+    """Peak live bytes of each stage of a training micro-batch's tables, in `(B, N, V)` fp32 tables, scored with
+    the trainer's code (`teacher_forced_logits`, `log_softmax`) over a stand-in image head."""
     batch_size, n, v = 2, family.num_image_tokens, family.codebook_size
     conditioning = family.encode_prompts(["a red cat"] * batch_size)
     tokens = torch.randint(v, (batch_size, n))
     sampling = SamplingConfig(cfg_scale=5.0 if guided else 1.0)
     rows = 2 * batch_size if guided else batch_size
+    head_dtype, fp32_outputs = HEADS[head]
     weights = torch.randn(rows, n, v, dtype=head_dtype, requires_grad=True)
     reference_weights = torch.randn(rows, n, v, dtype=head_dtype)
 
     def score(head_weights):
-        head = lambda **kwargs: head_weights * 1  # noqa: E731 (a head: new logits at every call)
-        return image_logp_table(family, head, conditioning, tokens, sampling)
+        def forward(**kwargs):  # new logits at every call, as a head computes them
+            logits = head_weights * 1
+            return logits.float() if fp32_outputs else logits
+
+        return teacher_forced_logits(family, forward, conditioning, tokens, sampling)
 
     with LiveTensorBytes() as live:
-        replay_training_tables(lambda: score(weights), lambda: score(reference_weights), tokens, divergence, estimator)
-    return live.peak / (batch_size * n * v * 4)
+        peaks = _replay_training_step(
+            lambda: score(weights),
+            lambda: score(reference_weights).log_softmax(-1),
+            tokens,
+            divergence,
+            estimator,
+            live,
+        )
+    return {stage: peak / (batch_size * n * v * 4) for stage, peak in peaks.items()}
 
 
 @pytest.mark.parametrize("estimator, divergence", [("sampled", "js")] + [("exact", name) for name in DIVERGENCES])
 @pytest.mark.parametrize("guided", [True, False])
-@pytest.mark.parametrize("head_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("head", list(HEADS))
 def test_training_tables_match_the_live_tensors_of_the_step(
-    wide_janus, estimator, divergence, guided, head_dtype, monkeypatch
+    wide_janus, estimator, divergence, guided, head, monkeypatch
 ):
     model, family = wide_janus
     # One position per chunk: the penalty's chunk temporaries, which the model bounds from above, stay small here.
     monkeypatch.setattr(divergences, "EXACT_ROWS_PER_CHUNK", 1)
+    bf16 = HEADS[head][0] == torch.bfloat16
     setup = TrainingSetup(
         rollout_images=2,
         micro_batch=2,
         guided_scoring=guided,
         divergence_estimator=estimator,
-        mixed_precision=head_dtype == torch.bfloat16,
-        weight_dtype="bfloat16" if head_dtype == torch.bfloat16 else "float32",
+        mixed_precision=bf16,
+        weight_dtype="bfloat16" if bf16 else "float32",
+        zero_stage=2 if head == "bf16 DeepSpeed" else 0,
     )
-    expected = training_tables(Architecture.from_janus_config(model.config), setup)
-    measured = _training_step_tables(family, divergence, estimator, guided, head_dtype)
+    expected = training_table_peaks(Architecture.from_janus_config(model.config), setup)
+    measured = _training_step_tables(family, divergence, estimator, guided, head)
+    assert measured.keys() == expected.keys()
     chunk_allowance = EXACT_CHUNK_TEMPORARIES / (2 * family.num_image_tokens) if estimator == "exact" else 0.0
-    assert expected - chunk_allowance - 0.02 <= measured <= expected + 0.02
+    for stage, tables in expected.items():
+        assert tables - chunk_allowance - 0.02 <= measured[stage] <= tables + 0.02, stage
+
+
+@pytest.mark.parametrize(
+    "estimator, cfg_scale, bf16", [("exact", 5.0, True), ("sampled", 1.0, False), ("sampled", 5.0, True)]
+)
+def test_training_peaks_match_the_live_tensors_of_a_trainer_step(tmp_path, monkeypatch, estimator, cfg_scale, bf16):
+    script = load_script("memory_model")
+    monkeypatch.setattr(
+        divergences, "EXACT_ROWS_PER_CHUNK", 1
+    )  # the chunk temporaries, bounded from above, stay small
+    model, processor = build_tiny_janus(codebook_size=4096, image_tokens_per_side=8)  # the (B, N, V) tables dominate
+    prompts = ["a red cat", "a blue car"]
+    args = make_config(
+        tmp_path,
+        per_device_train_batch_size=2,
+        num_generations=2,
+        max_steps=1,
+        bf16=bf16,
+        activation_checkpointing=True,
+        divergence_estimator=estimator,
+        cfg_scale=cfg_scale,
+    )
+    measured, prompt_length = script.measure_training_step(model, processor, prompts, args, lora_r=4)
+    setup = TrainingSetup(
+        rollout_images=2,
+        micro_batch=2,
+        lora_r=4,
+        divergence_estimator=estimator,
+        guided_sampling=cfg_scale != 1.0,
+        guided_scoring=cfg_scale != 1.0,
+        weight_dtype="float32",
+        mixed_precision=bf16,
+        reward=None,
+    )
+    result = estimate(Architecture.from_janus_config(model.config, prompt_length=prompt_length), setup)
+    predicted = {phase: script.dynamic_bytes(result, phase) for phase in result.phases}
+    # The model counts the backward through the tables in `loss`; the trainer runs it in `backward`.
+    training = max(predicted["loss"], predicted["backward"])
+    assert max(measured["loss"], measured["backward"]) == pytest.approx(training, rel=0.05)
+    if estimator == "sampled":  # the reference re-scores the rollout without gradient
+        assert measured["scoring"] == pytest.approx(predicted["scoring"], rel=0.1)
 
 
 @pytest.mark.parametrize("lora_r", [None, 8])
 def test_layer_activations_match_the_live_tensors_of_a_llama_layer(lora_r):
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
     hidden_size, intermediate_size, heads, length, rows = 256, 704, 4, 96, 2
     config = LlamaConfig(

@@ -371,6 +371,12 @@ class T2IGRPOConfig(GRPOConfig):
         """The distribution images are sampled from and scored under: guidance, temperature, top-k, top-p."""
         return SamplingConfig(self.cfg_scale, self.temperature, self.top_k, self.top_p)
 
+    @property
+    def needs_reference(self) -> bool:
+        """Whether training scores a reference even without adapters (where it is free): a penalty at some point of
+        the β schedule, or the dynamic-advantage weight. Full fine-tuning then holds a frozen copy of the model."""
+        return self.beta > 0 or (self.beta_end or 0) > 0 or self.dynamic_advantage
+
     def _validate_token_selection(self):
         fractions = {
             name: getattr(self, name)

@@ -59,6 +59,12 @@ EXACT_CHUNK_TEMPORARIES = 12
 """Most chunk-sized temporaries `Divergence.exact_penalty` keeps at once (Jensen–Shannon's, the most; each chunk is
 `divergences.EXACT_ROWS_PER_CHUNK` positions × the codebook, fp32)."""
 
+POLICY_ENTROPY_TABLES = 4.25
+"""`(B, N, V)` fp32 tables the entropy of the policy forward adds at its peak: TRL's loss asks for it
+(`compute_entropy=True`) and `metrics.position_entropy` computes it with gradient from the log-prob table, next to
+the logits and that table: a log-softmax, its exponential, the `p > 0` mask (1 byte an entry, ¼ table), the masked
+log-probs and their product. Freed with the entropy when TRL's loss returns, before the penalty."""
+
 
 @dataclass(frozen=True)
 class Architecture:
@@ -493,6 +499,12 @@ class TrainingSetup:
         """Activations (and the KV cache): bf16 under autocast, else the weights' dtype."""
         return 2 if self.mixed_precision else self.weight_bytes
 
+    @property
+    def fp32_outputs(self) -> bool:
+        """Whether the model's outputs reach the trainer in fp32: accelerate's bf16 autocast (on every set-up but
+        DeepSpeed, which runs a bf16 model) wraps the prepared model's forward in `convert_outputs_to_fp32`."""
+        return self.mixed_precision and self.zero_stage == 0
+
 
 @dataclass(frozen=True)
 class RewardModel:
@@ -750,28 +762,47 @@ def table_bytes(arch: Architecture, setup: TrainingSetup) -> int:
 
 def scoring_forward_tables(arch: Architecture, setup: TrainingSetup) -> float:
     """Peak tables of a teacher-forced scoring (`sampling.teacher_forced_logits`, then the trainer's
-    `log_softmax`), in units of `table_bytes`: the head's logits, their fp32 copies, the guidance temporaries;
-    then the fp32 logits and their log-softmax."""
-    rows = 2 if setup.guided_scoring else 1  # rows per image
-    head_fp32 = arch.head_logits_fp32 or setup.act_bytes == 4
-    logits = rows * (1 if head_fp32 else setup.act_bytes / 4)  # the head's output
-    casts = 0 if head_fp32 else rows  # `token_logits` casts each row block to fp32
+    `log_softmax`), in units of `table_bytes`: accelerate's fp32 copy of the head's logits next to them, or the
+    logits, their fp32 copies in `token_logits` and the guidance temporaries; then the fp32 logits and their
+    log-softmax."""
+    logits, casts, cast_peak = _scored_logits(arch, setup)
     temporaries = 2 if setup.guided_scoring else 0  # l_u + s·(l_c − l_u): two temporaries alive at once
-    return max(logits + casts + temporaries, 2)
+    return max(cast_peak, logits + casts + temporaries, 2)
+
+
+def _scored_logits(arch: Architecture, setup: TrainingSetup) -> tuple[float, float, float]:
+    """The image head's logits of a scored micro-batch, in tables: as the forward returns them, their fp32 copies
+    made by `token_logits`, and the peak of accelerate's cast of the forward's outputs to fp32 (the head's logits
+    and their copy)."""
+    rows = 2 if setup.guided_scoring else 1  # rows per image
+    head = 1 if arch.head_logits_fp32 else setup.act_bytes / 4  # of a row, as the head computes them
+    if head == 1:
+        return rows, 0, 0
+    if setup.fp32_outputs:
+        return rows, 0, rows * head + rows
+    return rows * head, rows, 0
+
+
+def training_table_peaks(arch: Architecture, setup: TrainingSetup) -> dict[str, float]:
+    """Peak tables of each stage of a training micro-batch, in units of `table_bytes`, in the order
+    `T2IGRPOTrainer._compute_loss` runs them: the policy's scoring and its entropy, the reference's scoring (exact
+    estimator), then the backward (the exact penalty's, then back through log-softmax and the guidance)."""
+    forward = scoring_forward_tables(arch, setup)
+    logits, _, _ = _scored_logits(arch, setup)
+    # back through log_softmax and the guidance: the table, its gradient, and two slice gradients of the logits
+    backward = 2 * logits + 2 if setup.guided_scoring else 3
+    peaks = {"policy": max(forward, 2 + POLICY_ENTROPY_TABLES)}  # the entropy, next to the fp32 logits and table
+    if setup.divergence_estimator == "exact":
+        peaks["reference"] = 1 + forward  # the reference scores while the policy's table is kept
+        chunk = divergences.EXACT_ROWS_PER_CHUNK / (setup.micro_batch * arch.num_image_tokens)  # in tables
+        backward = max(backward, EXACT_PENALTY_TABLES + EXACT_CHUNK_TEMPORARIES * chunk)
+    peaks["backward"] = backward
+    return peaks
 
 
 def training_tables(arch: Architecture, setup: TrainingSetup) -> float:
     """Peak tables of the training step's scoring, penalty and their backward, in units of `table_bytes`."""
-    forward = scoring_forward_tables(arch, setup)
-    head_fp32 = arch.head_logits_fp32 or setup.act_bytes == 4
-    logits = (2 if setup.guided_scoring else 1) * (1 if head_fp32 else setup.act_bytes / 4)
-    # back through log_softmax and the guidance: the table, its gradient, and two slice gradients of the logits
-    backward = 2 * logits + 2 if setup.guided_scoring else 3
-    if setup.divergence_estimator == "sampled":
-        return max(forward, backward)
-    reference = 1 + forward  # the reference scores while the policy's table is kept
-    chunk = divergences.EXACT_ROWS_PER_CHUNK / (setup.micro_batch * arch.num_image_tokens)  # in tables
-    return max(forward, reference, EXACT_PENALTY_TABLES + EXACT_CHUNK_TEMPORARIES * chunk, backward)
+    return max(training_table_peaks(arch, setup).values())
 
 
 def _scored_tokens(arch: Architecture, setup: TrainingSetup) -> int:
@@ -843,33 +874,6 @@ def _working_weight_items(arch: Architecture, setup: TrainingSetup) -> list[Memo
 
 
 # ---------------------------------------------------------------------------------------------- measuring
-
-
-def replay_training_tables(score_policy, score_reference, image_tokens, divergence: str, estimator: str) -> None:
-    """The `(B, N, V)` work of a training micro-batch in the order of `T2IGRPOTrainer._compute_loss` on a logged
-    step, to be measured by `LiveTensorBytes`: the policy's table and per-token log-probs; with the exact estimator
-    the reference's table without gradient, the penalty (`exact_penalty`) and the other logged divergences; the
-    backward. `score_policy()` / `score_reference()` return log-prob tables."""
-    from .divergences import get_divergence
-    from .sampling import MIN_LOGP
-    from .trainer import METRIC_DIVERGENCES
-
-    table = score_policy()
-    logps = table.gather(-1, image_tokens[..., None]).squeeze(-1).clamp(min=MIN_LOGP)
-    if estimator == "exact":
-        with torch.no_grad():
-            reference = score_reference()
-        penalty = get_divergence(divergence).exact_penalty(table, reference)
-        with torch.no_grad():
-            for name in METRIC_DIVERGENCES:
-                if name != divergence:
-                    get_divergence(name).exact_penalty(table, reference)
-        del reference
-    else:
-        penalty = get_divergence(divergence).sampled(logps, logps.detach() + 0.1)
-    loss = penalty.mean() - logps.mean()
-    del table, logps, penalty
-    loss.backward()
 
 
 class LiveTensorBytes(TorchDispatchMode):

@@ -177,7 +177,7 @@ class T2IGRPOTrainer(GRPOTrainer):
         # The reference: with adapters, the same model with its adapters disabled (free, so it is always there and
         # the divergences are logged even at β = 0); without, a frozen copy of the initial model, only for a penalty.
         uses_adapters = peft_config is not None or is_peft_model(model)
-        self.has_reference = uses_adapters or args.beta > 0 or (args.beta_end or 0) > 0 or args.dynamic_advantage
+        self.has_reference = uses_adapters or args.needs_reference
         reference = None
         if self.has_reference and not uses_adapters:
             reference = self._build_reference(model, model_init_kwargs)

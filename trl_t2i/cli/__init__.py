@@ -3,6 +3,7 @@
 trl-t2i grpo --config recipe.yaml --divergence js       # train (one process)
 accelerate launch -m trl_t2i.cli grpo --config ...     # train (any accelerate set-up)
 trl-t2i sample --model_name_or_path ... --adapter ...  # sample images
+trl-t2i plan --config recipe.yaml --gpu_memory_gb 24   # batch sizes and LoRA/QLoRA that fit a GPU
 trl-t2i push --output_dir ... --hub_model_id ...       # upload a training output
 """
 
@@ -26,6 +27,7 @@ COMMANDS = {
     "sample": "Sample images.",
     "evaluate": "Evaluate runs on reward and diversity; draw the frontier.",
     "frontier": "Sweep divergences × beta, then evaluate.",
+    "plan": "Plan batch sizes and LoRA/QLoRA for a GPU's memory.",
     "push": "Upload a training output to the Hub.",
     "convert_llamagen": "Convert official LlamaGen-T2I checkpoints into a model folder.",
 }

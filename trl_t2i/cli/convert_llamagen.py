@@ -11,9 +11,8 @@ missing and unexpected keys.
 
 from dataclasses import dataclass, field
 
-from trl import TrlParser
-
 from ..models.llamagen.conversion import convert_llamagen
+from .parsing import RecipeParser
 
 
 @dataclass
@@ -39,8 +38,8 @@ class ConvertLlamaGenArguments:
     )
 
 
-def make_parser() -> TrlParser:
-    return TrlParser(ConvertLlamaGenArguments)
+def make_parser() -> RecipeParser:
+    return RecipeParser(ConvertLlamaGenArguments)
 
 
 def main(args: ConvertLlamaGenArguments) -> str:

@@ -14,13 +14,12 @@ image grid per run and `frontier.png`: see `trl_t2i.evaluation`, which does the 
 
 from dataclasses import dataclass, field
 
-from trl import TrlParser
-
 from ..data import PROMPT_SETS, load_prompt_dataset
 from ..evaluation import BASE, EvaluationSettings, Run, evaluate_runs, print_table, read_run
 from ..models import TINY_JANUS
 from ..rewards import get_reward
 from .arguments import SamplingArguments
+from .parsing import RecipeParser
 
 
 @dataclass
@@ -65,8 +64,8 @@ class EvaluateArguments(SamplingArguments, EvaluationSettings):
             raise ValueError(f"num_prompts must be >= 1 (or unset for all prompts), got {self.num_prompts}.")
 
 
-def make_parser() -> TrlParser:
-    return TrlParser(EvaluateArguments)
+def make_parser() -> RecipeParser:
+    return RecipeParser(EvaluateArguments)
 
 
 def main(args: EvaluateArguments) -> list[dict]:

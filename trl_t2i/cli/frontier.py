@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from trl import TrlParser
 
 from ..checkpoints import latest_checkpoint
 from ..data import load_prompt_dataset
@@ -29,7 +28,7 @@ from ..evaluation import BASE, DIVERSITY_METRICS, EvaluationSettings, Run, evalu
 from ..rewards import get_reward
 from ..sweep import check_finished_run, is_finished, run_name, sweep
 from . import grpo
-from .parsing import find_recipe
+from .parsing import RecipeParser, find_recipe
 
 
 @dataclass
@@ -119,8 +118,8 @@ class FrontierArguments:
         return flags
 
 
-def make_parser() -> TrlParser:
-    return TrlParser(FrontierArguments)
+def make_parser() -> RecipeParser:
+    return RecipeParser(FrontierArguments)
 
 
 def main(args: FrontierArguments) -> list[dict]:

@@ -6,9 +6,8 @@ push that failed at the end of training:
 
 from dataclasses import dataclass, field
 
-from trl import TrlParser
-
 from ..hub import push_output
+from .parsing import RecipeParser
 
 
 @dataclass
@@ -21,8 +20,8 @@ class PushArguments:
     revision: str | None = field(default=None, metadata={"help": "Branch to push to."})
 
 
-def make_parser() -> TrlParser:
-    return TrlParser(PushArguments)
+def make_parser() -> RecipeParser:
+    return RecipeParser(PushArguments)
 
 
 def main(args: PushArguments) -> str:

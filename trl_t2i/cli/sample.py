@@ -11,12 +11,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from trl import TrlParser
 
 from ..decoding import compile_setting, resolve_compile, sample_image_tokens
 from ..images import make_grid, to_pil
 from ..models import TINY_JANUS, get_family, load_model, load_processor
 from .arguments import SamplingArguments
+from .parsing import RecipeParser
 
 
 @dataclass
@@ -78,8 +78,8 @@ def main(args: SampleArguments) -> Path:
     return grid_path
 
 
-def make_parser() -> TrlParser:
-    return TrlParser(SampleArguments)
+def make_parser() -> RecipeParser:
+    return RecipeParser(SampleArguments)
 
 
 if __name__ == "__main__":
