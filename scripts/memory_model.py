@@ -251,6 +251,7 @@ def check(args: ScriptArguments) -> None:
         reward=None,
         weight_dtype="float32",
         mixed_precision=False,
+        compiled_rollouts=False,  # on CPU rollouts are eager (`compile_rollouts: auto`)
     )
     result = estimate(architecture, setup)
 

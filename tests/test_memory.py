@@ -17,6 +17,7 @@ from trl_t2i.decoding import prefill_distinct_rows
 from trl_t2i.divergences import DIVERGENCES, get_divergence
 from trl_t2i.memory import (
     EXACT_CHUNK_TEMPORARIES,
+    PHASES,
     Architecture,
     LiveTensorBytes,
     TrainingSetup,
@@ -133,7 +134,8 @@ def test_real_size_parameters_match_the_model_built_on_the_meta_device(architect
 
 @pytest.mark.parametrize("family_name", ["janus", "llamagen"])
 @pytest.mark.parametrize("cfg_scale", [5.0, 1.0])
-def test_kv_cache_bytes_equal_the_buffers_the_sampler_allocates(family_name, cfg_scale):
+@pytest.mark.parametrize("compiled", [False, True])
+def test_kv_cache_bytes_equal_the_buffers_the_sampler_allocates(family_name, cfg_scale, compiled):
     if family_name == "janus":
         model, processor = build_tiny_janus()
         from_config = Architecture.from_janus_config
@@ -144,14 +146,18 @@ def test_kv_cache_bytes_equal_the_buffers_the_sampler_allocates(family_name, cfg
     conditioning = family.encode_prompts(["a red cat"] * 3 + ["a big blue dog on the beach"] * 3)
     guided = cfg_scale != 1.0
     rows = family.guided_rows(conditioning) if guided else conditioning
-    with torch.no_grad():
-        _, state = prefill_distinct_rows(family, model, rows)  # what `sample_image_tokens` decodes with
-    if family_name == "janus":
-        buffers = [buffer for layer in state.cache.layers for buffer in (layer.key_buffer, layer.value_buffer)]
-    else:
+    with torch.no_grad():  # what `sample_image_tokens` decodes with, eager or compiled (`StaticDecoder`)
+        _, state = family.prefill(model, rows, static=True) if compiled else prefill_distinct_rows(family, model, rows)
+    if family_name == "llamagen":
         buffers = [buffer for pair in state.cache.buffers for buffer in pair]
+    elif compiled:
+        buffers = [buffer for layer in state.cache.layers for buffer in (layer.keys, layer.values)]
+    else:
+        buffers = [buffer for layer in state.cache.layers for buffer in (layer.key_buffer, layer.value_buffer)]
     architecture = from_config(model.config, prompt_length=conditioning.tensors["input_ids"].size(1))
-    setup = TrainingSetup(rollout_images=len(conditioning), micro_batch=1, guided_sampling=guided, **FP32)
+    setup = TrainingSetup(
+        rollout_images=len(conditioning), micro_batch=1, guided_sampling=guided, compiled_rollouts=compiled, **FP32
+    )
     assert kv_cache_bytes(architecture, setup) == sum(buffer.nbytes for buffer in buffers)
 
 
@@ -188,8 +194,12 @@ def test_4bit_estimate_keeps_the_skipped_modules_at_full_precision():
     nf4 = dataclasses.replace(bf16, load_in_4bit=True, double_quant=True)
     full, quantized = weight_bytes(architecture, bf16), weight_bytes(architecture, nf4)
     assert quantized["LM linears"] == pytest.approx(architecture.lm_linear_params * (0.5 + 1 / 64), rel=1e-3)
-    for component in ("text embeddings", "lm_head", "vision tower", "generation head", "generation aligner", "VQ-VAE"):
+    for component in ("text embeddings", "lm_head", "vision tower", "generation aligner", "VQ-VAE"):
         assert quantized[component] == full[component] == 2 * architecture.components()[component]
+    # the image head is kept in fp32 (`ModelFamily.upcast_image_head`), except in DeepSpeed's bf16 model
+    assert quantized["generation head"] == full["generation head"] == 4 * architecture.components()["generation head"]
+    zero2 = weight_bytes(architecture, dataclasses.replace(bf16, zero_stage=2, num_processes=2))
+    assert zero2["generation head"] == 2 * architecture.components()["generation head"]
 
 
 def _replay_training_step(score_policy, score_reference, image_tokens, divergence, estimator, live) -> dict:
@@ -230,9 +240,8 @@ def _replay_training_step(score_policy, score_reference, image_tokens, divergenc
 
 
 HEADS = {  # how the logits reach the trainer: (dtype of the head, cast to fp32 at the forward's output)
-    "fp32": (torch.float32, False),
-    "bf16 autocast": (torch.bfloat16, True),  # accelerate's `convert_outputs_to_fp32`
-    "bf16 DeepSpeed": (torch.bfloat16, False),  # a bf16 model, no autocast
+    "fp32": (torch.float32, False),  # fp32 weights, or bf16 ones under autocast: the head is kept in fp32
+    "bf16 DeepSpeed": (torch.bfloat16, True),  # a bf16 model: `image_head_logits` casts the bf16 logits
 }
 
 
@@ -325,6 +334,7 @@ def test_training_peaks_match_the_live_tensors_of_a_trainer_step(tmp_path, monke
         weight_dtype="float32",
         mixed_precision=bf16,
         reward=None,
+        compiled_rollouts=False,  # rollouts on CPU are eager (`compile_rollouts: auto`)
     )
     result = estimate(Architecture.from_janus_config(model.config, prompt_length=prompt_length), setup)
     predicted = {phase: script.dynamic_bytes(result, phase) for phase in result.phases}
@@ -403,10 +413,16 @@ def test_llamagen_fp32_decoding_matches_the_live_tensors(dtype):
 
 
 def test_phases_that_do_not_coexist_are_not_added():
-    result = estimate(janus_pro_1b(), TrainingSetup(rollout_images=32, micro_batch=4, lora_r=32))
+    result = estimate(
+        janus_pro_1b(), TrainingSetup(rollout_images=32, micro_batch=4, lora_r=32, compiled_rollouts=False)
+    )
     kv_cache = next(item for item in result.items if item.name.startswith("KV cache"))
     tables = next(item for item in result.items if item.name.startswith("(B, N, V) tables"))
     assert kv_cache.phases == ("sampling",) and tables.phases == ("loss",)
+    # The compiled decode keeps its static cache (608 positions rounded up to 640) between rollouts
+    compiled = estimate(janus_pro_1b(), dataclasses.replace(result.setup, compiled_rollouts=True))
+    static = next(item for item in compiled.items if item.name.startswith("KV cache"))
+    assert static.phases == PHASES and static.bytes == kv_cache.bytes * 640 / 608
     assert result.peak == max(result.phase_total(phase) for phase in result.phases)
     assert result.peak < sum(item.bytes for item in result.items)
     assert tables.bytes == training_tables(janus_pro_1b(), result.setup) * table_bytes(janus_pro_1b(), result.setup)

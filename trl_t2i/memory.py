@@ -27,6 +27,7 @@ from torch.utils._pytree import tree_leaves
 from transformers import JanusConfig, JanusVisionConfig, JanusVQVAEConfig, T5Config
 
 from . import divergences
+from .models.base import static_cache_length
 from .models.llamagen import LlamaGenConfig
 
 
@@ -90,6 +91,9 @@ class Architecture:
             Tokens per image `N`.
         prompt_length (`int`):
             Prompt positions `P` before the first image token (prompts are left-padded to the longest in a batch).
+        static_prompt_length (`int` or `None`):
+            The prompt positions of the compiled decode's static cache, when not `prompt_length` (LlamaGen pads every
+            caption to `caption_length` there).
         vision_tower_params (`int`), vision_aligner_params (`int`):
             Janus' understanding encoder (SigLIP) and its aligner: loaded, never run by image generation.
         caption_encoder_params (`int`), caption_aligner_params (`int`):
@@ -99,8 +103,6 @@ class Architecture:
             Janus' `generation_aligner` and the image head (Janus: `generation_head`; LlamaGen: `image_head`).
         generation_head_width (`int`):
             Hidden width of a two-layer image head (Janus' `generation_head.proj_out`); `0` for a single linear.
-        head_logits_fp32 (`bool`):
-            Whether the model returns its image logits in fp32 whatever the compute dtype (LlamaGen does).
         vq_params (`int`), vq_decoder_params (`int`):
             The VQ-VAE (encoder, codebook, decoder), and its decoder part (`post_quant_conv` and the decoder).
         vq_decodes_in_fp32 (`bool`):
@@ -126,6 +128,7 @@ class Architecture:
     codebook_size: int
     num_image_tokens: int
     prompt_length: int
+    static_prompt_length: int | None = None
     vision_tower_params: int = 0
     vision_aligner_params: int = 0
     caption_encoder_params: int = 0
@@ -134,7 +137,6 @@ class Architecture:
     generation_aligner_params: int = 0
     generation_head_params: int = 0
     generation_head_width: int = 0
-    head_logits_fp32: bool = False
     vq_params: int = 0
     vq_decoder_params: int = 0
     vq_decodes_in_fp32: bool = False
@@ -191,11 +193,11 @@ class Architecture:
             codebook_size=config.codebook_size,
             num_image_tokens=config.num_image_tokens,
             prompt_length=prompt_length,
+            static_prompt_length=config.caption_length,
             caption_encoder_params=_t5_encoder_params(config.text_encoder_config),
             caption_aligner_params=(config.caption_dim + config.hidden_size) * config.hidden_size,  # fc1, fc2
             generation_embedding_params=config.codebook_size * config.hidden_size,
             generation_head_params=config.hidden_size * config.codebook_size,  # no bias
-            head_logits_fp32=True,
             vq_params=_vqvae_params(vq),
             vq_decoder_params=_vq_decoder_params(vq),
             vq_decodes_in_fp32=True,
@@ -459,6 +461,10 @@ class TrainingSetup:
             A key of `REWARD_MODELS`; `None` (or a reward without a model) holds nothing.
         reward_batch_size (`int`, *optional*, defaults to `32`):
             Images per reward forward (`ModelReward`'s default).
+        compiled_rollouts (`bool`, *optional*, defaults to `True`):
+            Rollouts decode compiled (`compile_rollouts: auto` on a GPU): the static KV cache holds the prompt and the
+            image rounded up to a multiple of 64 positions, and stays allocated between rollouts (in every phase),
+            so that the compiled step's CUDA graph keeps its addresses.
     """
 
     rollout_images: int
@@ -479,6 +485,7 @@ class TrainingSetup:
     zero_stage: int = 0
     reward: str | None = "hpsv2"
     reward_batch_size: int = 32
+    compiled_rollouts: bool = True
 
     def __post_init__(self):
         if self.weight_dtype not in ("bfloat16", "float32"):
@@ -500,10 +507,10 @@ class TrainingSetup:
         return 2 if self.mixed_precision else self.weight_bytes
 
     @property
-    def fp32_outputs(self) -> bool:
-        """Whether the model's outputs reach the trainer in fp32: accelerate's bf16 autocast (on every set-up but
-        DeepSpeed, which runs a bf16 model) wraps the prepared model's forward in `convert_outputs_to_fp32`."""
-        return self.mixed_precision and self.zero_stage == 0
+    def fp32_image_head(self) -> bool:
+        """Whether the image head's weights are fp32 (`ModelFamily.upcast_image_head`): DeepSpeed casts the whole model
+        to bf16 (and FSDP, not modelled, keeps one dtype)."""
+        return self.zero_stage == 0
 
 
 @dataclass(frozen=True)
@@ -612,6 +619,8 @@ def estimate(architecture: Architecture, setup: TrainingSetup) -> MemoryEstimate
 def weight_bytes(architecture: Architecture, setup: TrainingSetup) -> dict[str, float]:
     """Bytes of each component's weights on one process (before any ZeRO-3 sharding)."""
     sizes = {name: params * setup.weight_bytes for name, params in architecture.components().items()}
+    if setup.fp32_image_head:
+        sizes["generation head"] = architecture.generation_head_params * 4
     if setup.load_in_4bit:
         sizes["LM linears"] = architecture.num_layers * sum(
             nf4_bytes(i * o, setup.double_quant) for i, o in architecture.lm_linear_shapes().values()
@@ -640,7 +649,7 @@ def _weight_items(arch: Architecture, setup: TrainingSetup) -> list[MemoryItem]:
         f"text embeddings and lm_head ({dtype})": ["text embeddings", "lm_head"],
         f"vision tower and aligner, unused by T2I ({dtype})": ["vision tower", "vision aligner"],
         f"T5 caption encoder and caption MLP ({dtype})": ["caption encoder", "caption aligner"],
-        f"image embeddings, aligner and head ({dtype})": [
+        f"image embeddings, aligner ({dtype}) and head ({'fp32' if setup.fp32_image_head else dtype})": [
             "generation embeddings",
             "generation aligner",
             "generation head",
@@ -697,12 +706,17 @@ def _rollout_items(arch: Architecture, setup: TrainingSetup) -> list[MemoryItem]
         gathered = sum(weight_bytes(arch, setup).values())
         items.append(MemoryItem("ZeRO-3: weights gathered for generation", gathered, (SAMPLING, DECODING)))
     rows = setup.rollout_images * (2 if setup.guided_sampling else 1)
-    positions = arch.prompt_length + arch.num_image_tokens
-    name = f"KV cache: {rows} rows × {positions} positions × {arch.num_layers} layers"
-    items.append(MemoryItem(name, kv_cache_bytes(arch, setup), (SAMPLING,)))
+    name = f"KV cache: {rows} rows × {kv_cache_positions(arch, setup)} positions × {arch.num_layers} layers"
+    if setup.compiled_rollouts:  # the static cache of the compiled decode stays between rollouts
+        items.append(MemoryItem(f"{name} (static, kept)", kv_cache_bytes(arch, setup)))
+    else:
+        items.append(MemoryItem(name, kv_cache_bytes(arch, setup), (SAMPLING,)))
     if folds_adapters(setup):
-        folded = arch.lm_linear_params * setup.weight_bytes
-        items.append(MemoryItem("LoRA folded into a copy of the LM linears while sampling", folded, (SAMPLING,)))
+        originals = arch.lm_linear_params * setup.weight_bytes
+        items.append(MemoryItem("LoRA folded: the LM linears' original weights, kept aside", originals, (SAMPLING,)))
+        if setup.weight_bytes != 4:  # each fold is computed in fp32, one linear at a time
+            largest = max(i * o for i, o in arch.lm_linear_shapes().values()) * 4
+            items.append(MemoryItem("LoRA folded: one LM linear in fp32 while folding", largest, (SAMPLING,)))
     decoded = min(setup.micro_batch, setup.rollout_images)
     items.append(
         MemoryItem(f"VQ decoding, {decoded} images at a time", vq_decode_bytes(arch, setup, decoded), (DECODING,))
@@ -729,15 +743,22 @@ def _rollout_items(arch: Architecture, setup: TrainingSetup) -> list[MemoryItem]
 
 def kv_cache_bytes(arch: Architecture, setup: TrainingSetup) -> int:
     """Keys and values of every layer for every sampled row, allocated once for the prompt and every image token
-    (`PreallocatedLayer`, `LlamaGenKVCache`)."""
+    (`PreallocatedLayer`, `LlamaGenKVCache`; compiled: the static caches, `kv_cache_positions`)."""
     rows = setup.rollout_images * (2 if setup.guided_sampling else 1)
-    positions = arch.prompt_length + arch.num_image_tokens
-    return arch.num_layers * 2 * rows * positions * arch.kv_width * setup.act_bytes
+    return arch.num_layers * 2 * rows * kv_cache_positions(arch, setup) * arch.kv_width * setup.act_bytes
+
+
+def kv_cache_positions(arch: Architecture, setup: TrainingSetup) -> int:
+    """Positions of the KV cache: the prompt and the image, rounded up as the compiled decode's static cache rounds
+    them (`static_cache_length`)."""
+    if not setup.compiled_rollouts:
+        return arch.prompt_length + arch.num_image_tokens
+    return static_cache_length((arch.static_prompt_length or arch.prompt_length) + arch.num_image_tokens)
 
 
 def folds_adapters(setup: TrainingSetup) -> bool:
-    """Whether sampling runs with LoRA folded into new copies of the LM linears (`merge_adapters_for_rollouts`,
-    on by default): not over 4-bit weights, nor over ZeRO-3 shards."""
+    """Whether sampling runs with LoRA folded into the LM linears, their originals copied aside
+    (`merge_adapters_for_rollouts`, on by default): not over 4-bit weights, nor over ZeRO-3 shards."""
     return setup.lora_r is not None and not setup.load_in_4bit and setup.zero_stage != 3
 
 
@@ -771,16 +792,13 @@ def scoring_forward_tables(arch: Architecture, setup: TrainingSetup) -> float:
 
 
 def _scored_logits(arch: Architecture, setup: TrainingSetup) -> tuple[float, float, float]:
-    """The image head's logits of a scored micro-batch, in tables: as the forward returns them, their fp32 copies
-    made by `token_logits`, and the peak of accelerate's cast of the forward's outputs to fp32 (the head's logits
-    and their copy)."""
+    """The image head's logits of a scored micro-batch, in tables: as the forward returns them (fp32, from
+    `image_head_logits`), fp32 copies made after it (none), and the peak of the forward's own cast to fp32 when the
+    head computes in bf16 (DeepSpeed's bf16 model: the bf16 logits and their fp32 copy)."""
     rows = 2 if setup.guided_scoring else 1  # rows per image
-    head = 1 if arch.head_logits_fp32 else setup.act_bytes / 4  # of a row, as the head computes them
-    if head == 1:
+    if setup.fp32_image_head:
         return rows, 0, 0
-    if setup.fp32_outputs:
-        return rows, 0, rows * head + rows
-    return rows * head, rows, 0
+    return rows, 0, rows * setup.act_bytes / 4 + rows
 
 
 def training_table_peaks(arch: Architecture, setup: TrainingSetup) -> dict[str, float]:

@@ -224,6 +224,7 @@ def recipe_memory(
         num_processes=num_processes,
         zero_stage=zero_stage,
         reward=next((name for name in script_args.reward_funcs if name in REWARD_MODELS), None),
+        compiled_rollouts=training_args.compile_rollouts != "false",  # `auto` compiles on a GPU
     )
     return RecipeMemory(
         architecture=architecture_for(model_args.model_name_or_path),

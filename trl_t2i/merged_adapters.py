@@ -60,8 +60,7 @@ def merged_adapters(model: nn.Module) -> Iterator[None]:
             for layer in _lora_layers(model):
                 weight = layer.get_base_layer().weight
                 originals.append((layer, weight, weight.detach().clone()))
-                folded = weight.float() + sum(_delta_fp32(layer, name) for name in layer.active_adapters)
-                weight.copy_(folded)
+                weight.copy_(_folded_fp32(layer, weight))
                 layer.enable_adapters(False)
         yield
     finally:
@@ -71,9 +70,14 @@ def merged_adapters(model: nn.Module) -> Iterator[None]:
                 layer.enable_adapters(True)
 
 
-def _delta_fp32(layer: LoraLinear, adapter: str) -> torch.Tensor:
-    """`s·BA` of one adapter in fp32 (PEFT's `get_delta_weight` computes it in the adapter's dtype)."""
-    if adapter not in layer.lora_A:
-        return 0.0
-    delta = layer.lora_B[adapter].weight.float() @ layer.lora_A[adapter].weight.float() * layer.scaling[adapter]
-    return delta.T if layer.fan_in_fan_out else delta
+def _folded_fp32(layer: LoraLinear, weight: torch.Tensor) -> torch.Tensor:
+    """`W + Σ s·BA` over the active adapters, in fp32 (PEFT's `get_delta_weight` computes `BA` in the adapter's
+    dtype and would round it once more): one fp32 temporary the size of `W`, the products accumulated into it."""
+    folded = weight.float()
+    for name in layer.active_adapters:
+        if name in layer.lora_A:
+            down, up = layer.lora_A[name].weight.float(), layer.lora_B[name].weight.float()
+            # `fan_in_fan_out` stores W as (in, out): the delta is (BA)ᵀ = AᵀBᵀ
+            factors = (down.T, up.T) if layer.fan_in_fan_out else (up, down)
+            folded.addmm_(*factors, alpha=layer.scaling[name])
+    return folded
