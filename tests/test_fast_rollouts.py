@@ -24,28 +24,6 @@ def _sample(family, model, conditioning, sampling, **kwargs):
     return sample_image_tokens(family, model, conditioning, sampling, return_conditional_logps=True, **kwargs)
 
 
-def test_the_compiled_decode_samples_the_same_tokens_and_logps_as_the_eager_one(tiny_family, prompts):
-    model, _, family, _ = tiny_family
-    conditioning = family.encode_prompts(prompts)  # prompts of different lengths: left padding in the cache
-    for sampling in WARPS:
-        eager = _sample(family, model, conditioning, sampling)
-        compiled = _sample(family, model, conditioning, sampling, compile=True)
-        assert torch.equal(compiled.image_tokens, eager.image_tokens)
-        torch.testing.assert_close(compiled.logps, eager.logps, atol=1e-5, rtol=0)
-        torch.testing.assert_close(compiled.conditional_logps, eager.conditional_logps, atol=1e-5, rtol=0)
-
-    # Another batch of as many rows but other prompt lengths reuses the compiled step (no new graph).
-    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    shorter = family.encode_prompts(["a cat"] * len(prompts))
-    torch.testing.assert_close(
-        _sample(family, model, shorter, WARPS[0], compile=True).logps,
-        _sample(family, model, shorter, WARPS[0]).logps,
-        atol=1e-5,
-        rtol=0,
-    )
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
-
-
 def _addresses(decoder) -> set[int]:
     """Where the tensors a compiled step reads live: every shape's KV cache, mask and decode buffers."""
     tensors = []
@@ -57,22 +35,30 @@ def _addresses(decoder) -> set[int]:
     return {tensor.data_ptr() for tensor in tensors}
 
 
-def test_a_compiled_decode_reuses_its_graph_and_buffers_for_every_batch_that_fits(tiny_family, prompts):
+def _assert_same_sample(compiled, eager):
+    assert torch.equal(compiled.image_tokens, eager.image_tokens)
+    torch.testing.assert_close(compiled.logps, eager.logps, atol=1e-5, rtol=0)
+    torch.testing.assert_close(compiled.conditional_logps, eager.conditional_logps, atol=1e-5, rtol=0)
+
+
+def test_the_compiled_decode_samples_like_the_eager_one_and_reuses_its_graph_and_buffers(tiny_family, prompts):
     model, _, family, _ = tiny_family
-    decoder = static_decoder(family)
+    decoder, sampling = static_decoder(family), WARPS[1]  # guidance, temperature, top-k and top-p
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    _sample(family, model, family.encode_prompts(prompts), WARPS[1], compile=True)
+
+    def same_as_eager(texts):
+        conditioning = family.encode_prompts(texts)
+        _assert_same_sample(*(_sample(family, model, conditioning, sampling, compile=flag) for flag in (True, False)))
+
+    same_as_eager(prompts)  # prompts of different lengths: left padding in the cache
     compiled = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     assert compiled == graphs + 1
     addresses = _addresses(decoder)
 
-    # Other prompts, then a last partial batch (padded to the compiled 4 rows): the same graph, the same tensors,
-    # and for the real rows the tokens and log-probs of an eager decode of just them.
-    _sample(family, model, family.encode_prompts(prompts[::-1]), WARPS[1], compile=True)
-    partial = family.encode_prompts(prompts[:3])
-    padded, eager = (_sample(family, model, partial, WARPS[1], compile=flag) for flag in (True, False))
-    assert torch.equal(padded.image_tokens, eager.image_tokens) and padded.image_tokens.shape[0] == 3
-    torch.testing.assert_close(padded.logps, eager.logps, atol=1e-5, rtol=0)
+    # Prompts of other lengths, then a last partial batch (padded to the compiled 4 rows): the same graph, the same
+    # tensors, and for the real rows the tokens and log-probs of an eager decode of just them.
+    same_as_eager(["a cat"] * len(prompts))
+    same_as_eager(prompts[:3])
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == compiled
     assert _addresses(decoder) == addresses and len(decoder.shapes) == 1
 
@@ -153,7 +139,7 @@ def test_qlora_adapters_cannot_be_folded(tmp_path):
 
 @pytest.mark.parametrize(
     ("model", "merge", "compile"),
-    [(TINY_JANUS, True, False), (TINY_JANUS, False, False), (TINY_JANUS, True, True), (TINY_LLAMAGEN, True, True)],
+    [(TINY_JANUS, True, False), (TINY_JANUS, False, False), (TINY_LLAMAGEN, True, True)],  # Janus compiled: below
 )
 def test_the_trainer_samples_with_folded_adapters_and_on_policy_logps(tmp_path, model, merge, compile):
     trainer = make_trainer(tmp_path, model=model, merge_adapters_for_rollouts=merge, compile_rollouts=compile)
@@ -277,3 +263,7 @@ def test_a_compiled_run_compiles_its_decode_step_once_and_keeps_its_tensors(tmp_
     assert all(entry == addresses[0] for entry in addresses)
     compile_times = [entry["time/compile"] for entry in trainer.state.log_history if "time/compile" in entry]
     assert len(compile_times) == 1 and compile_times[0] > 0
+    # on-policy: the compiled sampler's log-probs are teacher forcing's, every step and evaluation
+    gaps = [(key, entry[key]) for entry in trainer.state.log_history for key in entry if key.endswith("logp_gap_max")]
+    assert {key for key, _ in gaps} == {"sampling/logp_gap_max", "eval_sampling/logp_gap_max"}
+    assert max(gap for _, gap in gaps) < 1e-5
