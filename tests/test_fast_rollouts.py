@@ -10,7 +10,7 @@ from peft import LoraConfig, get_peft_model
 from trl_t2i import T2IGRPOTrainer
 from trl_t2i.decoding import sample_image_tokens, static_decoder
 from trl_t2i.merged_adapters import folded_bytes, merged_adapters, why_not_mergeable
-from trl_t2i.models import TINY_JANUS, TINY_LLAMAGEN, get_family
+from trl_t2i.models import TINY_JANUS, TINY_LLAMAGEN, base, get_family
 from trl_t2i.models.llamagen import LlamaGenFamily
 from trl_t2i.rewards import colour_match
 from trl_t2i.sampling import SamplingConfig
@@ -41,8 +41,13 @@ def _assert_same_sample(compiled, eager):
     torch.testing.assert_close(compiled.conditional_logps, eager.conditional_logps, atol=1e-5, rtol=0)
 
 
-def test_the_compiled_decode_samples_like_the_eager_one_and_reuses_its_graph_and_buffers(tiny_family, prompts):
+def test_the_compiled_decode_samples_like_the_eager_one_and_reuses_its_graph_and_buffers(
+    tiny_family, prompts, monkeypatch
+):
     model, _, family, _ = tiny_family
+    # Early positions attend over part of the static cache, rounded up to a multiple of 16 here (of 128 by default:
+    # the tiny models' caches hold 64 (Janus) and 192 (LlamaGen) positions)
+    monkeypatch.setattr(base, "ATTENDED_LENGTH_MULTIPLE", 16)
     decoder, sampling = static_decoder(family), WARPS[1]  # guidance, temperature, top-k and top-p
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
@@ -51,11 +56,14 @@ def test_the_compiled_decode_samples_like_the_eager_one_and_reuses_its_graph_and
         _assert_same_sample(*(_sample(family, model, conditioning, sampling, compile=flag) for flag in (True, False)))
 
     same_as_eager(prompts)  # prompts of different lengths: left padding in the cache
+    attended = sorted(length for _, length in decoder.calls)
+    ((state, _),) = decoder.shapes.values()
+    assert len(attended) >= 2 and attended[-1] < state.cache.max_length and all(n % 16 == 0 for n in attended)
     compiled = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    assert compiled == graphs + 1
+    assert compiled == graphs + len(attended)  # one graph per attended length
     addresses = _addresses(decoder)
 
-    # Prompts of other lengths, then a last partial batch (padded to the compiled 4 rows): the same graph, the same
+    # Prompts of other lengths, then a last partial batch (padded to the compiled 4 rows): the same graphs, the same
     # tensors, and for the real rows the tokens and log-probs of an eager decode of just them.
     same_as_eager(["a cat"] * len(prompts))
     same_as_eager(prompts[:3])

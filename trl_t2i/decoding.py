@@ -249,6 +249,8 @@ class StaticDecoder:
         self.family = family
         self.steps: dict[str, callable] = {}
         self.shapes: dict[tuple, tuple[DecodeState, DecodeBuffers]] = {}
+        self.calls: dict[tuple, int] = {}
+        """Calls of each graph: batch shape and attended length."""
         self.compile_seconds = 0.0
         """Seconds spent in the first calls of each new shape (compilation and CUDA-graph capture)."""
 
@@ -285,8 +287,7 @@ class StaticDecoder:
         key += (return_entropies, model.device)
         state, buffers = self.shapes.get(key, (None, None))
         logits, state = family.prefill(model, rows, static=True, reuse=state)
-        first_call = buffers is None
-        if first_call:
+        if buffers is None:
             logger.warning(
                 f"Compiling the image decode step for batches of {len(padded)} images (once per batch shape and run; "
                 "up to a minute on GPU)."
@@ -307,9 +308,13 @@ class StaticDecoder:
             if position + 1 == num_tokens:  # no model step after the last token: not worth a graph of its own
                 decode_position(family, model, state, buffers, sampling, not do_sample, advance=False)
                 continue
+            state.attend(position)  # one graph per attended length (`ATTENDED_LENGTH_MULTIPLE`)
             if cuda_graphs:  # nothing the previous replay returned is read again: it may be overwritten
                 torch.compiler.cudagraph_mark_step_begin()
-            if first_call and position < 2:  # compiled at the first call; the CUDA graph captured at the second
+            graph = (key, state.cache.attended)
+            calls = self.calls.get(graph, 0)
+            self.calls[graph] = calls + 1
+            if calls < 2:  # compiled at the first call; the CUDA graph captured at the second
                 self.compile_seconds += _seconds(step, family, model, state, buffers, sampling, not do_sample)
             else:
                 step(family, model, state, buffers, sampling, not do_sample)

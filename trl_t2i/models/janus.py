@@ -14,6 +14,36 @@ from transformers.cache_utils import Cache, DynamicLayer, StaticLayer
 from .base import Conditioning, DecodeState, ModelFamily, image_head_logits, static_cache_length
 
 
+class AttendedStaticLayer(StaticLayer):
+    """transformers' `StaticLayer` (fixed-shape buffers for `max_cache_len` positions, a tensor position counter, so
+    one compiled step serves every position) whose attention reads only its first `attended` positions
+    (`DecodeState.attend`): the step writes the new keys and values in place and returns views of those positions."""
+
+    def __init__(self, max_cache_len: int):
+        super().__init__(max_cache_len)
+        self.attended = max_cache_len
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        keys, values = super().update(key_states, value_states, *args, **kwargs)
+        return keys[:, :, : self.attended], values[:, :, : self.attended]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.attended, 0
+
+
+class StaticDecodeCache(Cache):
+    """A `Cache` of `AttendedStaticLayer`s for the compiled decode, all attending over the same positions."""
+
+    def __init__(self, num_layers: int, max_length: int):
+        super().__init__(layers=[AttendedStaticLayer(max_length) for _ in range(num_layers)])
+        self.max_length = self.attended = max_length
+
+    def attend(self, length: int) -> None:
+        self.attended = length
+        for layer in self.layers:
+            layer.attended = length
+
+
 class PreallocatedLayer(DynamicLayer):
     """A `DynamicLayer` whose keys and values live in buffers allocated once for `max_length` positions: `update`
     writes the new positions in place and returns views of the positions so far, instead of concatenating the whole
@@ -134,6 +164,9 @@ class JanusFamily(ModelFamily):
         if static:
             state = reuse or self._new_static_state(model, len(input_ids), self.static_decode_length(conditioning))
             state.cache.reset()  # in place: the buffers keep their addresses
+            state.cache.attend(
+                state.cache.max_length
+            )  # the prompt: the whole cache, as the decode steps do at the end
             state.attention_mask.fill_(1)  # image positions, and the positions past the image (causality hides them)
             state.attention_mask[:, :prompt_length] = attention_mask
             state.length = prompt_length
@@ -157,17 +190,15 @@ class JanusFamily(ModelFamily):
 
     @staticmethod
     def _new_static_state(model, rows: int, max_length: int) -> DecodeState:
-        """transformers' `StaticLayer`s (fixed-shape buffers, a tensor position: one compiled step for every position)
-        and a mask of `max_length` positions."""
-        num_layers = model.config.get_text_config().num_hidden_layers
-        cache = Cache(layers=[StaticLayer(max_length) for _ in range(num_layers)])
+        """A `StaticDecodeCache` of `max_length` positions and their mask."""
+        cache = StaticDecodeCache(model.config.get_text_config().num_hidden_layers, max_length)
         attention_mask = torch.ones(rows, max_length, dtype=torch.long, device=model.device)
         torch._dynamo.mark_static_address(attention_mask)
         return DecodeState(cache=cache, attention_mask=attention_mask, static=True)
 
     def step(self, model, image_tokens, state):
         if state.static:
-            attention_mask = state.attention_mask
+            attention_mask = state.attention_mask[:, : state.cache.attended]
         else:
             state.length += 1
             attention_mask = state.attention_mask[:, : state.length]

@@ -96,6 +96,7 @@ class LlamaGenFamily(ModelFamily):
             for name, tensor in reuse.conditioning.tensors.items():
                 tensor.copy_(conditioning.tensors[name])
         reuse.cache.reset(model.device)
+        reuse.length = self.config.caption_length  # positions before the image (`DecodeState.attend`)
         output = model(**reuse.conditioning.tensors, cache=reuse.cache, use_cache=True)
         return output.logits[:, -1], reuse
 

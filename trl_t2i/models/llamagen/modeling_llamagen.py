@@ -107,14 +107,20 @@ class LlamaGenKVCache:
 
 class StaticLlamaGenKVCache(LlamaGenKVCache):
     """A `LlamaGenKVCache` of fixed shapes, for a decode step compiled once (`torch.compile`, CUDA graphs): every
-    layer's buffers hold `max_length` positions and `update` returns them whole (causality hides the positions not
-    written yet), and the number of positions cached is a tensor advanced in place, not a Python int. `reset` empties
-    it in place, so that later decodes reuse the tensors a compiled step was captured with."""
+    layer's buffers hold `max_length` positions and `update` returns their first `attended` ones (`attend`; causality
+    hides the positions not written yet), and the number of positions cached is a tensor advanced in place, not a
+    Python int. `reset` empties it in place, so that later decodes reuse the tensors a compiled step was captured
+    with."""
 
     def __init__(self, max_length: int):
         super().__init__(max_length)
         self.position: torch.Tensor | None = None
         self.filled = False
+        self.attended = max_length
+
+    def attend(self, length: int) -> None:
+        """Let the next forwards attend over the first `length` positions only."""
+        self.attended = length
 
     def past_length(self) -> torch.Tensor:
         return self.position
@@ -125,7 +131,7 @@ class StaticLlamaGenKVCache(LlamaGenKVCache):
 
     @property
     def key_length(self) -> int:
-        return self.max_length
+        return self.attended
 
     def update(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if layer_idx == len(self.buffers):
@@ -137,7 +143,7 @@ class StaticLlamaGenKVCache(LlamaGenKVCache):
         key_buffer, value_buffer = self.buffers[layer_idx]
         key_buffer.index_copy_(2, index, keys)
         value_buffer.index_copy_(2, index, values)
-        return key_buffer, value_buffer
+        return key_buffer[:, :, : self.attended], value_buffer[:, :, : self.attended]
 
     def advance(self, length: int) -> None:
         self.position.add_(length)
@@ -153,6 +159,7 @@ class StaticLlamaGenKVCache(LlamaGenKVCache):
             _mark_static(self.position)
         self.position.zero_()
         self.filled = False
+        self.attended = self.max_length
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         raise NotImplementedError("A static cache keeps its rows: prefill it with every row instead.")
