@@ -318,8 +318,9 @@ def train_steps(scale: Scale, overrides: dict, steps: int) -> dict:
 
 
 def memory_model_peak(config, scale: Scale, overrides: dict) -> float:
-    """The memory model's peak for the step part's setup (no reward model: `colour_match` holds no weights)."""
-    from trl_t2i.memory import Architecture, TrainingSetup, estimate
+    """The memory model's peak for the step part's setup, without the CUDA context (outside PyTorch's allocator, which
+    `max_memory_allocated` counts); no reward model: `colour_match` holds no weights."""
+    from trl_t2i.memory import CUDA_CONTEXT_BYTES, Architecture, TrainingSetup, estimate
 
     setup = TrainingSetup(
         rollout_images=scale.step_images,
@@ -327,8 +328,9 @@ def memory_model_peak(config, scale: Scale, overrides: dict) -> float:
         lora_r=32,
         divergence_estimator=overrides.get("divergence_estimator", "exact"),
         reward=None,
+        compiled_rollouts=overrides.get("compile_rollouts", "auto") != "false",
     )
-    return estimate(Architecture.from_janus_config(config), setup).peak
+    return estimate(Architecture.from_janus_config(config), setup).peak - CUDA_CONTEXT_BYTES
 
 
 def gap_part(scale: Scale) -> dict:
