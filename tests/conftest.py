@@ -197,6 +197,21 @@ def first_batch(trainer):
     return trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
 
 
+def loss_with_gradients(trainer, inputs):
+    """`_compute_loss` of one micro-batch (no gradient accumulation), its gradients and the trainable parameters."""
+    trainer.current_gradient_accumulation_steps = 1
+    parameters = [p for p in trainer.model.parameters() if p.requires_grad]
+    loss = trainer._compute_loss(trainer.model, inputs)
+    return loss, torch.autograd.grad(loss, parameters), parameters
+
+
+def policy_token_logps(trainer, inputs):
+    """The policy's teacher-forced log-probs `(B, N)` of a micro-batch's image tokens, differentiable."""
+    ids, mask, tokens = inputs["prompt_ids"], inputs["prompt_mask"], inputs["completion_ids"]
+    logps = trainer._teacher_forced_logits(trainer.model, ids, mask, tokens).log_softmax(-1)
+    return logps.gather(-1, tokens[..., None]).squeeze(-1)
+
+
 def clone_parameters(model):
     return {name: param.detach().clone() for name, param in model.named_parameters()}
 

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import first_batch, make_trainer, perturb_adapters
+from conftest import first_batch, loss_with_gradients, make_trainer, perturb_adapters, policy_token_logps
 from trl import GRPOTrainer
 
 from trl_t2i.gcpo import critical_token_mask, dynamic_advantage_weight, group_similarity, spatial_entropy_gradient
@@ -173,14 +173,9 @@ def test_dynamic_advantage_loss_and_gradient_match_a_direct_computation(tmp_path
     trainer = make_trainer(tmp_path, beta=0.0, dynamic_advantage=True, loss_type="bnpo", dynamic_advantage_clamp=0.5)
     perturb_adapters(trainer.model)  # policy ≠ reference: the weight is not 1
     inputs = first_batch(trainer)
-    trainer.current_gradient_accumulation_steps = 1
-    parameters = [p for p in trainer.model.parameters() if p.requires_grad]
-    ours = trainer._compute_loss(trainer.model, inputs)
-    our_grads = torch.autograd.grad(ours, parameters)
+    ours, our_grads, parameters = loss_with_gradients(trainer, inputs)
 
-    ids, mask, tokens = inputs["prompt_ids"], inputs["prompt_mask"], inputs["completion_ids"]
-    logps = trainer._teacher_forced_logits(trainer.model, ids, mask, tokens).log_softmax(-1)
-    logps = logps.gather(-1, tokens[..., None]).squeeze(-1)
+    logps = policy_token_logps(trainer, inputs)
     ratio = (logps - inputs["ref_per_token_logps"]).clamp(-0.5, 0.5).exp()
     weight = ratio.cumsum(-1) / torch.arange(1, logps.size(1) + 1)
     assert (weight - 1).abs().max() > 0.05

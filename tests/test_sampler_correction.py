@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import first_batch, make_trainer, perturb_adapters
+from conftest import first_batch, loss_with_gradients, make_trainer, perturb_adapters, policy_token_logps
 
 from trl_t2i.trainer import SAMPLER_WEIGHTS
 
@@ -49,14 +49,9 @@ def test_the_weights_scale_each_tokens_policy_gradient_term(tmp_path):
     torch.manual_seed(0)
     weights = torch.rand_like(inputs["sampling_per_token_logps"]) * 2
     inputs[SAMPLER_WEIGHTS] = weights
-    trainer.current_gradient_accumulation_steps = 1
-    parameters = [p for p in trainer.model.parameters() if p.requires_grad]
-    ours = trainer._compute_loss(trainer.model, inputs)
-    our_grads = torch.autograd.grad(ours, parameters)
+    ours, our_grads, parameters = loss_with_gradients(trainer, inputs)
 
-    ids, mask, tokens = inputs["prompt_ids"], inputs["prompt_mask"], inputs["completion_ids"]
-    logps = trainer._teacher_forced_logits(trainer.model, ids, mask, tokens).log_softmax(-1)
-    logps = logps.gather(-1, tokens[..., None]).squeeze(-1)
+    logps = policy_token_logps(trainer, inputs)
     # on-policy GRPO term weighted per token: −A · w_t · π/sg(π), averaged over the tokens (bnpo)
     expected = -(inputs["advantages"][:, None] * weights * (logps - logps.detach()).exp()).mean()
     torch.testing.assert_close(ours, expected)
