@@ -8,7 +8,7 @@ from datasets import Dataset
 from peft import LoraConfig, get_peft_model
 
 from trl_t2i import T2IGRPOTrainer
-from trl_t2i.decoding import sample_image_tokens, static_decoder
+from trl_t2i.decoding import resolve_compile, sample_image_tokens, static_decoder
 from trl_t2i.merged_adapters import folded_bytes, merged_adapters, why_not_mergeable
 from trl_t2i.models import TINY_JANUS, TINY_LLAMAGEN, base, get_family
 from trl_t2i.models.llamagen import LlamaGenFamily
@@ -69,6 +69,16 @@ def test_the_compiled_decode_samples_like_the_eager_one_and_reuses_its_graph_and
     same_as_eager(prompts[:3])
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == compiled
     assert _addresses(decoder) == addresses and len(decoder.shapes) == 1
+
+
+def test_auto_compiles_on_cuda_unless_each_rollout_gathers_the_weights(tiny_janus):
+    _, _, family = tiny_janus
+    assert resolve_compile("auto", family, "cuda") and not resolve_compile("auto", family, "cpu")
+    assert not resolve_compile("auto", family, "cuda", gathered_weights=True)  # ZeRO-3, FSDP: weights move
+    assert resolve_compile(True, family, "cuda", gathered_weights=True) and resolve_compile("true", family, "cpu")
+    assert not resolve_compile("false", family, "cuda")
+    with pytest.raises(ValueError, match="Unknown compile setting 'yes'. Valid choices: auto, true, false"):
+        resolve_compile("yes", family, "cuda")
 
 
 def test_a_family_without_a_static_decode_refuses_to_compile(tiny_janus, prompts):

@@ -127,7 +127,8 @@ class T2IGRPOConfig(GRPOConfig):
         compile_rollouts (`str`, *optional*, defaults to `"auto"`):
             Sample with a static KV cache and a `torch.compile`d decode step (a CUDA graph on GPU): the same tokens
             and log-probs as the eager decode, 6× faster on an H200 at Janus-Pro-1B (see the README). `"auto"`: on
-            CUDA for families with a static decode (Janus, LlamaGen), eager on CPU, where it does not pay. `"true"` /
+            CUDA for families with a static decode (Janus, LlamaGen), eager on CPU, where it does not pay, and under
+            ZeRO-3 or FSDP, whose weights are gathered anew (at new addresses) for every rollout. `"true"` /
             `"false"`: always / never. Compiled once per run and batch shape (a graph per 128 attended positions: 5
             for Janus-Pro; the first rollout says so and logs `time/compile`); smaller batches are padded to a
             compiled shape, and the KV cache and buffers are allocated once and kept between rollouts (see

@@ -361,9 +361,17 @@ def compile_setting(value: str | bool) -> str:
     return setting
 
 
-def resolve_compile(value: str | bool, family: ModelFamily, device: torch.device | str, name: str = "compile") -> bool:
+def resolve_compile(
+    value: str | bool,
+    family: ModelFamily,
+    device: torch.device | str,
+    name: str = "compile",
+    gathered_weights: bool = False,
+) -> bool:
     """Whether to decode compiled (`StaticDecoder`): `"auto"` where it pays, on a CUDA device for a family with a
-    static decode (on CPU the compiled step saves little per position and takes tens of seconds to compile)."""
+    static decode (on CPU the compiled step saves little per position and takes tens of seconds to compile), unless
+    the weights are `gathered_weights` for each rollout (ZeRO-3, FSDP): gathered anew, they move, and a CUDA graph
+    would be recorded again at every rollout."""
     setting = compile_setting(value)
     if setting == "true" and not family.supports_static_decoding:
         raise ValueError(
@@ -371,4 +379,5 @@ def resolve_compile(value: str | bool, family: ModelFamily, device: torch.device
             "use auto or false."
         )
     cuda = torch.device(device).type == "cuda"
-    return setting == "true" or (setting == "auto" and cuda and family.supports_static_decoding)
+    auto = cuda and family.supports_static_decoding and not gathered_weights
+    return setting == "true" or (setting == "auto" and auto)

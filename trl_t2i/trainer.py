@@ -169,7 +169,6 @@ class T2IGRPOTrainer(GRPOTrainer):
         processing_class = processing_class or load_processor(model_id, padding_side="left")
         self.family = get_family(model, processing_class)
         _set_completion_length(args, self.family.num_image_tokens)
-        self.compile_rollouts = resolve_compile(args.compile_rollouts, self.family, args.device, "compile_rollouts")
         peft_config = self._prepare_lora_config(peft_config, model)
         self.divergence = get_divergence(args.divergence, alpha=args.divergence_alpha)
         self.metric_divergences = {name: get_divergence(name) for name in METRIC_DIVERGENCES}
@@ -202,6 +201,9 @@ class T2IGRPOTrainer(GRPOTrainer):
             if args.sync_ref_model:
                 self.add_callback(SyncRefModelCallback(ref_model=self.ref_model, accelerator=self.accelerator))
         self.family.patch_forward(self.model)
+        self.compile_rollouts = resolve_compile(
+            args.compile_rollouts, self.family, args.device, "compile_rollouts", self._gathers_weights_for_rollouts()
+        )
         self.image_grids = ImageGridCallback(
             every=args.image_log_steps,
             count=args.image_log_count,
@@ -316,6 +318,11 @@ class T2IGRPOTrainer(GRPOTrainer):
             loss_mask=None if loss_mask is None else loss_mask.int().tolist(),
         )
         return rollout.to_trl()
+
+    def _gathers_weights_for_rollouts(self) -> bool:
+        """Whether each rollout gathers sharded weights anew (ZeRO-3's `ds3_gather_for_generation`, FSDP)."""
+        zero3 = self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
+        return self.is_fsdp_enabled or zero3
 
     def _rollout_weights(self, model):
         """The adapters folded into the base weights for sampling (`merge_adapters_for_rollouts`), where they can
