@@ -2,6 +2,7 @@
 damaged checkpoint at resume, and stops on SIGTERM/SIGINT with a checkpoint and the command that resumes it."""
 
 import errno
+import math
 import os
 import re
 import shutil
@@ -17,6 +18,7 @@ from transformers import TrainerControl, TrainerState
 from trl_t2i import checkpoints, output_dir
 from trl_t2i.cli.grpo import main, make_parser
 from trl_t2i.preemption import PreemptionCallback, resume_command
+from trl_t2i.sampling import SamplingConfig
 from trl_t2i.sharding import check_sharding
 
 
@@ -38,6 +40,40 @@ def test_empty_prompt_file_fails_before_loading_the_model(tmp_path, no_model_loa
     prompts.write_text("\n")
     with pytest.raises(ValueError, match=f"Prompt file '{prompts}' has no prompts"):
         _run(tmp_path / "out", "--dataset_name", str(prompts))
+
+
+# ------------------------------------------------------------------ settings
+
+
+# Each setting with the companions it needs to be accepted at all.
+NUMERIC_SETTINGS = {
+    "beta": {},
+    "beta_end": {"beta_schedule": "linear"},
+    "temperature": {},
+    "cfg_scale": {},
+    "beta_max": {"beta_schedule": "adaptive", "divergence_target": 0.1},
+    "divergence_target": {"beta_schedule": "adaptive"},
+    "divergence_alpha": {"divergence": "alpha"},
+}
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("name", sorted(NUMERIC_SETTINGS))
+def test_non_finite_settings_are_refused_by_the_config(tmp_path, name, value):
+    companions = NUMERIC_SETTINGS[name]
+    with pytest.raises(ValueError, match=f"`{name}={value}`.*finite"):
+        make_config(tmp_path, **companions, **{name: value})
+
+
+@pytest.mark.parametrize("name", ["cfg_scale", "temperature", "top_p"])
+def test_non_finite_sampling_settings_are_refused_by_every_command(name):
+    with pytest.raises(ValueError, match=f"`{name}=nan`.*finite"):
+        SamplingConfig(**{name: math.nan})
+
+
+def test_non_finite_flag_fails_before_loading_the_model(tmp_path, no_model_loading):  # noqa: F811
+    with pytest.raises(ValueError, match="`beta=nan`.*finite"):
+        _run(tmp_path, "--beta", "nan")
 
 
 # ------------------------------------------------------------------ the output directory

@@ -1,4 +1,5 @@
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, fields
 
 from trl import GRPOConfig
 
@@ -12,6 +13,22 @@ DIVERGENCE_IN = ("loss", "reward")
 BETA_SCHEDULES = ("constant", "linear", "cosine", "adaptive")
 TOKEN_SELECTIONS = ("all", "critical")
 SAMPLER_CORRECTION_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+
+FINITE_SETTINGS = (
+    "beta",
+    "beta_end",
+    "beta_min",
+    "beta_max",
+    "beta_adaptive_rate",
+    "divergence_alpha",
+    "divergence_target",
+    "cfg_scale",
+    "temperature",
+    "top_p",
+    "dynamic_advantage_clamp",
+    "learning_rate",
+)
+"""Settings that must be finite numbers: an infinite one means nothing (NaN is refused in every numeric setting)."""
 
 # Settings of GRPOConfig that cannot apply to image tokens: (field, value that means "off", why). The config rejects
 # them instead of ignoring them, and `trl-t2i grpo --help` hides them.
@@ -44,7 +61,8 @@ class T2IGRPOConfig(GRPOConfig):
     trainer sets to the model's number of image tokens (any other value is rejected), and the text-generation settings that cannot apply to images (vLLM, tools,
     `mask_truncated_completions`, `min_p`, `repetition_penalty`, …) are rejected with a message instead of being
     silently ignored. `temperature`, `top_k` and `top_p` are the image sampler's; with `cfg_scale` they make up
-    `sampling`, the `SamplingConfig` that the trainer samples and scores with.
+    `sampling`, the `SamplingConfig` that the trainer samples and scores with. NaN is refused in every numeric setting,
+    and infinity wherever it means nothing (`FINITE_SETTINGS`).
 
     Parameters:
         > Parameters that control the divergence penalty
@@ -302,6 +320,7 @@ class T2IGRPOConfig(GRPOConfig):
         # new name instead, and let an explicit alias still take effect (with transformers' warning).
         if self.activation_checkpointing is None and self.gradient_checkpointing is None:
             self.activation_checkpointing = True
+        self._validate_numbers()  # first: every comparison below is False for NaN, so it would pass them
         super().__post_init__()
         self._validate_choices()
         self._validate_divergence()
@@ -313,6 +332,14 @@ class T2IGRPOConfig(GRPOConfig):
                     f"`{name}={getattr(self, name)!r}` is not supported by T2IGRPOTrainer: {reason}. "
                     f"Leave it at its default ({off_value!r})."
                 )
+
+    def _validate_numbers(self):
+        for setting in fields(self):
+            value = getattr(self, setting.name)
+            if not isinstance(value, float):
+                continue
+            if math.isnan(value) or (math.isinf(value) and setting.name in FINITE_SETTINGS):
+                raise ValueError(f"`{setting.name}={value}`: {setting.name} must be a finite number.")
 
     def _validate_choices(self):
         for name, choices in [
