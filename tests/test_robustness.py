@@ -71,6 +71,11 @@ def test_non_finite_sampling_settings_are_refused_by_every_command(name):
         SamplingConfig(**{name: math.nan})
 
 
+def test_an_alpha_whose_estimator_would_overflow_fails_before_loading_the_model(tmp_path, no_model_loading):  # noqa: F811
+    with pytest.raises(ValueError, match=r"alpha=50.0 is outside \[-1, 2\]"):
+        _run(tmp_path, "--divergence", "alpha", "--divergence_alpha", "50", "--divergence_estimator", "sampled")
+
+
 def test_non_finite_flag_fails_before_loading_the_model(tmp_path, no_model_loading):  # noqa: F811
     with pytest.raises(ValueError, match="`beta=nan`.*finite"):
         _run(tmp_path, "--beta", "nan")

@@ -4,7 +4,7 @@ from dataclasses import dataclass, field, fields
 from trl import GRPOConfig
 
 from .decoding import compile_setting
-from .divergences import DIVERGENCES
+from .divergences import DIVERGENCES, get_divergence
 from .sampling import CFG_LOGPROBS, SamplingConfig
 
 
@@ -72,8 +72,9 @@ class T2IGRPOConfig(GRPOConfig):
             `js` (Jensen–Shannon: keeps more diversity for the same reward), `jeffreys`, `hellinger`, `alpha`.
             Its curvature at π = π_ref differs (JS has ¼ of KL's), so tune `beta` per divergence.
         divergence_alpha (`float` or `None`, *optional*):
-            The α of the `alpha` divergence (α → 1 is reverse KL, α → 0 forward KL). Only valid with
-            `divergence="alpha"`, where it defaults to 0.5.
+            The α of the `alpha` divergence (α → 1 is reverse KL, α → 0 forward KL), in [−1, 2]: beyond, its
+            estimators overflow float32 (`trl_t2i.divergences.ALPHA_RANGE`). Only valid with `divergence="alpha"`,
+            where it defaults to 0.5.
         divergence_estimator (`str`, *optional*, defaults to `"sampled"`):
             `"sampled"`: one unbiased term per sampled token (the paper's estimators; with
             `use_bias_correction_kl=True` its expected gradient is the gradient of the position's divergence given
@@ -184,7 +185,7 @@ class T2IGRPOConfig(GRPOConfig):
     )
     divergence_alpha: float | None = field(
         default=None,
-        metadata={"help": "α of the `alpha` divergence (α→1: reverse KL, α→0: forward KL). Default 0.5."},
+        metadata={"help": "α of the `alpha` divergence, in [-1, 2] (α→1: reverse KL, α→0: forward KL). Default 0.5."},
     )
     divergence_estimator: str = field(
         default="sampled",
@@ -360,6 +361,7 @@ class T2IGRPOConfig(GRPOConfig):
                 f"`divergence_alpha={self.divergence_alpha}` only applies to `divergence='alpha'`, "
                 f"not {self.divergence!r}."
             )
+        get_divergence(self.divergence, alpha=self.divergence_alpha)  # its parameters, with its own messages
         if (
             self.divergence_in == "reward"
             and self.divergence_estimator == "sampled"
