@@ -12,11 +12,14 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import DEMO_RECIPE, QUICK_FLAGS, make_config, make_trainer
-from transformers import TrainerControl, TrainerState
+from transformers import TrainerCallback, TrainerControl, TrainerState
+from trl import GRPOTrainer
 
 from trl_t2i import checkpoints, output_dir
 from trl_t2i.cli.grpo import main, make_parser
+from trl_t2i.nonfinite import NonFiniteTrainingError
 from trl_t2i.preemption import PreemptionCallback, resume_command
 from trl_t2i.sampling import SamplingConfig
 from trl_t2i.sharding import check_sharding
@@ -79,6 +82,105 @@ def test_an_alpha_whose_estimator_would_overflow_fails_before_loading_the_model(
 def test_non_finite_flag_fails_before_loading_the_model(tmp_path, no_model_loading):  # noqa: F811
     with pytest.raises(ValueError, match="`beta=nan`.*finite"):
         _run(tmp_path, "--beta", "nan")
+
+
+# ------------------------------------------------------------------ non-finite training
+
+
+def _non_finite_at_step_2(trainer, monkeypatch, term):
+    """Make `term` NaN/inf in the second optimizer step only."""
+
+    def in_step_2():
+        return trainer.state.global_step == 1
+
+    if term == "penalty":
+        sampled = trainer.divergence.sampled
+        monkeypatch.setattr(
+            trainer.divergence, "sampled", lambda *args: sampled(*args) * (math.inf if in_step_2() else 1.0)
+        )
+    elif term == "loss":
+        policy_loss = GRPOTrainer._compute_loss
+
+        def nan_loss(self, model, inputs):
+            return policy_loss(self, model, inputs) * (math.nan if in_step_2() else 1.0)
+
+        monkeypatch.setattr(GRPOTrainer, "_compute_loss", nan_loss)
+    else:  # the gradient alone
+        lora = next(param for name, param in trainer.model.named_parameters() if "lora_A" in name)
+        lora.register_hook(lambda grad: grad * math.nan if in_step_2() else grad)
+
+
+class _Snapshots(TrainerCallback):
+    """The trainable weights at the end of every optimizer step."""
+
+    def __init__(self):
+        self.weights = {}
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.weights[state.global_step] = {
+            name: param.detach().clone() for name, param in model.named_parameters() if param.requires_grad
+        }
+
+
+def _trainable(trainer):
+    return {name: param.detach() for name, param in trainer.model.named_parameters() if param.requires_grad}
+
+
+@pytest.mark.parametrize(
+    ("term", "named"),
+    [
+        ("penalty", r"the divergence penalty \(β · reverse_kl, sampled estimator\) is inf"),
+        ("loss", r"the policy loss \(TRL's GRPO term\) is nan"),
+        ("gradient", "the gradient norm is nan"),
+    ],
+    ids=["penalty", "loss", "gradient"],
+)
+def test_a_non_finite_step_stops_the_run_naming_the_term_before_the_update(tmp_path, monkeypatch, term, named):
+    trainer = make_trainer(tmp_path, max_steps=3, save_strategy="steps", save_steps=1)
+    snapshots = _Snapshots()
+    trainer.add_callback(snapshots)
+    _non_finite_at_step_2(trainer, monkeypatch, term)
+    message = (
+        f"non-finite at step 2: .*{named}.*latest checkpoint is {tmp_path / 'checkpoint-1'}.*skip_nonfinite_steps"
+    )
+    with pytest.raises(NonFiniteTrainingError, match=message):
+        trainer.train()
+    assert [path.name for path in tmp_path.glob("checkpoint-*")] == ["checkpoint-1"]
+    for name, weight in _trainable(trainer).items():  # as step 1 left them: finite, the update never applied
+        assert torch.equal(weight, snapshots.weights[1][name]), name
+
+
+def test_skip_nonfinite_steps_drops_those_steps_and_stops_past_the_limit(tmp_path, monkeypatch):
+    trainer = make_trainer(tmp_path, max_steps=3, skip_nonfinite_steps=1)
+    snapshots = _Snapshots()
+    trainer.add_callback(snapshots)
+    _non_finite_at_step_2(trainer, monkeypatch, "penalty")
+    trainer.train()
+    assert trainer.state.global_step == 3
+    for name, weight in snapshots.weights[2].items():
+        assert torch.equal(weight, snapshots.weights[1][name]), name  # step 2 skipped
+        assert not torch.equal(snapshots.weights[3][name], weight) and torch.isfinite(snapshots.weights[3][name]).all()
+    skipped = {
+        log["step"]: log["nonfinite/skipped_steps"]
+        for log in trainer.state.log_history
+        if "nonfinite/skipped_steps" in log
+    }
+    assert skipped == {2: 1}
+
+    again = make_trainer(tmp_path / "again", max_steps=3, skip_nonfinite_steps=1)
+    monkeypatch.setattr(again.divergence, "sampled", lambda *args: torch.full_like(args[0], math.inf))
+    with pytest.raises(NonFiniteTrainingError, match=r"non-finite at step 2: .*\(1 were skipped already.\)"):
+        again.train()
+
+
+def test_non_finite_weights_are_never_saved(tmp_path):
+    trainer = make_trainer(tmp_path)
+    name, lora = next((name, param) for name, param in trainer.model.named_parameters() if "lora_B" in name)
+    with torch.no_grad():
+        lora[0, 0] = math.nan
+    with pytest.raises(NonFiniteTrainingError, match=f"non-finite weights to {tmp_path / 'out'}: {re.escape(name)}"):
+        trainer.save_model(str(tmp_path / "out"))
+    assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
 
 
 # ------------------------------------------------------------------ the output directory
@@ -307,6 +409,11 @@ def test_resume_command_replaces_earlier_resume_and_overwrite_options():
         ({}, {"fsdp": "full_shard"}, "FSDP2"),  # transformers' `--fsdp` defaults to version 2
         ({"ACCELERATE_USE_FSDP": "true"}, {"use_cpu": True}, "FSDP is set up but so is `use_cpu`.*cpu_ddp.yaml"),
         ({"ACCELERATE_USE_DEEPSPEED": "true"}, {"use_cpu": True}, "DeepSpeed is set up but so is `use_cpu`"),
+        (
+            {"ACCELERATE_USE_DEEPSPEED": "true"},
+            {"skip_nonfinite_steps": 1},
+            "`skip_nonfinite_steps` cannot.*DeepSpeed",
+        ),
     ],
 )
 def test_sharded_setups_that_would_not_train_as_asked_are_refused(tmp_path, monkeypatch, environment, flags, message):

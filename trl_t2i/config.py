@@ -170,6 +170,16 @@ class T2IGRPOConfig(GRPOConfig):
         sampler_correction_clip_min (`float` or `None`, *optional*, defaults to `None`):
             Lower bound of the ratio (`None`: 0 for the truncating modes, no bound for the masking modes).
 
+        > Parameters that control what a run does when training goes non-finite
+
+        skip_nonfinite_steps (`int`, *optional*, defaults to `0`):
+            An optimizer step whose policy log-probs, policy loss, divergence penalty or gradient norm is NaN or
+            infinite stops the run with an error naming the term, before the weights are updated (non-finite weights
+            are never saved). With a positive value, that many such steps are skipped instead (their gradients
+            dropped, a warning naming the term, `nonfinite/skipped_steps` logged), and the next one stops the run.
+            Under fp16 mixed precision a non-finite gradient is left to the loss scaler, which skips the step itself.
+            Not with DeepSpeed, whose engine updates the weights inside the backward pass.
+
         > Parameters that control logging
 
         image_log_steps (`int`, *optional*, defaults to `50`):
@@ -286,6 +296,13 @@ class T2IGRPOConfig(GRPOConfig):
     )
     dynamic_advantage_clamp: float = field(
         default=0.5, metadata={"help": "Clamp of the log-ratio in the dynamic-advantage weight."}
+    )
+    skip_nonfinite_steps: int = field(
+        default=0,
+        metadata={
+            "help": "How many optimizer steps with a NaN/inf loss term or gradient to skip (with a warning) before "
+            "stopping the run; 0: stop at the first."
+        },
     )
     image_log_steps: int = field(
         default=50,
@@ -428,6 +445,10 @@ class T2IGRPOConfig(GRPOConfig):
             raise ValueError(
                 "`sampler_correction=True` weighs the policy-gradient term, which loss_type='vespo' computes from "
                 "the importance ratio itself; use another loss_type or leave sampler_correction off."
+            )
+        if self.skip_nonfinite_steps < 0:
+            raise ValueError(
+                f"`skip_nonfinite_steps` must be >= 0 (0: stop at the first), got {self.skip_nonfinite_steps}."
             )
         if self.image_log_steps < 0 or self.image_log_count < 1:
             raise ValueError(

@@ -27,6 +27,7 @@ from .images import to_pil
 from .merged_adapters import folded_bytes, merged_adapters, why_not_mergeable
 from .metrics import position_entropy
 from .models import disable_bnb_cpu_repack, family_class, get_family, load_model, load_processor, unwrap_model
+from .nonfinite import NonFiniteGuard, NonFiniteTrainingError, check_weights
 from .run_settings import RunSettings
 from .sampling import MIN_LOGP, teacher_forced_logits, truncate_logits, truncates
 from .sharding import check_sharding
@@ -214,6 +215,14 @@ class T2IGRPOTrainer(GRPOTrainer):
         self.add_callback(BetaSchedule.from_config(args))
         # Set by `_compute_loss` for the duration of TRL's loss, filled by the policy forward inside it, else `None`.
         self._policy_scores: PolicyScores | None = None
+        self._nonfinite = NonFiniteGuard(
+            {
+                "logps": "the policy's log-probs of the sampled tokens",
+                "loss": "the policy loss (TRL's GRPO term)",
+                "penalty": f"the divergence penalty (β · {args.divergence}, {args.divergence_estimator} estimator)",
+            },
+            self.accelerator.device,
+        )
         self._stage_times = StageTimes(self.accelerator.device)
 
     # ------------------------------------------------------------------ set-up
@@ -523,6 +532,9 @@ class T2IGRPOTrainer(GRPOTrainer):
         finally:
             self._policy_scores = None
         policy_logps = torch.cat(policy.logps)
+        if self.model.training:
+            self._nonfinite.record("logps", policy_logps)
+            self._nonfinite.record("loss", loss)
         self._log_sampling_agreement(inputs, policy_logps.detach())
         trl.record_metric(
             self,
@@ -536,6 +548,8 @@ class T2IGRPOTrainer(GRPOTrainer):
             penalty = self._divergence_penalty(
                 inputs, policy_logps, torch.cat(policy.untruncated_logps), untruncated_table
             )
+        if self.model.training:
+            self._nonfinite.record("penalty", penalty)
         return loss + penalty
 
     def _divergence_penalty(self, inputs, policy_logps, untruncated_logps, untruncated_table) -> torch.Tensor:
@@ -624,6 +638,35 @@ class T2IGRPOTrainer(GRPOTrainer):
         trl.record_metric(self, "sampling/logp_gap_mean", trl.global_masked_mean(self, gap, inside))
         trl.record_metric(self, "sampling/logp_gap_max", trl.global_masked_max(self, gap, inside))
 
+    # ------------------------------------------------------------------ non-finite training
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        # Called between clipping and the optimizer step: a step whose loss or gradient is not finite stops the run
+        # (or is skipped) before it updates the weights. With a loss scaler (fp16) a non-finite gradient is routine:
+        # the scaler skips the step itself and lowers its scale.
+        grad_norm = super()._get_grad_norm(model, grad_norm)
+        problems = self._nonfinite.problems(self.accelerator, grad_norm if self.accelerator.scaler is None else None)
+        if problems:
+            self._skip_or_stop(model, problems)
+        return grad_norm
+
+    def _skip_or_stop(self, model, problems: list[str]) -> None:
+        """Drop the step's gradients while `skip_nonfinite_steps` allows it, else stop the run naming the terms."""
+        step, what, guard = self.state.global_step + 1, "; ".join(problems), self._nonfinite
+        if guard.skipped < self.args.skip_nonfinite_steps:
+            model.zero_grad(set_to_none=True)  # the optimizer skips parameters without a gradient
+            guard.skipped += 1
+            logger.warning(f"Skipped step {step}: {what} ({guard.skipped} of {self.args.skip_nonfinite_steps}).")
+            trl.record_metric(self, "nonfinite/skipped_steps", guard.skipped)
+            return
+        latest = checkpoints.latest_checkpoint(self.args.output_dir)
+        raise NonFiniteTrainingError(
+            f"Training went non-finite at step {step}: {what}. This step's update is not saved; the latest "
+            f"checkpoint is {latest or 'none (none saved yet)'}. Lower learning_rate or beta, check the rewards, or "
+            "set `skip_nonfinite_steps` to skip such steps."
+            + (f" ({guard.skipped} were skipped already.)" if guard.skipped else "")
+        )
+
     # ------------------------------------------------------------------ logging
 
     def _timed(self, stage: str):
@@ -651,8 +694,10 @@ class T2IGRPOTrainer(GRPOTrainer):
             super()._save_checkpoint(model, trial)
 
     def _save(self, output_dir: str | None = None, state_dict=None):
-        # Also write the run's resolved settings, at every save (checkpoints too): evaluate, frontier and the model
-        # card read them as JSON instead of unpickling training_args.bin.
+        # Never non-finite weights; and also the run's resolved settings, at every save (checkpoints too): evaluate,
+        # frontier and the model card read them as JSON instead of unpickling training_args.bin.
+        trained = state_dict.items() if state_dict is not None else _trainable_parameters(self.model)
+        check_weights(trained, output_dir or self.args.output_dir)
         super()._save(output_dir, state_dict)
         if self.args.should_save:
             RunSettings.from_trainer(self).save(output_dir or self.args.output_dir)
@@ -696,6 +741,11 @@ class T2IGRPOTrainer(GRPOTrainer):
             revision=revision or self.args.hub_revision,
             commit_message=commit_message,
         )
+
+
+def _trainable_parameters(model) -> list[tuple[str, torch.Tensor]]:
+    """The parameters that training changes (the adapters, with LoRA)."""
+    return [(name, param) for name, param in model.named_parameters() if param.requires_grad]
 
 
 def _caption(prompt) -> str:
