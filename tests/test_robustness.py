@@ -5,12 +5,16 @@ import errno
 import math
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import time
+from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from conftest import DEMO_RECIPE, QUICK_FLAGS, make_config, make_trainer
@@ -353,21 +357,25 @@ def test_full_disk_while_saving_leaves_no_checkpoint_and_says_so(tmp_path, monke
 # ------------------------------------------------------------------ preemption
 
 
-def test_sigterm_saves_a_checkpoint_prints_the_resume_command_and_the_run_resumes(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_saves_a_checkpoint_prints_the_resume_command_exits_non_zero_and_the_run_resumes(
+    tmp_path, monkeypatch, capsys, signum
+):
     import trl_t2i.trainer as trainer_module
 
     generate = trainer_module.T2IGRPOTrainer._generate
 
     def preempted_during_the_first_step(self, prompts):
         if self.state.global_step == 0:
-            os.kill(os.getpid(), signal.SIGTERM)  # as a cluster scheduler would
+            os.kill(os.getpid(), signum)  # as a cluster scheduler (or Ctrl-C) would
         return generate(self, prompts)
 
     monkeypatch.setattr(trainer_module.T2IGRPOTrainer, "_generate", preempted_during_the_first_step)
     handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
-    trainer = _run(tmp_path, "--max_steps", "3", "--save_strategy", "no")
+    with pytest.raises(SystemExit) as stopped:
+        _run(tmp_path, "--max_steps", "3", "--save_strategy", "no")
+    assert stopped.value.code == 128 + signum  # 143 or 130: never 0, the run is not finished
     assert {signum: signal.getsignal(signum) for signum in handlers} == handlers  # restored
-    assert trainer.state.global_step == 1
     assert [path.name for path in tmp_path.glob("checkpoint-*")] == ["checkpoint-1"]
     assert not (tmp_path / "adapter_model.safetensors").exists()  # no final save: the run is not finished
     printed = capsys.readouterr().out
@@ -377,6 +385,41 @@ def test_sigterm_saves_a_checkpoint_prints_the_resume_command_and_the_run_resume
     resumed = _run(tmp_path, "--max_steps", "3", "--save_strategy", "no", "--resume_from_checkpoint", "true")
     assert resumed.state.global_step == 3 and (tmp_path / "adapter_model.safetensors").is_file()
     assert [log["step"] for log in resumed.state.log_history if "loss" in log] == [1, 2, 3]
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_under_accelerate_launch_a_preempted_run_exits_143_and_prints_the_launch_command(tmp_path):
+    # As `make demo` starts it: the launcher by a relative path, with its config file. SIGTERM goes to the run itself
+    # (the launcher's own handling of signals is accelerate's).
+    out = tmp_path / "run"
+    accelerate = os.path.relpath(Path(sys.executable).parent / "accelerate", ROOT)
+    command = [
+        accelerate, "launch", "--config_file", "recipes/accelerate/cpu.yaml", "--num_cpu_threads_per_process", "1",
+        "scripts/grpo_t2i.py", "--config", "recipes/tiny/cpu_demo.yaml", *QUICK_FLAGS, "--max_steps", "1000",
+        "--save_steps", "1", "--image_log_steps", "0", "--output_dir", str(out),
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    with open(tmp_path / "stdout", "w+") as stdout, open(tmp_path / "stderr", "w+") as stderr:
+        launcher = subprocess.Popen(command, cwd=ROOT, env=env, stdout=stdout, stderr=stderr, text=True)
+        try:
+            deadline = time.monotonic() + 300
+            while not (out / "checkpoint-1").is_dir() and launcher.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.2)
+            (run,) = psutil.Process(launcher.pid).children()
+            run.send_signal(signal.SIGTERM)
+            launcher.wait(timeout=300)
+        finally:
+            launcher.kill()
+        stdout.seek(0), stderr.seek(0)
+        printed, errors = stdout.read(), stderr.read()
+    assert "returned non-zero exit status 143" in errors, errors[-3000:]  # 128 + SIGTERM, which accelerate reports
+    stopped_at = max(int(path.name.split("-")[1]) for path in out.glob("checkpoint-*"))
+    resume = printed.strip().splitlines()[-1].strip()
+    launched = shlex.join(command[:-1])  # the output directory is absolute in the resume command too
+    assert resume.startswith(launched.replace(accelerate, "accelerate", 1)), resume
+    assert resume.endswith(f"--resume_from_checkpoint {out / f'checkpoint-{stopped_at}'}"), resume
 
 
 def test_ctrl_c_requests_a_save_at_the_next_step_end_and_twice_stops_at_once(tmp_path):

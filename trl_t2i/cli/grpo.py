@@ -10,8 +10,8 @@ override the YAML. Installed users run the same thing as `trl-t2i grpo --config 
 A run owns its `output_dir`: a second run into it fails while the first is running, and a new run into the folder
 of an earlier one fails unless it continues it, `--resume_from_checkpoint true` (its latest checkpoint-N) or
 `--resume_from_checkpoint <output_dir>/checkpoint-N`, or starts over, `--overwrite_output_dir true`. On SIGTERM (a
-cluster's preemption) or Ctrl-C, the run saves a checkpoint at the end of the step and prints the command that
-resumes it.
+cluster's preemption) or Ctrl-C, the run saves a checkpoint at the end of the step, prints the command that
+resumes it and exits with 128 + the signal's number (143, 130), never 0.
 """
 
 import contextlib
@@ -155,7 +155,7 @@ def main(script_args: T2IScriptArguments, training_args: T2IGRPOConfig, model_ar
         with preemption.catching_signals():
             trainer.train(resume_from_checkpoint=resume)
         if preemption.stopped_at is not None:  # it printed how to resume; a final save would look like a finished run
-            return trainer
+            preemption.exit()  # with the signal's status: an unfinished run must not look like a finished one
         trainer.save_model(training_args.output_dir)
         trainer.save_state()  # trainer_state.json: every logged metric
         trainer.create_model_card(dataset_name=script_args.dataset_name)
