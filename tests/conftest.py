@@ -222,3 +222,18 @@ def load_script(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def prompt_limit(family) -> int:
+    """The most prompt tokens a tiny model takes, from its config: Janus' context less its image tokens, or T5's
+    caption length for LlamaGen."""
+    if family.model_type == "janus":
+        return family.config.text_config.max_position_embeddings - family.config.vision_config.num_image_tokens
+    return family.config.caption_length
+
+
+def prompt_length(family, caption: str) -> int:
+    """A caption's prompt length as the model reads it, untruncated (LlamaGen's T5 reads it lowercased)."""
+    if family.model_type == "janus":
+        return int(family.tokenize_prompts([caption])[1].sum())
+    return len(family.processing_class(caption.lower(), verbose=False)["input_ids"])

@@ -17,12 +17,14 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from conftest import DEMO_RECIPE, QUICK_FLAGS, make_config, make_trainer
+from conftest import DEMO_RECIPE, QUICK_FLAGS, make_config, make_trainer, prompt_length, prompt_limit
+from datasets import Dataset
 from transformers import TrainerCallback, TrainerControl, TrainerState
 from trl import GRPOTrainer
 
 from trl_t2i import checkpoints, output_dir
 from trl_t2i.cli.grpo import main, make_parser
+from trl_t2i.models import TINY_JANUS, load_family
 from trl_t2i.nonfinite import NonFiniteTrainingError
 from trl_t2i.preemption import PreemptionCallback, resume_command
 from trl_t2i.sampling import SamplingConfig
@@ -47,6 +49,44 @@ def test_empty_prompt_file_fails_before_loading_the_model(tmp_path, no_model_loa
     prompts.write_text("\n")
     with pytest.raises(ValueError, match=f"Prompt file '{prompts}' has no prompts"):
         _run(tmp_path / "out", "--dataset_name", str(prompts))
+
+
+@pytest.fixture(scope="module")
+def janus_family():
+    return load_family(TINY_JANUS)
+
+
+def test_a_caption_longer_than_the_model_takes_fails_before_loading_the_model(
+    tmp_path,
+    janus_family,
+    no_model_loading,  # noqa: F811
+):
+    prompts = tmp_path / "prompts.txt"
+    long = "red " * prompt_limit(janus_family)
+    prompts.write_text(f"a red cat\n{long}\n")
+    length, limit = prompt_length(janus_family, long), prompt_limit(janus_family)
+    with pytest.raises(
+        ValueError, match=f"'{prompts}', line 2: the caption has {length} prompt tokens, more than the {limit}"
+    ):
+        _run(tmp_path / "out", "--dataset_name", str(prompts))
+
+
+def test_the_trainer_checks_its_prompts_before_loading_the_model(tmp_path, janus_family, no_model_loading):  # noqa: F811
+    long = "red " * 15_000  # the 50 KB caption
+    dataset = Dataset.from_dict({"prompt": ["a red cat", long]})
+    message = f"The train dataset, row 1: the caption has {prompt_length(janus_family, long)} prompt tokens"
+    with pytest.raises(ValueError, match=message):
+        make_trainer(tmp_path, dataset=dataset)
+
+
+def test_max_prompt_length_trains_on_the_cut_captions(tmp_path, janus_family):
+    long = "red " * 300
+    with pytest.warns(UserWarning, match="cut 1 caption"):
+        trainer = make_trainer(
+            tmp_path, dataset=Dataset.from_dict({"prompt": ["a red cat", long]}), max_prompt_length=20
+        )
+    short, cut = trainer.train_dataset["prompt"]
+    assert short == "a red cat" and long.startswith(cut) and prompt_length(janus_family, cut) == 20
 
 
 # ------------------------------------------------------------------ settings

@@ -129,6 +129,15 @@ class T2IGRPOConfig(GRPOConfig):
 
         > Parameters that control generation
 
+        max_prompt_length (`int` or `None`, *optional*, defaults to `None`):
+            The longest caption, in the model's prompt tokens (Janus: the chat-formatted prompt; LlamaGen: T5
+            tokens), checked for every caption when the dataset is read, before the model loads. `None`: a caption
+            longer than the model takes (Janus: its language model's context less the image tokens; LlamaGen:
+            `caption_length`, 120) is an error naming its line (or row) and length. Set (at most that limit):
+            longer captions are cut to their longest start of whole words that fits, with a warning, and the
+            rewards score the cut caption the model saw. (TRL 1.16's `GRPOConfig` has no such field; older TRL
+            truncated prompts silently and kept their end, where for captions the start matters.) Not checked for
+            an `IterableDataset`.
         cfg_scale (`float`, *optional*, defaults to `5.0`):
             Classifier-free guidance scale `s` of the sampler: logits `l_u + s·(l_c − l_u)`. `1.0` turns guidance
             off and skips the unconditional rows (half the work).
@@ -219,6 +228,13 @@ class T2IGRPOConfig(GRPOConfig):
     beta_end: float | None = field(
         default=None,
         metadata={"help": "Final `beta` of a `linear` or `cosine` schedule."},
+    )
+    max_prompt_length: int | None = field(
+        default=None,
+        metadata={
+            "help": "Cut captions longer than this many prompt tokens (with a warning); default: refuse captions "
+            "longer than the model takes, naming their line."
+        },
     )
     cfg_scale: float = field(
         default=5.0,
@@ -446,6 +462,8 @@ class T2IGRPOConfig(GRPOConfig):
                 "`sampler_correction=True` weighs the policy-gradient term, which loss_type='vespo' computes from "
                 "the importance ratio itself; use another loss_type or leave sampler_correction off."
             )
+        if self.max_prompt_length is not None and self.max_prompt_length < 1:
+            raise ValueError(f"`max_prompt_length` must be >= 1 (or unset), got {self.max_prompt_length}.")
         if self.skip_nonfinite_steps < 0:
             raise ValueError(
                 f"`skip_nonfinite_steps` must be >= 0 (0: stop at the first), got {self.skip_nonfinite_steps}."

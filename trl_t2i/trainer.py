@@ -19,6 +19,7 @@ from . import checkpoints, hub
 from . import trl_boundary as trl
 from .beta_schedule import BetaSchedule
 from .config import T2IGRPOConfig
+from .data import fit_prompts
 from .decoding import resolve_compile, sample_image_tokens, static_decoder
 from .divergences import MAX_LOG_RATIO, get_divergence, with_prefix_term
 from .gcpo import critical_token_mask, dynamic_advantage_weight
@@ -26,7 +27,15 @@ from .image_logging import ImageGridCallback
 from .images import to_pil
 from .merged_adapters import folded_bytes, merged_adapters, why_not_mergeable
 from .metrics import position_entropy
-from .models import disable_bnb_cpu_repack, family_class, get_family, load_model, load_processor, unwrap_model
+from .models import (
+    disable_bnb_cpu_repack,
+    family_class,
+    get_family,
+    load_config,
+    load_model,
+    load_processor,
+    unwrap_model,
+)
 from .nonfinite import NonFiniteGuard, NonFiniteTrainingError, check_weights
 from .run_settings import RunSettings
 from .sampling import MIN_LOGP, teacher_forced_logits, truncate_logits, truncates
@@ -158,6 +167,13 @@ class T2IGRPOTrainer(GRPOTrainer):
         reward_funcs = _check_reward_funcs(reward_funcs)
         for dataset in (train_dataset, eval_dataset):
             _check_prompt_dataset(dataset)
+        if processing_class is None and not model_id:
+            raise ValueError("The model was built in memory (no checkpoint path): pass its `processing_class` too.")
+        processing_class = processing_class or load_processor(model_id, padding_side="left")
+        # Every caption must fit the model: checked with its config and processor, before its weights load.
+        config = load_config(model, args.trust_remote_code) if isinstance(model, str) else unwrap_model(model).config
+        train_dataset = _fit_prompts(train_dataset, get_family(config, processing_class), args, "train")
+        eval_dataset = _fit_prompts(eval_dataset, get_family(config, processing_class), args, "eval")
 
         model_init_kwargs = self._model_init_kwargs(args, quantization_config) if isinstance(model, str) else None
         if isinstance(model, str):
@@ -165,9 +181,6 @@ class T2IGRPOTrainer(GRPOTrainer):
         disable_bnb_cpu_repack(model)
         if args.distributed_state.distributed_type != "FSDP":  # FSDP flattens parameters of one dtype
             family_class(unwrap_model(model).config).upcast_image_head(model)
-        if processing_class is None and not model_id:
-            raise ValueError("The model was built in memory (no checkpoint path): pass its `processing_class` too.")
-        processing_class = processing_class or load_processor(model_id, padding_side="left")
         self.family = get_family(model, processing_class)
         _set_completion_length(args, self.family.num_image_tokens)
         self.compile_rollouts = resolve_compile(args.compile_rollouts, self.family, args.device, "compile_rollouts")
@@ -768,6 +781,15 @@ def _check_prompt_dataset(dataset) -> None:
             f"The prompt dataset needs a `prompt` column of captions; its columns are {columns}. Rename the caption "
             "column, e.g. `dataset.rename_column('caption', 'prompt')`."
         )
+
+
+def _fit_prompts(dataset, family, args: T2IGRPOConfig, split: str):
+    """`fit_prompts` for the trainer's datasets (a dict of them too); an `IterableDataset` cannot be read up front."""
+    if isinstance(dataset, dict):
+        return {name: _fit_prompts(part, family, args, f"{split} ({name})") for name, part in dataset.items()}
+    if not isinstance(dataset, Dataset):
+        return dataset
+    return fit_prompts(dataset, family, args.max_prompt_length, f"The {split} dataset")
 
 
 def _check_reward_funcs(reward_funcs) -> list:

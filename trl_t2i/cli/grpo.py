@@ -24,6 +24,7 @@ from .. import output_dir
 from ..checkpoints import resolve_resume
 from ..config import UNSUPPORTED_SETTINGS, T2IGRPOConfig
 from ..data import PROMPT_SETS, load_prompt_dataset
+from ..models import load_family
 from ..preemption import PreemptionCallback
 from ..rewards import get_reward
 from ..sharding import check_sharding
@@ -113,11 +114,15 @@ def main(script_args: T2IScriptArguments, training_args: T2IGRPOConfig, model_ar
     if writer:
         output_dir.check_output_dir(training_args.output_dir)
     resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
+    # The model's config and processor, not its weights: every caption is checked against the model as it is read.
+    family = load_family(model_args.model_name_or_path, trust_remote_code=training_args.trust_remote_code)
     train_dataset = load_prompt_dataset(
         script_args.dataset_name,
         script_args.dataset_train_split,
         script_args.prompt_column,
         script_args.dataset_config,
+        family,
+        training_args.max_prompt_length,
     )
     eval_dataset = None
     if training_args.eval_strategy != "no":
@@ -128,6 +133,8 @@ def main(script_args: T2IScriptArguments, training_args: T2IGRPOConfig, model_ar
             script_args.dataset_test_split,
             script_args.prompt_column,
             script_args.dataset_config,
+            family,
+            training_args.max_prompt_length,
         )
     reward_funcs = [get_reward(name) for name in script_args.reward_funcs]
 
@@ -147,6 +154,7 @@ def main(script_args: T2IScriptArguments, training_args: T2IGRPOConfig, model_ar
             args=training_args,
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
+            processing_class=family.processing_class,
             quantization_config=get_quantization_config(model_args),
             peft_config=get_peft_config(model_args),
         )
