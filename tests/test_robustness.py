@@ -24,9 +24,10 @@ from trl import GRPOTrainer
 
 from trl_t2i import checkpoints, output_dir
 from trl_t2i.cli.grpo import main, make_parser
-from trl_t2i.models import TINY_JANUS, load_family
+from trl_t2i.models import TINY_JANUS, TINY_LLAMAGEN, load_family
 from trl_t2i.nonfinite import NonFiniteTrainingError
 from trl_t2i.preemption import PreemptionCallback, resume_command
+from trl_t2i.run_settings import RunSettings
 from trl_t2i.sampling import SamplingConfig
 from trl_t2i.sharding import check_sharding
 
@@ -346,6 +347,54 @@ def test_truncated_checkpoint_file_is_named_at_resume_with_the_previous_checkpoi
     )
     with pytest.raises(ValueError, match=message):
         _run(out, "--resume_from_checkpoint", "true")
+
+
+def test_resuming_with_a_model_of_another_family_is_refused_before_loading_the_model(
+    tmp_path,
+    saved_run,
+    no_model_loading,  # noqa: F811
+):
+    out = shutil.copytree(saved_run, tmp_path / "out")
+    message = (
+        f"Cannot resume from {out / 'checkpoint-2'}: it was trained with base_model 'trl-t2i/tiny-janus', not "
+        "'trl-t2i/tiny-llamagen'; model_type 'janus', not 'llamagen'"
+    )
+    with pytest.raises(ValueError, match=re.escape(message)):
+        _run(out, "--resume_from_checkpoint", "true", "--model_name_or_path", "trl-t2i/tiny-llamagen")
+
+
+def test_the_trainer_refuses_a_checkpoint_of_another_family_before_loading_it(tmp_path, saved_run):
+    trainer = make_trainer(tmp_path, model=TINY_LLAMAGEN)  # and the checkpoint is a Janus adapter
+    with pytest.raises(ValueError, match="model_type 'janus', not 'llamagen'"):
+        trainer.train(resume_from_checkpoint=str(saved_run / "checkpoint-2"))
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "named"),
+    [("--lora_r", "8", "lora.r 16, not 8"), ("--lora_alpha", "64", "lora.lora_alpha 32, not 64")],
+)
+def test_resuming_with_another_lora_adapter_is_refused(tmp_path, saved_run, flag, value, named):
+    out = shutil.copytree(saved_run, tmp_path / "out")
+    with pytest.raises(ValueError, match=f"Cannot resume from .*checkpoint-2: it was trained with {named}\\. "):
+        _run(out, "--resume_from_checkpoint", "true", flag, value)
+
+
+def test_resuming_under_other_settings_names_each_change_and_the_card_records_it(tmp_path, saved_run):
+    out = shutil.copytree(saved_run, tmp_path / "out")
+    changes = ["--divergence", "reverse_kl", "--beta", "0.1", "--max_steps", "3"]
+    with pytest.warns(UserWarning) as warned:
+        trainer = _run(out, "--resume_from_checkpoint", "true", *changes, "--save_strategy", "no")
+    (message,) = [str(warning.message) for warning in warned if "other settings" in str(warning.message)]
+    assert f"Resuming from {out / 'checkpoint-2'} (step 2) with other settings" in message
+    for change in ("divergence: 'js' → 'reverse_kl'", "beta: 0.04 → 0.1", "max_steps: 2 → 3"):
+        assert change in message, change
+    assert "learning_rate" not in message and trainer.state.global_step == 3
+    recorded = RunSettings.load(out).resumes
+    assert recorded == [
+        {"step": 2, "changes": {"divergence": ["js", "reverse_kl"], "beta": [0.04, 0.1], "max_steps": [2, 3]}}
+    ]
+    card = (out / "README.md").read_text()
+    assert "| resumed with other settings | at step 2: divergence `js` → `reverse_kl`, beta `0.04` → `0.1`" in card
 
 
 # ------------------------------------------------------------------ atomic checkpoints

@@ -151,7 +151,17 @@ def _settings_rows(settings: RunSettings) -> dict[str, str]:
         "tokens trained": f"`{settings.token_selection}`"
         + (", dynamic advantage" if settings.dynamic_advantage else ""),
         "max steps": f"{settings.max_steps}",
+        **({"resumed with other settings": _resumes(settings.resumes)} if settings.resumes else {}),
     }
+
+
+def _resumes(resumes: list[dict]) -> str:
+    """ "at step 40: divergence `js` → `reverse_kl`, …" for each resume under other settings."""
+    return "; ".join(
+        f"at step {resume['step']}: "
+        + ", ".join(f"{name} `{before}` → `{after}`" for name, (before, after) in resume["changes"].items())
+        for resume in resumes
+    )
 
 
 # Launchers whose command line is the one to record: the run is their child process.

@@ -37,7 +37,7 @@ from .models import (
     unwrap_model,
 )
 from .nonfinite import NonFiniteGuard, NonFiniteTrainingError, check_weights
-from .run_settings import RunSettings
+from .run_settings import RunSettings, check_resume
 from .sampling import MIN_LOGP, teacher_forced_logits, truncate_logits, truncates
 from .sharding import check_sharding
 from .stage_times import StageTimes
@@ -237,6 +237,15 @@ class T2IGRPOTrainer(GRPOTrainer):
             self.accelerator.device,
         )
         self._stage_times = StageTimes(self.accelerator.device)
+        self.resumes: list[dict] = []
+        """The resumes of this run under other settings (`run_settings.check_resume`), recorded in its settings."""
+
+    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        # Before the checkpoint loads: refuse one of another model or adapter, name (and record) every other change.
+        checkpoint = checkpoints.resolve_resume(resume_from_checkpoint, self.args.output_dir)
+        if checkpoint is not None:
+            self.resumes = check_resume(checkpoint, RunSettings.from_trainer(self))
+        return super().train(checkpoint, trial, ignore_keys_for_eval, **kwargs)
 
     # ------------------------------------------------------------------ set-up
 

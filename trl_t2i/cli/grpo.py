@@ -27,6 +27,7 @@ from ..data import PROMPT_SETS, load_prompt_dataset
 from ..models import load_family
 from ..preemption import PreemptionCallback
 from ..rewards import get_reward
+from ..run_settings import check_resume_model
 from ..sharding import check_sharding
 from ..trainer import T2IGRPOTrainer
 from .parsing import RecipeParser, field_names, group_options
@@ -116,6 +117,8 @@ def main(script_args: T2IScriptArguments, training_args: T2IGRPOConfig, model_ar
     resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
     # The model's config and processor, not its weights: every caption is checked against the model as it is read.
     family = load_family(model_args.model_name_or_path, trust_remote_code=training_args.trust_remote_code)
+    if resume is not None:
+        check_resume_model(resume, model_args.model_name_or_path, family.model_type)
     train_dataset = load_prompt_dataset(
         script_args.dataset_name,
         script_args.dataset_train_split,
