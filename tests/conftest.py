@@ -121,7 +121,7 @@ def no_model_loading(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the bad input was reported")
 
-    for module in ("trl_t2i.trainer", "trl_t2i.models.loading", "trl_t2i.evaluation"):
+    for module in ("trl_t2i.trainer", "trl_t2i.models.loading", "trl_t2i.evaluation", "trl_t2i.cli.sample"):
         monkeypatch.setattr(f"{module}.load_model", refuse)
 
 
