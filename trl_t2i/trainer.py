@@ -114,7 +114,10 @@ class T2IGRPOTrainer(GRPOTrainer):
       forward — TRL's own scorer would run image ids through the text head;
     * `_compute_loss`: TRL's loss, plus `current_beta() · D` normalised like TRL's loss;
     * `log`: images in `log_completions`;
-    * `_save_checkpoint` / `_save`: atomic checkpoints, and `run_settings.json` at every save.
+    * `_get_grad_norm`: a step whose loss or gradient is not finite stops the run (or is skipped) before the update;
+    * `train`: resuming compares the checkpoint's `run_settings.json` with the run's settings;
+    * `_save_checkpoint` / `_save`: atomic checkpoints, never non-finite weights, and `run_settings.json` at every
+      save.
 
     Every use of TRL's private surface goes through `trl_t2i.trl_boundary`.
 
