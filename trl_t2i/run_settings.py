@@ -19,8 +19,8 @@ RUN_SETTINGS_FILE = "run_settings.json"
 
 REFUSED_AT_RESUME = ("base_model", "model_type", "lora")
 """Settings a run cannot resume under other values of: the checkpoint's weights and optimizer state are those of its
-model and adapter (another family's would not even load: LlamaGen under a Janus adapter corrupts the heap), and a LoRA
-rank or scale of its own would read its adapter as another function. Any other change is named and recorded."""
+model and adapter (another family's modules do not match them), and another LoRA rank, scale or target would read its
+adapter as another function. Any other change is named and recorded."""
 
 
 @dataclass

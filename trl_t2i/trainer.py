@@ -175,8 +175,9 @@ class T2IGRPOTrainer(GRPOTrainer):
         processing_class = processing_class or load_processor(model_id, padding_side="left")
         # Every caption must fit the model: checked with its config and processor, before its weights load.
         config = load_config(model, args.trust_remote_code) if isinstance(model, str) else unwrap_model(model).config
-        train_dataset = _fit_prompts(train_dataset, get_family(config, processing_class), args, "train")
-        eval_dataset = _fit_prompts(eval_dataset, get_family(config, processing_class), args, "eval")
+        prompt_family = get_family(config, processing_class)
+        train_dataset = _fit_prompts(train_dataset, prompt_family, args, "train")
+        eval_dataset = _fit_prompts(eval_dataset, prompt_family, args, "eval")
 
         model_init_kwargs = self._model_init_kwargs(args, quantization_config) if isinstance(model, str) else None
         if isinstance(model, str):
@@ -687,8 +688,8 @@ class T2IGRPOTrainer(GRPOTrainer):
         latest = checkpoints.latest_checkpoint(self.args.output_dir)
         raise NonFiniteTrainingError(
             f"Training went non-finite at step {step}: {what}. This step's update is not saved; the latest "
-            f"checkpoint is {latest or 'none (none saved yet)'}. Lower learning_rate or beta, check the rewards, or "
-            "set `skip_nonfinite_steps` to skip such steps."
+            f"checkpoint is {latest or 'none: none was saved yet'}. Lower learning_rate or beta, check the rewards, "
+            "or set `skip_nonfinite_steps` to skip such steps."
             + (f" ({guard.skipped} were skipped already.)" if guard.skipped else "")
         )
 
