@@ -96,8 +96,8 @@ def fit_prompts(
     for the same processing class and length.
     """
     limit, why = family.prompt_limit()
-    fitted_to = (limit, max_prompt_length)
-    if dataset in _FITTED and _FITTED[dataset][0] is family.processing_class and _FITTED[dataset][1] == fitted_to:
+    checked = _FITTED.get(dataset)
+    if checked is not None and checked[0] is family.processing_class and checked[1:] == (limit, max_prompt_length):
         return dataset
     if max_prompt_length is not None:
         _check_max_prompt_length(max_prompt_length, family, limit, why)
@@ -126,7 +126,7 @@ def fit_prompts(
             .add_column("prompt", fitted)
             .remove_columns("__uncut_prompt")
         )
-    _FITTED[dataset] = (family.processing_class, fitted_to)
+    _FITTED[dataset] = (family.processing_class, limit, max_prompt_length)
     return dataset
 
 
