@@ -1,5 +1,7 @@
-"""A run fails early and clearly on bad input, owns its output directory, writes checkpoints atomically, names a
-damaged checkpoint at resume, and stops on SIGTERM/SIGINT with a checkpoint and the command that resumes it."""
+"""A run fails early and clearly on bad input (captions longer than the model takes, non-finite settings), stops
+before the update when training goes non-finite (or skips the step) and never saves non-finite weights, owns its
+output directory, writes checkpoints atomically, names a damaged checkpoint and compares the settings at resume, and
+stops on SIGTERM/SIGINT with a checkpoint, the command that resumes it and a non-zero exit status."""
 
 import errno
 import math
@@ -80,7 +82,7 @@ def test_the_trainer_checks_its_prompts_before_loading_the_model(tmp_path, janus
         make_trainer(tmp_path, dataset=dataset)
 
 
-def test_max_prompt_length_trains_on_the_cut_captions(tmp_path, janus_family):
+def test_max_prompt_length_gives_the_trainer_the_cut_captions(tmp_path, janus_family):
     long = "red " * 300
     with pytest.warns(UserWarning, match="cut 1 caption"):
         trainer = make_trainer(
