@@ -121,7 +121,7 @@ def no_model_loading(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the bad input was reported")
 
-    for module in ("trl_t2i.trainer", "trl_t2i.models.loading", "trl_t2i.evaluation"):
+    for module in ("trl_t2i.trainer", "trl_t2i.models.loading", "trl_t2i.evaluation", "trl_t2i.cli.sample"):
         monkeypatch.setattr(f"{module}.load_model", refuse)
 
 
@@ -237,3 +237,18 @@ def load_script(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def prompt_limit(family) -> int:
+    """The most prompt tokens a tiny model takes, from its config: Janus' context less its image tokens, or T5's
+    caption length for LlamaGen."""
+    if family.model_type == "janus":
+        return family.config.text_config.max_position_embeddings - family.config.vision_config.num_image_tokens
+    return family.config.caption_length
+
+
+def prompt_length(family, caption: str) -> int:
+    """A caption's prompt length as the model reads it, untruncated (LlamaGen's T5 reads it lowercased)."""
+    if family.model_type == "janus":
+        return int(family.tokenize_prompts([caption])[1].sum())
+    return len(family.processing_class(caption.lower(), verbose=False)["input_ids"])

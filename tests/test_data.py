@@ -1,9 +1,11 @@
 import json
 
 import pytest
+from conftest import prompt_length, prompt_limit
 from datasets import Dataset, Features, Value
 
-from trl_t2i.data import PROMPT_SETS, load_prompt_dataset
+from trl_t2i.data import PROMPT_SETS, fit_prompts, load_prompt_dataset
+from trl_t2i.models import TINY_JANUS, TINY_LLAMAGEN, load_family
 
 
 CAPTIONS = ["a red cat", "a blue car", "a green bird"]
@@ -86,3 +88,82 @@ def test_a_prompt_file_of_empty_captions_is_a_clear_error(tmp_path, kind):
     _write(path, kind, captions=["", "  "])
     with pytest.raises(ValueError, match=f"Prompt file '{path}' has no prompts"):
         load_prompt_dataset(str(path), prompt_column="prompt" if kind == "txt" else "caption")
+
+
+# ------------------------------------------------------------------ captions longer than the model takes
+
+
+@pytest.fixture(scope="module", params=[TINY_JANUS, TINY_LLAMAGEN], ids=["janus", "llamagen"])
+def family(request):
+    """A tiny model's family, from its config and processor alone."""
+    return load_family(request.param)
+
+
+def _long_caption(family, extra_words=60) -> str:
+    words = ["red", "cat", "on", "a", "blue", "car"] * (prompt_limit(family) + extra_words)
+    return " ".join(words[: prompt_limit(family) + extra_words])
+
+
+def test_a_caption_longer_than_the_model_takes_is_refused_naming_its_line_and_length(tmp_path, family):
+    long = _long_caption(family)
+    path = tmp_path / "prompts.txt"
+    path.write_text(f"a red cat\n\n{long}\na blue car\n{long} again\n")
+    limit = prompt_limit(family)
+    message = (
+        f"Prompt file '{path}', line 3: the caption has {prompt_length(family, long)} prompt tokens, more than the "
+        f"{limit} the model takes .*\\(1 more: line 5\\).*`--max_prompt_length {limit}`"
+    )
+    with pytest.raises(ValueError, match=message):
+        load_prompt_dataset(str(path), family=family)
+
+
+def test_a_caption_of_a_jsonl_file_is_named_by_its_line_and_of_a_dataset_by_its_row(tmp_path, family):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"caption": "a red cat"}\n\n' + json.dumps({"caption": _long_caption(family)}) + "\n")
+    with pytest.raises(ValueError, match="prompts.jsonl', line 3: "):
+        load_prompt_dataset(str(path), prompt_column="caption", family=family)
+    dataset = Dataset.from_dict({"prompt": ["a red cat", "", _long_caption(family)]})
+    with pytest.raises(ValueError, match="^The train dataset, row 2: "):
+        fit_prompts(dataset, family, source="The train dataset")
+
+
+@pytest.mark.parametrize("words", [70, 15_000], ids=["300-token", "50-KB"])
+def test_max_prompt_length_cuts_longer_captions_at_a_word_with_a_warning(tmp_path, family, words):
+    long = _long_caption(family, extra_words=words)
+    path = tmp_path / "prompts.txt"
+    path.write_text(f"a red cat\n{long}\n")
+    max_length = prompt_limit(family) - 7
+    with pytest.warns(UserWarning, match=f"cut 1 caption.*max_prompt_length={max_length}.*line 2 from "):
+        captions = load_prompt_dataset(str(path), family=family, max_prompt_length=max_length)["prompt"]
+    assert captions[0] == "a red cat"
+    cut = captions[1]
+    assert long.startswith(cut) and long[len(cut)] == " "  # whole words
+    assert prompt_length(family, cut) <= max_length < prompt_length(family, long[: long.index(" ", len(cut) + 1)])
+
+
+def test_a_caption_without_spaces_too_long_for_the_model_is_cut_inside_it(family):
+    word = ",".join(["red"] * prompt_limit(family))  # one "word" of many tokens
+    dataset = Dataset.from_dict({"prompt": [word]})
+    with pytest.warns(UserWarning, match="cut 1 caption"):
+        (cut,) = fit_prompts(dataset, family, max_prompt_length=prompt_limit(family))["prompt"]
+    assert word.startswith(cut) and 0 < len(cut) < len(word) and prompt_length(family, cut) <= prompt_limit(family)
+
+
+def test_max_prompt_length_beyond_the_model_or_without_room_for_a_caption_is_refused(family):
+    dataset = Dataset.from_dict({"prompt": ["a red cat"]})
+    limit = prompt_limit(family)
+    with pytest.raises(ValueError, match=f"max_prompt_length={limit + 1} is more than the {limit} prompt tokens"):
+        fit_prompts(dataset, family, max_prompt_length=limit + 1)
+    around = prompt_length(family, "")
+    with pytest.raises(ValueError, match=f"leaves no room for a caption: .* {around} tokens already"):
+        fit_prompts(dataset, family, max_prompt_length=around)
+
+
+def test_a_checked_dataset_is_not_tokenized_again_for_the_same_processor(family, monkeypatch):
+    dataset = fit_prompts(Dataset.from_dict({"prompt": ["a red cat", "a blue car"]}), family)
+    calls = []
+    prompt_lengths = family.prompt_lengths
+    monkeypatch.setattr(family, "prompt_lengths", lambda texts: calls.append(texts) or prompt_lengths(texts))
+    assert fit_prompts(dataset, family) is dataset and calls == []  # the trainer, after the command line
+    fit_prompts(dataset, family, max_prompt_length=prompt_limit(family))  # another length: checked again
+    assert calls

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from trl_t2i.divergences import (
+    ALPHA_RANGE,
     DIVERGENCES,
     MAX_LOG_RATIO,
     AlphaDivergence,
@@ -330,11 +331,30 @@ def test_get_divergence_rejects_unknown_parameter():
 
 
 @pytest.mark.parametrize(
-    ("alpha", "match"), [(0, "forward_kl"), (1, "reverse_kl"), (math.nan, "finite"), (math.inf, "finite")]
+    ("alpha", "match"),
+    [
+        (0, "forward_kl"),
+        (1, "reverse_kl"),
+        (math.nan, "finite"),
+        (math.inf, "finite"),
+        (50, r"alpha=50.0 is outside \[-1, 2\].*overflow"),  # the issue's: e^980 at the clamp
+        (2.5, r"outside \[-1, 2\]"),
+        (-1.5, r"outside \[-1, 2\]"),
+    ],
 )
 def test_alpha_rejects_invalid_values(alpha, match):
     with pytest.raises(ValueError, match=match):
         get_divergence("alpha", alpha=alpha)
+
+
+@pytest.mark.parametrize("alpha", ALPHA_RANGE)
+def test_alpha_sampled_terms_stay_finite_at_the_ends_of_its_range(alpha):
+    # The largest term and gradient the sampled estimator can produce, at the log-ratio clamp, in float32: finite
+    # with room to spare for a sum over a million tokens times β = 10.
+    logp = torch.zeros(2, requires_grad=True)
+    value = AlphaDivergence(alpha).sampled(logp, torch.tensor([-MAX_LOG_RATIO, MAX_LOG_RATIO]))
+    (gradient,) = torch.autograd.grad(value.sum(), logp)
+    assert torch.isfinite(value.max() * 1e6 * 10) and torch.isfinite(gradient.abs().max() * 1e6 * 10)
 
 
 def test_get_divergence_ignores_none_parameters():

@@ -12,12 +12,12 @@ from peft import LoraConfig, get_peft_model
 from PIL import Image
 
 from trl_t2i import evaluation
-from trl_t2i.cli import evaluate, frontier
+from trl_t2i.cli import evaluate, frontier, sample
 from trl_t2i.data import load_prompt_dataset
 from trl_t2i.decoding import sample_image_tokens
 from trl_t2i.images import to_pil
 from trl_t2i.metrics import diversity_summary, pixel_features
-from trl_t2i.models import TINY_JANUS, build_tiny_janus, get_family, load_model, load_processor
+from trl_t2i.models import TINY_JANUS, TINY_LLAMAGEN, build_tiny_janus, get_family, load_model, load_processor
 from trl_t2i.rewards import colour_match
 from trl_t2i.run_settings import RUN_SETTINGS_FILE, RunSettings
 from trl_t2i.sampling import image_logp_table
@@ -278,6 +278,62 @@ def test_run_directory_without_a_model_and_clashing_labels_are_errors(tmp_path, 
         _evaluate(tmp_path, [f"a={zero_adapter}", f"a={zero_adapter}"])
     with pytest.raises(ValueError, match="'base' is reserved"):
         _evaluate(tmp_path, [f"base={zero_adapter}"])
+
+
+# ------------------------------------------------------------------ what the evaluation side reads
+
+
+@pytest.fixture(scope="module")
+def llamagen_run(tmp_path_factory):
+    """A finished LoRA run of the tiny LlamaGen."""
+    output_dir = tmp_path_factory.mktemp("llamagen-run")
+    flags = [item for key, value in QUICK.items() for item in (f"--{key}", value)]
+    train_tiny_recipe(output_dir, *flags, "--model_name_or_path", TINY_LLAMAGEN, "--max_steps", "1")
+    return output_dir
+
+
+def test_an_adapter_of_another_family_is_refused_before_loading_the_model(tmp_path, llamagen_run, no_model_loading):
+    message = (
+        f"Run 'lg' \\({llamagen_run}\\) is an adapter of the 'llamagen' family, but the base model "
+        f"'{TINY_JANUS}' is a 'janus' model: .*`--model_name_or_path {TINY_LLAMAGEN}`"
+    )
+    with pytest.raises(ValueError, match=message):
+        _evaluate(tmp_path, [f"lg={llamagen_run}"])
+    with pytest.raises(ValueError, match="is an adapter of the 'llamagen' family"):
+        sample.main(sample.SampleArguments(adapter=str(llamagen_run), output_dir=str(tmp_path / "samples")))
+
+
+@pytest.mark.parametrize(
+    ("file", "damage", "error", "message"),
+    [
+        ("adapter_model.safetensors", "truncate", ValueError, "{file} is damaged \\(SafetensorError"),
+        ("adapter_model.safetensors", "delete", FileNotFoundError, "has adapter_config.json but no weights"),
+        ("adapter_config.json", "truncate", ValueError, "{file} is damaged \\(JSONDecodeError"),
+        ("run_settings.json", "delete", FileNotFoundError, "{file} is missing, which T2IGRPOTrainer writes"),
+    ],
+)
+def test_a_damaged_or_incomplete_run_is_named_before_loading_the_model(
+    tmp_path, trained_run, no_model_loading, file, damage, error, message
+):
+    run_dir = shutil.copytree(trained_run, tmp_path / "run")
+    path = run_dir / file
+    path.unlink() if damage == "delete" else path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(error, match=message.format(file=path)):
+        _evaluate(tmp_path / "eval", [str(run_dir)])
+    with pytest.raises(error, match=message.format(file=path)):
+        sample.main(sample.SampleArguments(adapter=str(run_dir), output_dir=str(tmp_path / "samples")))
+
+
+def test_an_unfinished_run_names_its_latest_checkpoint(tmp_path, no_model_loading):
+    (tmp_path / "run" / "checkpoint-3").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=f"training did not finish.*{tmp_path / 'run' / 'checkpoint-3'}"):
+        _evaluate(tmp_path / "eval", [str(tmp_path / "run")])
+
+
+def test_a_missing_adapter_directory_is_named_before_loading_the_model(tmp_path, no_model_loading):
+    missing = str(tmp_path / "no" / "run")
+    with pytest.raises(FileNotFoundError, match=f"--adapter '{missing}' is not a directory, nor a Hub id"):
+        sample.main(sample.SampleArguments(adapter=missing, output_dir=str(tmp_path / "samples")))
 
 
 def test_frontier_rejects_unknown_divergences_before_training(tmp_path, monkeypatch):

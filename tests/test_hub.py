@@ -167,6 +167,18 @@ def test_card_records_the_command_as_launched(argv, parent_argv, expected):
     assert hub.launch_command(argv, parent_argv) == expected
 
 
+@pytest.mark.parametrize("launcher", [".venv/bin/accelerate", "../project/.venv/bin/accelerate"])
+def test_a_launcher_started_by_a_relative_path_is_recorded(tmp_path, monkeypatch, launcher):
+    # `make demo` runs `.venv/bin/accelerate launch ...`: the kernel passes the script's path as it was typed
+    project = tmp_path / "project"
+    project.mkdir()
+    monkeypatch.chdir(project)
+    python = str(project / ".venv" / "bin" / "python")
+    parent_argv = [python, launcher, "launch", "--config_file", "cpu.yaml", "grpo_t2i.py", "--beta", "0.1"]
+    expected = "accelerate launch --config_file cpu.yaml grpo_t2i.py --beta 0.1"
+    assert hub.launch_command([python, "grpo_t2i.py", "--beta", "0.1"], parent_argv) == expected
+
+
 def test_push_uploads_only_the_adapter_processor_card_and_grid(trained, fake_hub):
     url = trained.push_to_hub()
     assert url.startswith("https://huggingface.co/someone/tiny-janus-grpo-js")

@@ -6,7 +6,8 @@ import pytest
 from conftest import train_tiny_recipe
 
 import trl_t2i
-from trl_t2i.run_settings import RUN_SETTINGS_FILE, RunSettings
+from trl_t2i.models import JanusFamily
+from trl_t2i.run_settings import RUN_SETTINGS_FILE, RunSettings, check_resume
 from trl_t2i.sampling import SamplingConfig
 
 
@@ -54,6 +55,15 @@ def test_run_settings_are_resolved_with_the_defaults_filled_in(alpha_run):
         "divergence_in": "loss",
         "sampler_correction": False,
         "sampler_correction_mode": "token_truncate",
+        "model_type": "janus",
+        "lora": {
+            "r": 16,
+            "lora_alpha": 32,
+            "target_modules": JanusFamily.lora_target_modules,  # the family's, as the recipe sets none
+            "use_rslora": False,
+            "use_dora": False,
+        },
+        "resumes": [],
     }
     assert RunSettings.load(alpha_run.args.output_dir).sampling == SamplingConfig(top_k=7)
 
@@ -84,7 +94,14 @@ def test_malformed_run_settings_name_the_file(tmp_path, alpha_run, edit):
 def test_settings_written_before_the_paper_loss_options_were_recorded_still_load(tmp_path, alpha_run):
     data = dataclasses.asdict(RunSettings.load(alpha_run.args.output_dir))
     older = {key: value for key, value in data.items() if key not in ("divergence_target", "token_selection")}
-    for recorded_later in ("divergence_in", "sampler_correction", "sampler_correction_mode"):
+    for recorded_later in (
+        "divergence_in",
+        "sampler_correction",
+        "sampler_correction_mode",
+        "model_type",
+        "lora",
+        "resumes",
+    ):
         older.pop(recorded_later)
     (tmp_path / RUN_SETTINGS_FILE).write_text(json.dumps({**older, "dynamic_advantage": True}))
     loaded = RunSettings.load(tmp_path)
@@ -94,3 +111,13 @@ def test_settings_written_before_the_paper_loss_options_were_recorded_still_load
         False,
         "token_truncate",
     )
+    assert (loaded.model_type, loaded.lora, loaded.resumes) == (None, None, [])
+
+
+def test_a_checkpoint_written_before_the_model_was_recorded_still_resumes(tmp_path, alpha_run):
+    current = RunSettings.load(alpha_run.args.output_dir)
+    dataclasses.replace(current, model_type=None, lora=None).save(tmp_path)
+    assert check_resume(tmp_path, current) == []  # nothing to compare the model and adapter with; nothing else changed
+    dataclasses.replace(current, model_type="llamagen").save(tmp_path)
+    with pytest.raises(ValueError, match="model_type 'llamagen', not 'janus'"):
+        check_resume(tmp_path, current)

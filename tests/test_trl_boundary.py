@@ -166,3 +166,30 @@ def test_max_completion_length_comes_from_the_model(tmp_path):
     assert make_trainer(tmp_path).args.max_completion_length == 16  # the tiny Janus: 4 × 4 image tokens
     with pytest.raises(ValueError, match="`max_completion_length=512` does not match.*16 tokens"):
         make_trainer(tmp_path, max_completion_length=512)
+
+
+def test_grad_norm_is_read_once_per_optimizer_step_with_the_gradients_before_the_update(tmp_path):
+    trainer = make_trainer(tmp_path, max_steps=2, gradient_accumulation_steps=2)
+    trainable = [param for param in trainer.model.parameters() if param.requires_grad]
+    initial = [param.detach().clone() for param in trainable]
+    seen = []
+    get_grad_norm = trainer._get_grad_norm
+
+    def spy(model, grad_norm=None):
+        norm = get_grad_norm(model, grad_norm)
+        gradients = torch.cat([param.grad.flatten() for param in trainable])
+        seen.append(
+            (trainer.state.global_step, float(norm), gradients.norm().item(), [p.detach().clone() for p in trainable])
+        )
+        return norm
+
+    trainer._get_grad_norm = spy
+    trainer.train()
+    assert [step for step, *_ in seen] == [0, 1]  # once per optimizer step, not per micro-batch
+    for _, norm, clipped_norm, _ in seen:  # the pre-clip norm of the gradients, which are clipped already
+        assert clipped_norm == pytest.approx(min(norm, trainer.args.max_grad_norm), rel=1e-4)
+    assert [log["grad_norm"] for log in trainer.state.log_history if "grad_norm" in log] == [
+        norm for _, norm, *_ in seen
+    ]
+    assert all(torch.equal(a, b) for a, b in zip(seen[0][3], initial, strict=True))  # before the first update
+    assert not all(torch.equal(a, b) for a, b in zip(seen[1][3], initial, strict=True))  # after it

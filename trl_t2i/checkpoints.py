@@ -57,15 +57,16 @@ def check_checkpoint(checkpoint: str | Path) -> None:
     if not (path / TRAINER_STATE_NAME).is_file():
         raise ValueError(f"Checkpoint {str(path)!r} has no {TRAINER_STATE_NAME}: it is incomplete. {_others(path)}")
     for file in sorted(path.rglob("*")):
-        if file.is_file() and (problem := _damage(file)):
+        if file.is_file() and (problem := damage(file)):
             raise ValueError(
                 f"Checkpoint file {str(file)!r} is damaged ({problem}), probably cut short while it was written. "
                 f"{_others(path)}"
             )
 
 
-def _damage(file: Path) -> str | None:
-    """Why `file` cannot be read back, or `None`: safetensors, `torch.save` (a zip archive) and JSON files."""
+def damage(file: Path) -> str | None:
+    """Why `file` cannot be read back, or `None`: safetensors, `torch.save` (a zip archive) and JSON files. Only
+    headers and indexes are read."""
     try:
         if file.suffix == ".safetensors":
             with safe_open(file, framework="pt"):  # checks the header against the file's size

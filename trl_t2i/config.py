@@ -1,9 +1,10 @@
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, fields
 
 from trl import GRPOConfig
 
 from .decoding import compile_setting
-from .divergences import DIVERGENCES
+from .divergences import DIVERGENCES, get_divergence
 from .sampling import CFG_LOGPROBS, SamplingConfig
 
 
@@ -12,6 +13,22 @@ DIVERGENCE_IN = ("loss", "reward")
 BETA_SCHEDULES = ("constant", "linear", "cosine", "adaptive")
 TOKEN_SELECTIONS = ("all", "critical")
 SAMPLER_CORRECTION_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+
+FINITE_SETTINGS = (
+    "beta",
+    "beta_end",
+    "beta_min",
+    "beta_max",
+    "beta_adaptive_rate",
+    "divergence_alpha",
+    "divergence_target",
+    "cfg_scale",
+    "temperature",
+    "top_p",
+    "dynamic_advantage_clamp",
+    "learning_rate",
+)
+"""Settings that must be finite numbers: an infinite one means nothing (NaN is refused in every numeric setting)."""
 
 # Settings of GRPOConfig that cannot apply to image tokens: (field, value that means "off", why). The config rejects
 # them instead of ignoring them, and `trl-t2i grpo --help` hides them.
@@ -44,7 +61,8 @@ class T2IGRPOConfig(GRPOConfig):
     trainer sets to the model's number of image tokens (any other value is rejected), and the text-generation settings that cannot apply to images (vLLM, tools,
     `mask_truncated_completions`, `min_p`, `repetition_penalty`, …) are rejected with a message instead of being
     silently ignored. `temperature`, `top_k` and `top_p` are the image sampler's; with `cfg_scale` they make up
-    `sampling`, the `SamplingConfig` that the trainer samples and scores with.
+    `sampling`, the `SamplingConfig` that the trainer samples and scores with. NaN is refused in every numeric setting,
+    and infinity wherever it means nothing (`FINITE_SETTINGS`).
 
     Parameters:
         > Parameters that control the divergence penalty
@@ -54,8 +72,9 @@ class T2IGRPOConfig(GRPOConfig):
             `js` (Jensen–Shannon: keeps more diversity for the same reward), `jeffreys`, `hellinger`, `alpha`.
             Its curvature at π = π_ref differs (JS has ¼ of KL's), so tune `beta` per divergence.
         divergence_alpha (`float` or `None`, *optional*):
-            The α of the `alpha` divergence (α → 1 is reverse KL, α → 0 forward KL). Only valid with
-            `divergence="alpha"`, where it defaults to 0.5.
+            The α of the `alpha` divergence (α → 1 is reverse KL, α → 0 forward KL), in [−1, 2]: beyond, its
+            estimators overflow float32 (`trl_t2i.divergences.ALPHA_RANGE`). Only valid with `divergence="alpha"`,
+            where it defaults to 0.5.
         divergence_estimator (`str`, *optional*, defaults to `"sampled"`):
             `"sampled"`: one unbiased term per sampled token (the paper's estimators; with
             `use_bias_correction_kl=True` its expected gradient is the gradient of the position's divergence given
@@ -110,6 +129,15 @@ class T2IGRPOConfig(GRPOConfig):
 
         > Parameters that control generation
 
+        max_prompt_length (`int` or `None`, *optional*, defaults to `None`):
+            The longest caption, in the model's prompt tokens (Janus: the chat-formatted prompt; LlamaGen: T5
+            tokens), checked for every caption when the dataset is read, before the model loads. `None`: a caption
+            longer than the model takes (Janus: its language model's context less the image tokens; LlamaGen:
+            `caption_length`, 120) is an error naming its line (or row) and length. Set (at most that limit):
+            longer captions are cut to their longest start of whole words that fits, with a warning, and the
+            rewards score the cut caption the model saw. (TRL 1.16's `GRPOConfig` has no such field; older TRL
+            truncated prompts silently and kept their end, where for captions the start matters.) Not checked for
+            an `IterableDataset`.
         cfg_scale (`float`, *optional*, defaults to `5.0`):
             Classifier-free guidance scale `s` of the sampler: logits `l_u + s·(l_c − l_u)`. `1.0` turns guidance
             off and skips the unconditional rows (half the work).
@@ -153,6 +181,16 @@ class T2IGRPOConfig(GRPOConfig):
         sampler_correction_clip_min (`float` or `None`, *optional*, defaults to `None`):
             Lower bound of the ratio (`None`: 0 for the truncating modes, no bound for the masking modes).
 
+        > Parameters that control what a run does when training goes non-finite
+
+        skip_nonfinite_steps (`int`, *optional*, defaults to `0`):
+            An optimizer step whose policy log-probs, policy loss, divergence penalty or gradient norm is NaN or
+            infinite stops the run with an error naming the term, before the weights are updated (non-finite weights
+            are never saved). With a positive value, that many such steps are skipped instead (their gradients
+            dropped, a warning naming the term, `nonfinite/skipped_steps` logged), and the next one stops the run.
+            Under fp16 mixed precision a non-finite gradient is left to the loss scaler, which skips the step itself.
+            Not with DeepSpeed, whose engine updates the weights inside the backward pass.
+
         > Parameters that control logging
 
         image_log_steps (`int`, *optional*, defaults to `50`):
@@ -168,7 +206,7 @@ class T2IGRPOConfig(GRPOConfig):
     )
     divergence_alpha: float | None = field(
         default=None,
-        metadata={"help": "α of the `alpha` divergence (α→1: reverse KL, α→0: forward KL). Default 0.5."},
+        metadata={"help": "α of the `alpha` divergence, in [-1, 2] (α→1: reverse KL, α→0: forward KL). Default 0.5."},
     )
     divergence_estimator: str = field(
         default="sampled",
@@ -192,6 +230,13 @@ class T2IGRPOConfig(GRPOConfig):
     beta_end: float | None = field(
         default=None,
         metadata={"help": "Final `beta` of a `linear` or `cosine` schedule."},
+    )
+    max_prompt_length: int | None = field(
+        default=None,
+        metadata={
+            "help": "Cut captions longer than this many prompt tokens (with a warning); default: refuse captions "
+            "longer than the model takes, naming their line."
+        },
     )
     cfg_scale: float = field(
         default=5.0,
@@ -270,6 +315,13 @@ class T2IGRPOConfig(GRPOConfig):
     dynamic_advantage_clamp: float = field(
         default=0.5, metadata={"help": "Clamp of the log-ratio in the dynamic-advantage weight."}
     )
+    skip_nonfinite_steps: int = field(
+        default=0,
+        metadata={
+            "help": "How many optimizer steps with a NaN/inf loss term or gradient to skip (with a warning) before "
+            "stopping the run; 0: stop at the first."
+        },
+    )
     image_log_steps: int = field(
         default=50,
         metadata={"help": "Log a captioned image grid every this many optimizer steps (0 disables it)."},
@@ -304,6 +356,7 @@ class T2IGRPOConfig(GRPOConfig):
         # new name instead, and let an explicit alias still take effect (with transformers' warning).
         if self.activation_checkpointing is None and self.gradient_checkpointing is None:
             self.activation_checkpointing = True
+        self._validate_numbers()  # first: every comparison below is False for NaN, so it would pass them
         super().__post_init__()
         self._validate_choices()
         self._validate_divergence()
@@ -315,6 +368,14 @@ class T2IGRPOConfig(GRPOConfig):
                     f"`{name}={getattr(self, name)!r}` is not supported by T2IGRPOTrainer: {reason}. "
                     f"Leave it at its default ({off_value!r})."
                 )
+
+    def _validate_numbers(self):
+        for setting in fields(self):
+            value = getattr(self, setting.name)
+            if not isinstance(value, float):
+                continue
+            if math.isnan(value) or (math.isinf(value) and setting.name in FINITE_SETTINGS):
+                raise ValueError(f"`{setting.name}={value}`: {setting.name} must be a finite number.")
 
     def _validate_choices(self):
         for name, choices in [
@@ -335,6 +396,7 @@ class T2IGRPOConfig(GRPOConfig):
                 f"`divergence_alpha={self.divergence_alpha}` only applies to `divergence='alpha'`, "
                 f"not {self.divergence!r}."
             )
+        get_divergence(self.divergence, alpha=self.divergence_alpha)  # its parameters, with its own messages
         if (
             self.divergence_in == "reward"
             and self.divergence_estimator == "sampled"
@@ -407,6 +469,12 @@ class T2IGRPOConfig(GRPOConfig):
             raise ValueError(
                 "`sampler_correction=True` weighs the policy-gradient term, which loss_type='vespo' computes from "
                 "the importance ratio itself; use another loss_type or leave sampler_correction off."
+            )
+        if self.max_prompt_length is not None and self.max_prompt_length < 1:
+            raise ValueError(f"`max_prompt_length` must be >= 1 (or unset), got {self.max_prompt_length}.")
+        if self.skip_nonfinite_steps < 0:
+            raise ValueError(
+                f"`skip_nonfinite_steps` must be >= 0 (0: stop at the first), got {self.skip_nonfinite_steps}."
             )
         if self.image_log_steps < 0 or self.image_log_count < 1:
             raise ValueError(

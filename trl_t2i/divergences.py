@@ -47,6 +47,13 @@ MAX_LOG_RATIO = 20.0
 """Bound on |log(ρ/π)| in `Divergence.sampled` (the same as the paper's code): exp of the log-ratio overflows float32
 beyond ~88 and bfloat16 sooner, and the clamp only acts on tokens whose probability ratio exceeds e^20 ≈ 5e8."""
 
+ALPHA_RANGE = (-1.0, 2.0)
+"""The orders α that the `alpha` divergence accepts, from Neyman's χ² (α = −1) to Pearson's (α = 2), symmetric about
+½ as the duality D_α(π‖ρ) = D_(1−α)(ρ‖π) is. Inside, the sampled term, which grows like w^(1−α) (w = ρ/π), reaches at
+most e^40 ≈ 2e17 at the `MAX_LOG_RATIO` clamp (finite in float32 even summed over millions of tokens and weighted by
+β), and each term π^α ρ^(1−α) of the exact divergence at most 1/min(π, ρ) (finite for probabilities down to float32's
+smallest). Beyond, both overflow: at α = 50 the sampled term reaches e^980."""
+
 _LOG_2 = math.log(2.0)
 
 
@@ -306,12 +313,12 @@ class AlphaDivergence(Divergence):
 
     α → 1 recovers `reverse_kl` and α → 0 recovers `forward_kl`; those two values are rejected in favour of the
     dedicated members. α = 0.5 gives twice `hellinger`. The sampled estimator is
-    (w^(1−α) − (1 − α)w − α) / (α(α − 1)) with w = ρ/π. For α outside [0, 1] it grows like w^(1−α) or w^(−α), so
-    with |1 − α| or |α| above ~4 the values at the `MAX_LOG_RATIO` bound overflow float32.
+    (w^(1−α) − (1 − α)w − α) / (α(α − 1)) with w = ρ/π. For α outside [0, 1] it grows like w^(1−α), and the exact
+    divergence weighs the codes by (π/ρ)^α: α is limited to `ALPHA_RANGE`, where both stay finite in float32.
 
     Args:
         alpha (`float`, *optional*, defaults to `0.5`):
-            The order α, finite and different from 0 and 1.
+            The order α, in `ALPHA_RANGE` and different from 0 and 1.
     """
 
     name = "alpha"
@@ -324,6 +331,14 @@ class AlphaDivergence(Divergence):
             limit = "forward_kl" if alpha == 0.0 else "reverse_kl"
             raise ValueError(
                 f"alpha={alpha} is not allowed: as alpha → {alpha:g} the α-divergence tends to '{limit}', use that."
+            )
+        low, high = ALPHA_RANGE
+        if not low <= alpha <= high:
+            raise ValueError(
+                f"alpha={alpha} is outside [{low:g}, {high:g}]: the sampled estimator's terms grow like "
+                f"(π_ref/π)^(1 − α), which at the log-ratio clamp ±{MAX_LOG_RATIO:g} reaches "
+                f"e^{abs(1 - alpha) * MAX_LOG_RATIO:g} and would overflow float32. Choose alpha in "
+                f"[{low:g}, {high:g}] (its ends are Neyman's and Pearson's χ²)."
             )
         self.alpha = alpha
 

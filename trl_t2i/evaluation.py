@@ -34,11 +34,12 @@ from matplotlib.figure import Figure
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .checkpoints import damage, latest_checkpoint
 from .decoding import compile_setting, resolve_compile, sample_image_tokens
 from .images import make_grid, to_pil
 from .merged_adapters import merged_adapters, why_not_mergeable
 from .metrics import ImageFeatureModel, diversity_summary, pixel_features, token_entropy
-from .models import get_family, load_model, load_processor
+from .models import get_family, load_config, load_model, load_processor
 from .run_settings import RUN_SETTINGS_FILE, RunSettings
 from .sampling import SamplingConfig, image_logp_table
 
@@ -104,6 +105,16 @@ class EvaluationSettings:
             raise ValueError(f"Unknown dtype {self.dtype!r}. Valid choices: float32, bfloat16, float16.")
 
 
+WEIGHTS = {
+    "peft": ("adapter_model.safetensors", "adapter_model.bin"),
+    "full": ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"),
+}
+"""The weight files of a PEFT adapter and of a full model directory; one of them must be there."""
+
+TRAINING_OUTPUT_FILES = ("trainer_state.json", "training_args.bin")
+"""Files that only a training run writes: a directory holding one is a training output."""
+
+
 @dataclass
 class Run:
     """One model to evaluate: the base (`path=None`), a PEFT adapter or a full model, and how it was trained."""
@@ -112,6 +123,7 @@ class Run:
     path: Path | None = None
     kind: str = "base"  # "base", "peft" or "full"
     settings: RunSettings | None = None  # None for the base model and directories without run_settings.json
+    model_type: str | None = None  # the family it belongs to, where its files say (None: unknown)
 
 
 @dataclass
@@ -147,6 +159,8 @@ def evaluate_runs(
     reward_names = [reward.__name__ for reward in reward_funcs]
     columns = metric_columns(reward_names)
     frontier_x, frontier_y = check_inputs(runs, prompts, reward_names, columns, sampling, settings)
+    for run in runs:
+        check_base_model(run, model_name_or_path)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 
@@ -192,7 +206,11 @@ def evaluate_runs(
 
 
 def read_run(spec: str) -> Run:
-    """`path` or `label=path` to a `Run`, with how it was trained read from the run's `run_settings.json`."""
+    """`path` or `label=path` to a `Run`, with how it was trained read from the run's `run_settings.json`.
+
+    Checked before any model loads: the directory holds an adapter or a model whose files can be read back, and a
+    training output its `run_settings.json` (a directory of weights saved otherwise is evaluated unlabelled).
+    """
     label, path = None, spec
     if "=" in spec and not Path(spec).exists():
         label, path = spec.split("=", 1)
@@ -203,18 +221,82 @@ def read_run(spec: str) -> Run:
             "directory or a full model directory, optionally as `label=path` (download Hub adapters first: "
             "`hf download <repo_id> --local-dir <dir>`)."
         )
-    if (path / "adapter_config.json").is_file():
-        kind = "peft"
-    elif (path / "config.json").is_file():
-        kind = "full"
-    else:
+    kind = "peft" if (path / "adapter_config.json").is_file() else "full" if (path / "config.json").is_file() else None
+    if kind is None:
+        raise FileNotFoundError(f"Run {spec!r}: {_no_weights(path)}")
+    _check_run_files(spec, path, kind)
+    training_output = any((path / name).is_file() for name in TRAINING_OUTPUT_FILES)
+    if training_output and not (path / RUN_SETTINGS_FILE).is_file():
         raise FileNotFoundError(
-            f"Run {spec!r}: {str(path)!r} holds neither a PEFT adapter (adapter_config.json) nor a model "
-            "(config.json). Point at the `output_dir` of a finished training or at one of its `checkpoint-*` folders."
+            f"Run {spec!r}: {path / RUN_SETTINGS_FILE} is missing, which T2IGRPOTrainer writes with every save of a "
+            "run (its divergence, β and sampling label the run). Copy it from one of the run's checkpoints, or point "
+            "at a checkpoint that has it."
         )
     # Weights saved outside `T2IGRPOTrainer` have no settings: they are evaluated all the same, unlabelled.
     settings = RunSettings.load(path) if (path / RUN_SETTINGS_FILE).is_file() else None
-    return Run(label or path.name, path, kind, settings)
+    return Run(label or path.name, path, kind, settings, _model_type(path, kind, settings))
+
+
+def _no_weights(path: Path) -> str:
+    """Why `path` holds no adapter or model: an unfinished training run (naming its latest checkpoint), or nothing."""
+    latest = latest_checkpoint(path)
+    if latest is not None:
+        return (
+            f"{str(path)!r} holds no final weights: its training did not finish. Evaluate its latest checkpoint "
+            f"({latest}), or resume the training (`--resume_from_checkpoint true`) first."
+        )
+    return (
+        f"{str(path)!r} holds neither a PEFT adapter (adapter_config.json) nor a model (config.json). Point at the "
+        "`output_dir` of a finished training or at one of its `checkpoint-*` folders."
+    )
+
+
+def _check_run_files(spec: str, path: Path, kind: str) -> None:
+    """The run's weights are there, and none of its files is cut short or corrupt (headers and indexes only)."""
+    if not any((path / name).is_file() for name in WEIGHTS[kind]):
+        raise FileNotFoundError(
+            f"Run {spec!r}: {str(path)!r} has {'adapter_config.json' if kind == 'peft' else 'config.json'} but no "
+            f"weights ({' or '.join(WEIGHTS[kind])}): it was not saved completely."
+        )
+    for file in sorted(path.iterdir()):  # run_settings.json: `RunSettings.load` says what is wrong with it
+        if file.is_file() and file.name != RUN_SETTINGS_FILE and (problem := damage(file)):
+            raise ValueError(
+                f"Run {spec!r}: {file} is damaged ({problem}): it cannot be read back (cut short while it was "
+                "written or copied?)."
+            )
+
+
+def _model_type(path: Path, kind: str, settings: RunSettings | None) -> str | None:
+    """The family of a run's weights: a full model's config, else the run's settings, else the base model named by
+    the adapter's config when that is a local directory; `None` when none says."""
+    if kind == "full":
+        return json.loads((path / "config.json").read_text()).get("model_type")
+    if settings is not None and settings.model_type is not None:
+        return settings.model_type
+    base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    base_config = Path(base) / "config.json" if base else None
+    return json.loads(base_config.read_text()).get("model_type") if base_config and base_config.is_file() else None
+
+
+def check_base_model(run: Run, model_name_or_path: str) -> None:
+    """Refuse a run of another model family than the base model (its adapter would not fit), before any model
+    loads (the base model's config is read); warn when it was trained from another base model of the family."""
+    if run.kind == "base":
+        return
+    base_type = load_config(model_name_or_path).model_type
+    trained_from = f" (`--model_name_or_path {run.settings.base_model}`)" if run.settings else ""
+    if run.model_type is not None and run.model_type != base_type:
+        raise ValueError(
+            f"Run {run.label!r} ({run.path}) is {'an adapter' if run.kind == 'peft' else 'a model'} of the "
+            f"{run.model_type!r} family, but the base model {model_name_or_path!r} is a {base_type!r} model: "
+            f"evaluate it with the base model it was trained from{trained_from}."
+        )
+    if run.kind == "peft" and run.settings is not None and run.settings.base_model != model_name_or_path:
+        warnings.warn(
+            f"Run {run.label!r} was trained from {run.settings.base_model!r} and is evaluated on "
+            f"{model_name_or_path!r}.",
+            stacklevel=2,
+        )
 
 
 def metric_columns(reward_names: list[str]) -> list[str]:

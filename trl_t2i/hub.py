@@ -156,11 +156,21 @@ def _settings_rows(settings: RunSettings) -> dict[str, str]:
             else ""
         ),
         "max steps": f"{settings.max_steps}",
+        **({"resumed with other settings": _resumes(settings.resumes)} if settings.resumes else {}),
     }
 
 
+def _resumes(resumes: list[dict]) -> str:
+    """ "at step 40: divergence `js` → `reverse_kl`, …" for each resume under other settings."""
+    return "; ".join(
+        f"at step {resume['step']}: "
+        + ", ".join(f"{name} `{before}` → `{after}`" for name, (before, after) in resume["changes"].items())
+        for resume in resumes
+    )
+
+
 # Launchers whose command line is the one to record: the run is their child process.
-LAUNCHERS = [["accelerate", "launch"], ["torchrun"]] + [
+LAUNCHERS = [["accelerate", "launch"], ["accelerate-launch"], ["torchrun"]] + [
     ["python", "-m", module] for module in ("accelerate.commands.launch", "torch.distributed.run")
 ]
 
@@ -188,11 +198,13 @@ def _parent_argv() -> list[str]:
 
 def _as_typed(argv: list[str]) -> list[str]:
     """`python` for the interpreter's path, and a console script (`/venv/bin/python /venv/bin/accelerate launch`,
-    as the kernel runs it) by its name alone (`accelerate launch`)."""
+    as the kernel runs it) by its name alone (`accelerate launch`), also when it was started by a relative path
+    (`.venv/bin/accelerate launch`, as `make demo` does; resolved against the working directory, which a launcher
+    passes on to the run)."""
     if not argv or not Path(argv[0]).name.startswith("python"):
         return list(argv)
     interpreter, *rest = argv
-    if rest and Path(rest[0]).is_absolute() and Path(rest[0]).parent == Path(interpreter).parent:
+    if rest and Path(os.path.abspath(rest[0])).parent == Path(interpreter).parent:
         return [Path(rest[0]).name, *rest[1:]]
     return ["python", *rest]
 

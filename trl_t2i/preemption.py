@@ -16,20 +16,32 @@ from .hub import launch_command
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
+class Preempted(SystemExit):
+    """Raised once the checkpoint is saved and the resume command printed: the process exits with 128 + the signal's
+    number (143 for SIGTERM, 130 for Ctrl-C), the status a shell gives a process that a signal ended, so that
+    `trl-t2i grpo ... && trl-t2i evaluate ...` or a scheduler never takes the unfinished run for a finished one."""
+
+    def __init__(self, signum: signal.Signals, checkpoint: Path):
+        super().__init__(128 + signum)
+        self.signal, self.checkpoint = signum, checkpoint
+
+
 class PreemptionCallback(TrainerCallback):
     """Ends training at the next step boundary after SIGTERM or SIGINT, saving a checkpoint to resume from.
 
     The signal handlers are installed for the duration of `catching_signals()` and restored after it. A second Ctrl-C
-    stops at once (`KeyboardInterrupt`). Every process stops at the same step: the signal flag is reduced over the
-    processes at each step end (a launcher may deliver the signal to each at a slightly different time). At the end
-    of training, the main process prints the command that resumes from the checkpoint (`resume_command`).
+    stops at once (`KeyboardInterrupt`). Every process stops at the same step: the signal is reduced over the
+    processes at each step end (a launcher may deliver it to each at a slightly different time, or to one only). At
+    the end of training, the main process prints the command that resumes from the checkpoint (`resume_command`);
+    `exit()` then ends the process with the signal's status (`Preempted`).
 
     ```python
     preemption = PreemptionCallback()
     trainer.add_callback(preemption)
     with preemption.catching_signals():
         trainer.train()
-    finished = preemption.stopped_at is None
+    if preemption.stopped_at is not None:
+        preemption.exit()
     ```
     """
 
@@ -38,6 +50,8 @@ class PreemptionCallback(TrainerCallback):
         """The first signal received."""
         self.stopped_at: int | None = None
         """The step whose checkpoint was saved when training stopped for a signal."""
+        self.checkpoint: Path | None = None
+        """That checkpoint."""
 
     @contextlib.contextmanager
     def catching_signals(self):
@@ -60,23 +74,29 @@ class PreemptionCallback(TrainerCallback):
         os.write(2, message.encode())
 
     def on_step_end(self, args, state, control, **kwargs):
-        if _on_any_process(self.received is not None, args.device) and state.global_step < state.max_steps:
+        received = _on_any_process(self.received, args.device)
+        if received is not None and state.global_step < state.max_steps:
             control.should_save = control.should_training_stop = True
-            self.stopped_at = state.global_step
+            self.received, self.stopped_at = received, state.global_step
+            self.checkpoint = Path(args.output_dir) / f"checkpoint-{self.stopped_at}"
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.stopped_at is not None and state.is_world_process_zero:
-            checkpoint = Path(args.output_dir) / f"checkpoint-{self.stopped_at}"
-            print(f"\nStopped after step {self.stopped_at}, saved to {checkpoint}. Resume with:\n")
-            print(f"  {resume_command(checkpoint)}")
+            print(f"\nStopped after step {self.stopped_at}, saved to {self.checkpoint}. Resume with:\n")
+            print(f"  {resume_command(self.checkpoint)}")
+
+    def exit(self):
+        """End the process with 128 + the signal's number, after training stopped for it (`Preempted`)."""
+        raise Preempted(self.received, self.checkpoint)
 
 
-def _on_any_process(flag: bool, device: torch.device) -> bool:
+def _on_any_process(received: signal.Signals | None, device: torch.device) -> signal.Signals | None:
+    """The signal any process received (the largest number), so that every process stops and exits alike."""
     if not (dist.is_available() and dist.is_initialized()):
-        return flag
-    flags = torch.tensor([int(flag)], device=device)
-    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    return bool(flags.item())
+        return received
+    signum = torch.tensor([int(received or 0)], device=device)
+    dist.all_reduce(signum, op=dist.ReduceOp.MAX)
+    return signal.Signals(signum.item()) if signum.item() else None
 
 
 RESUME_REPLACES = ("--resume_from_checkpoint", "--overwrite_output_dir")

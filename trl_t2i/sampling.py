@@ -25,6 +25,7 @@ Names: `*_logps` are per-token log-probs `(B, N)` (TRL's word); `*_logp_table` a
 codebook at every image position `(B, N, V)`.
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -62,6 +63,9 @@ class SamplingConfig:
     top_p: float = 1.0
 
     def __post_init__(self):
+        for name in ("cfg_scale", "temperature", "top_p"):
+            if not math.isfinite(getattr(self, name)):  # NaN would pass every comparison below
+                raise ValueError(f"`{name}={getattr(self, name)}`: {name} must be a finite number.")
         if self.cfg_scale <= 0:
             raise ValueError(f"`cfg_scale` must be > 0 (1.0 disables guidance), got {self.cfg_scale}.")
         if self.temperature <= 0:

@@ -15,6 +15,8 @@ def check_sharding(args: TrainingArguments) -> None:
     * FSDP2 (`fsdp_version: 2`): the image sampler calls the model's submodules directly, and FSDP2 gathers the
       parameters of the root module (embeddings, image head, aligners) only in the root's own `forward`. FSDP1 is
       gathered around generation (TRL's `summon_full_params`), DeepSpeed ZeRO-3 too (`ds3_gather_for_generation`).
+    * `skip_nonfinite_steps` with DeepSpeed: the engine steps inside the backward pass, before the step could be
+      skipped.
 
     The set-up is read where transformers and accelerate read it: `args.fsdp`/`args.deepspeed`, else the variables
     that `accelerate launch` sets from its config file.
@@ -27,6 +29,12 @@ def check_sharding(args: TrainingArguments) -> None:
             "DeepSpeed only on GPUs (accelerate/state.py), so on CPU this run would be plain DDP, every process "
             "holding the whole model. On CPU, launch with recipes/accelerate/cpu_ddp.yaml; on GPUs, leave `use_cpu` "
             "unset."
+        )
+    if deepspeed and getattr(args, "skip_nonfinite_steps", 0):
+        raise ValueError(
+            "`skip_nonfinite_steps` cannot skip a step under DeepSpeed: its engine updates the weights inside the "
+            "backward pass, before a step with a non-finite loss could be dropped. Leave it at 0: such a step then "
+            "stops the run, and nothing of it is saved."
         )
     if fsdp_version == 2:
         raise ValueError(

@@ -19,6 +19,7 @@ from . import checkpoints, hub
 from . import trl_boundary as trl
 from .beta_schedule import BetaSchedule
 from .config import T2IGRPOConfig
+from .data import fit_prompts
 from .decoding import resolve_compile, sample_image_tokens, static_decoder
 from .divergences import MAX_LOG_RATIO, get_divergence, with_prefix_term
 from .gcpo import critical_token_mask, dynamic_advantage_weight
@@ -26,8 +27,17 @@ from .image_logging import ImageGridCallback
 from .images import to_pil
 from .merged_adapters import folded_bytes, merged_adapters, why_not_mergeable
 from .metrics import position_entropy
-from .models import disable_bnb_cpu_repack, family_class, get_family, load_model, load_processor, unwrap_model
-from .run_settings import RunSettings
+from .models import (
+    disable_bnb_cpu_repack,
+    family_class,
+    get_family,
+    load_config,
+    load_model,
+    load_processor,
+    unwrap_model,
+)
+from .nonfinite import NonFiniteGuard, NonFiniteTrainingError, check_weights
+from .run_settings import RunSettings, check_resume
 from .sampling import MIN_LOGP, teacher_forced_logits, truncate_logits, truncates
 from .sharding import check_sharding
 from .stage_times import StageTimes
@@ -104,7 +114,10 @@ class T2IGRPOTrainer(GRPOTrainer):
       forward — TRL's own scorer would run image ids through the text head;
     * `_compute_loss`: TRL's loss, plus `current_beta() · D` normalised like TRL's loss;
     * `log`: images in `log_completions`;
-    * `_save_checkpoint` / `_save`: atomic checkpoints, and `run_settings.json` at every save.
+    * `_get_grad_norm`: a step whose loss or gradient is not finite stops the run (or is skipped) before the update;
+    * `train`: resuming compares the checkpoint's `run_settings.json` with the run's settings;
+    * `_save_checkpoint` / `_save`: atomic checkpoints, never non-finite weights, and `run_settings.json` at every
+      save.
 
     Every use of TRL's private surface goes through `trl_t2i.trl_boundary`.
 
@@ -157,6 +170,14 @@ class T2IGRPOTrainer(GRPOTrainer):
         reward_funcs = _check_reward_funcs(reward_funcs)
         for dataset in (train_dataset, eval_dataset):
             _check_prompt_dataset(dataset)
+        if processing_class is None and not model_id:
+            raise ValueError("The model was built in memory (no checkpoint path): pass its `processing_class` too.")
+        processing_class = processing_class or load_processor(model_id, padding_side="left")
+        # Every caption must fit the model: checked with its config and processor, before its weights load.
+        config = load_config(model, args.trust_remote_code) if isinstance(model, str) else unwrap_model(model).config
+        prompt_family = get_family(config, processing_class)
+        train_dataset = _fit_prompts(train_dataset, prompt_family, args, "train")
+        eval_dataset = _fit_prompts(eval_dataset, prompt_family, args, "eval")
 
         model_init_kwargs = self._model_init_kwargs(args, quantization_config) if isinstance(model, str) else None
         if isinstance(model, str):
@@ -164,9 +185,6 @@ class T2IGRPOTrainer(GRPOTrainer):
         disable_bnb_cpu_repack(model)
         if args.distributed_state.distributed_type != "FSDP":  # FSDP flattens parameters of one dtype
             family_class(unwrap_model(model).config).upcast_image_head(model)
-        if processing_class is None and not model_id:
-            raise ValueError("The model was built in memory (no checkpoint path): pass its `processing_class` too.")
-        processing_class = processing_class or load_processor(model_id, padding_side="left")
         self.family = get_family(model, processing_class)
         _set_completion_length(args, self.family.num_image_tokens)
         peft_config = self._prepare_lora_config(peft_config, model)
@@ -216,7 +234,24 @@ class T2IGRPOTrainer(GRPOTrainer):
         self.add_callback(BetaSchedule.from_config(args))
         # Set by `_compute_loss` for the duration of TRL's loss, filled by the policy forward inside it, else `None`.
         self._policy_scores: PolicyScores | None = None
+        self._nonfinite = NonFiniteGuard(
+            {
+                "logps": "the policy's log-probs of the sampled tokens",
+                "loss": "the policy loss (TRL's GRPO term)",
+                "penalty": f"the divergence penalty (β · {args.divergence}, {args.divergence_estimator} estimator)",
+            },
+            self.accelerator.device,
+        )
         self._stage_times = StageTimes(self.accelerator.device)
+        self.resumes: list[dict] = []
+        """The resumes of this run under other settings (`run_settings.check_resume`), recorded in its settings."""
+
+    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        # Before the checkpoint loads: refuse one of another model or adapter, name (and record) every other change.
+        checkpoint = checkpoints.resolve_resume(resume_from_checkpoint, self.args.output_dir)
+        if checkpoint is not None:
+            self.resumes = check_resume(checkpoint, RunSettings.from_trainer(self))
+        return super().train(checkpoint, trial, ignore_keys_for_eval, **kwargs)
 
     # ------------------------------------------------------------------ set-up
 
@@ -530,6 +565,9 @@ class T2IGRPOTrainer(GRPOTrainer):
         finally:
             self._policy_scores = None
         policy_logps = torch.cat(policy.logps)
+        if self.model.training:
+            self._nonfinite.record("logps", policy_logps)
+            self._nonfinite.record("loss", loss)
         self._log_sampling_agreement(inputs, policy_logps.detach())
         trl.record_metric(
             self,
@@ -543,6 +581,8 @@ class T2IGRPOTrainer(GRPOTrainer):
             penalty = self._divergence_penalty(
                 inputs, policy_logps, torch.cat(policy.untruncated_logps), untruncated_table
             )
+        if self.model.training:
+            self._nonfinite.record("penalty", penalty)
         return loss + penalty
 
     def _divergence_penalty(self, inputs, policy_logps, untruncated_logps, untruncated_table) -> torch.Tensor:
@@ -631,6 +671,35 @@ class T2IGRPOTrainer(GRPOTrainer):
         trl.record_metric(self, "sampling/logp_gap_mean", trl.global_masked_mean(self, gap, inside))
         trl.record_metric(self, "sampling/logp_gap_max", trl.global_masked_max(self, gap, inside))
 
+    # ------------------------------------------------------------------ non-finite training
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        # Called between clipping and the optimizer step: a step whose loss or gradient is not finite stops the run
+        # (or is skipped) before it updates the weights. With a loss scaler (fp16) a non-finite gradient is routine:
+        # the scaler skips the step itself and lowers its scale.
+        grad_norm = super()._get_grad_norm(model, grad_norm)
+        problems = self._nonfinite.problems(self.accelerator, grad_norm if self.accelerator.scaler is None else None)
+        if problems:
+            self._skip_or_stop(model, problems)
+        return grad_norm
+
+    def _skip_or_stop(self, model, problems: list[str]) -> None:
+        """Drop the step's gradients while `skip_nonfinite_steps` allows it, else stop the run naming the terms."""
+        step, what, guard = self.state.global_step + 1, "; ".join(problems), self._nonfinite
+        if guard.skipped < self.args.skip_nonfinite_steps:
+            model.zero_grad(set_to_none=True)  # the optimizer skips parameters without a gradient
+            guard.skipped += 1
+            logger.warning(f"Skipped step {step}: {what} ({guard.skipped} of {self.args.skip_nonfinite_steps}).")
+            trl.record_metric(self, "nonfinite/skipped_steps", guard.skipped)
+            return
+        latest = checkpoints.latest_checkpoint(self.args.output_dir)
+        raise NonFiniteTrainingError(
+            f"Training went non-finite at step {step}: {what}. This step's update is not saved; the latest "
+            f"checkpoint is {latest or 'none: none was saved yet'}. Lower learning_rate or beta, check the rewards, "
+            "or set `skip_nonfinite_steps` to skip such steps."
+            + (f" ({guard.skipped} were skipped already.)" if guard.skipped else "")
+        )
+
     # ------------------------------------------------------------------ logging
 
     def _timed(self, stage: str):
@@ -658,8 +727,10 @@ class T2IGRPOTrainer(GRPOTrainer):
             super()._save_checkpoint(model, trial)
 
     def _save(self, output_dir: str | None = None, state_dict=None):
-        # Also write the run's resolved settings, at every save (checkpoints too): evaluate, frontier and the model
-        # card read them as JSON instead of unpickling training_args.bin.
+        # Never non-finite weights; and also the run's resolved settings, at every save (checkpoints too): evaluate,
+        # frontier and the model card read them as JSON instead of unpickling training_args.bin.
+        trained = state_dict.items() if state_dict is not None else _trainable_parameters(self.model)
+        check_weights(trained, output_dir or self.args.output_dir)
         super()._save(output_dir, state_dict)
         if self.args.should_save:
             RunSettings.from_trainer(self).save(output_dir or self.args.output_dir)
@@ -705,6 +776,11 @@ class T2IGRPOTrainer(GRPOTrainer):
         )
 
 
+def _trainable_parameters(model) -> list[tuple[str, torch.Tensor]]:
+    """The parameters that training changes (the adapters, with LoRA)."""
+    return [(name, param) for name, param in model.named_parameters() if param.requires_grad]
+
+
 def _caption(prompt) -> str:
     if not isinstance(prompt, str):
         raise ValueError(
@@ -725,6 +801,15 @@ def _check_prompt_dataset(dataset) -> None:
             f"The prompt dataset needs a `prompt` column of captions; its columns are {columns}. Rename the caption "
             "column, e.g. `dataset.rename_column('caption', 'prompt')`."
         )
+
+
+def _fit_prompts(dataset, family, args: T2IGRPOConfig, split: str):
+    """`fit_prompts` for the trainer's datasets (a dict of them too); an `IterableDataset` cannot be read up front."""
+    if isinstance(dataset, dict):
+        return {name: _fit_prompts(part, family, args, f"{split} ({name})") for name, part in dataset.items()}
+    if not isinstance(dataset, Dataset):
+        return dataset
+    return fit_prompts(dataset, family, args.max_prompt_length, f"The {split} dataset")
 
 
 def _check_reward_funcs(reward_funcs) -> list:

@@ -17,7 +17,10 @@ The assumptions:
 * `_compute_loss` reads `inputs["advantages"]` after the policy forward, so that forward may weigh them
   (`dynamic_advantage`, tested in `tests/test_gcpo.py`), and accepts `(B, N)` advantages;
 * `__init__` reads `args.beta`, `args.sync_ref_model` and `args.model_init_kwargs` to decide about the reference
-  model (see `init_settings`).
+  model (see `init_settings`);
+* transformers' training loop calls `_get_grad_norm(model, grad_norm)` once per optimizer step, with the gradients
+  of every micro-batch accumulated (and clipped), before `optimizer.step()`: the trainer checks there that the step
+  is finite (`trl_t2i.nonfinite`).
 """
 
 import contextlib

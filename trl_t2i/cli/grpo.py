@@ -10,8 +10,8 @@ override the YAML. Installed users run the same thing as `trl-t2i grpo --config 
 A run owns its `output_dir`: a second run into it fails while the first is running, and a new run into the folder
 of an earlier one fails unless it continues it, `--resume_from_checkpoint true` (its latest checkpoint-N) or
 `--resume_from_checkpoint <output_dir>/checkpoint-N`, or starts over, `--overwrite_output_dir true`. On SIGTERM (a
-cluster's preemption) or Ctrl-C, the run saves a checkpoint at the end of the step and prints the command that
-resumes it.
+cluster's preemption) or Ctrl-C, the run saves a checkpoint at the end of the step, prints the command that
+resumes it and exits with 128 + the signal's number (143, 130), never 0.
 """
 
 import contextlib
@@ -24,8 +24,10 @@ from .. import output_dir
 from ..checkpoints import resolve_resume
 from ..config import UNSUPPORTED_SETTINGS, T2IGRPOConfig
 from ..data import PROMPT_SETS, load_prompt_dataset
+from ..models import load_family
 from ..preemption import PreemptionCallback
 from ..rewards import get_reward
+from ..run_settings import check_resume_model
 from ..sharding import check_sharding
 from ..trainer import T2IGRPOTrainer
 from .parsing import RecipeParser, field_names, group_options
@@ -113,11 +115,17 @@ def main(script_args: T2IScriptArguments, training_args: T2IGRPOConfig, model_ar
     if writer:
         output_dir.check_output_dir(training_args.output_dir)
     resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
+    # The model's config and processor, not its weights: every caption is checked against the model as it is read.
+    family = load_family(model_args.model_name_or_path, trust_remote_code=training_args.trust_remote_code)
+    if resume is not None:
+        check_resume_model(resume, model_args.model_name_or_path, family.model_type)
     train_dataset = load_prompt_dataset(
         script_args.dataset_name,
         script_args.dataset_train_split,
         script_args.prompt_column,
         script_args.dataset_config,
+        family,
+        training_args.max_prompt_length,
     )
     eval_dataset = None
     if training_args.eval_strategy != "no":
@@ -128,6 +136,8 @@ def main(script_args: T2IScriptArguments, training_args: T2IGRPOConfig, model_ar
             script_args.dataset_test_split,
             script_args.prompt_column,
             script_args.dataset_config,
+            family,
+            training_args.max_prompt_length,
         )
     reward_funcs = [get_reward(name) for name in script_args.reward_funcs]
 
@@ -147,6 +157,7 @@ def main(script_args: T2IScriptArguments, training_args: T2IGRPOConfig, model_ar
             args=training_args,
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
+            processing_class=family.processing_class,
             quantization_config=get_quantization_config(model_args),
             peft_config=get_peft_config(model_args),
         )
@@ -155,7 +166,7 @@ def main(script_args: T2IScriptArguments, training_args: T2IGRPOConfig, model_ar
         with preemption.catching_signals():
             trainer.train(resume_from_checkpoint=resume)
         if preemption.stopped_at is not None:  # it printed how to resume; a final save would look like a finished run
-            return trainer
+            preemption.exit()  # with the signal's status: an unfinished run must not look like a finished one
         trainer.save_model(training_args.output_dir)
         trainer.save_state()  # trainer_state.json: every logged metric
         trainer.create_model_card(dataset_name=script_args.dataset_name)

@@ -7,6 +7,7 @@
 Writes one PNG per image and a captioned `grid.png` to `--output_dir`.
 """
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,6 +50,8 @@ class SampleArguments(SamplingArguments):
 
 def main(args: SampleArguments) -> Path:
     sampling = args.sampling  # bad settings fail before the model loads
+    if args.adapter:
+        check_adapter(args.adapter, args.model_name_or_path)
     model = load_model(args.model_name_or_path, dtype=getattr(torch, args.dtype)).to(args.device).eval()
     if args.adapter:
         from peft import PeftModel
@@ -76,6 +79,16 @@ def main(args: SampleArguments) -> Path:
     make_grid(images, captions, columns=args.num_images_per_prompt).save(grid_path)
     print(f"Wrote {len(images)} images and {grid_path}")
     return grid_path
+
+
+def check_adapter(adapter: str, model_name_or_path: str) -> None:
+    """A local adapter must be readable and of the base model's family; anything else must look like a Hub id."""
+    from ..evaluation import check_base_model, read_run  # here: the evaluation's plotting is not sampling's to import
+
+    if Path(adapter).exists():
+        check_base_model(read_run(adapter), model_name_or_path)
+    elif not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", adapter):
+        raise FileNotFoundError(f"--adapter {adapter!r} is not a directory, nor a Hub id (`namespace/name`).")
 
 
 def make_parser() -> RecipeParser:

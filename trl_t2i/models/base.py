@@ -144,6 +144,18 @@ class ModelFamily(ABC):
         """Raw captions to the left-padded `(prompt_ids, prompt_mask)` that TRL carries between rollout and loss."""
 
     @abstractmethod
+    def prompt_limit(self) -> tuple[int, str]:
+        """The most prompt tokens (`tokenize_prompts`'s) the model takes, and why, for messages ("its context of ...")."""
+
+    def prompt_lengths(self, texts: list[str]) -> list[int]:
+        """Each caption's prompt length in tokens, as `tokenize_prompts` makes it but never truncated (families whose
+        `tokenize_prompts` truncates override this). 256 captions at a time: a very long one pads only its own."""
+        lengths = []
+        for start in range(0, len(texts), 256):
+            lengths += self.tokenize_prompts(texts[start : start + 256])[1].sum(-1).tolist()
+        return lengths
+
+    @abstractmethod
     def build_conditioning(self, prompt_ids: torch.LongTensor, prompt_mask: torch.LongTensor) -> Conditioning:
         """The conditional rows for `tokenize_prompts`' output."""
 

@@ -128,6 +128,11 @@ class JanusFamily(ModelFamily):
         )
         return encoding["input_ids"], encoding["attention_mask"]
 
+    def prompt_limit(self) -> tuple[int, str]:
+        context = self.config.text_config.max_position_embeddings
+        why = f"its language model's context of {context} positions less its {self.num_image_tokens} image tokens"
+        return context - self.num_image_tokens, why
+
     def build_conditioning(self, prompt_ids, prompt_mask) -> Conditioning:
         return Conditioning({"input_ids": prompt_ids, "attention_mask": prompt_mask})
 

@@ -68,6 +68,18 @@ def disable_bnb_cpu_repack(model: torch.nn.Module) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+def load_config(name_or_path: str, trust_remote_code: bool = False):
+    """The config of a model given by hub id or local path (a tiny model is built on first use)."""
+    return AutoConfig.from_pretrained(resolve_name(name_or_path), trust_remote_code=trust_remote_code)
+
+
+def load_family(name_or_path: str, processing_class=None, trust_remote_code: bool = False) -> ModelFamily:
+    """The family of a model given by name, from its config and processing class alone (its weights stay unloaded):
+    what the captions can be checked against before the model loads."""
+    processing_class = processing_class or load_processor(name_or_path, padding_side="left")
+    return get_family(load_config(name_or_path, trust_remote_code), processing_class)
+
+
 def load_model(name_or_path: str, fp32_image_head: bool = True, **model_kwargs) -> PreTrainedModel:
     """Load a text-to-image model by hub id or local path (the tiny models of `TINY_MODELS` are built locally).
 
@@ -76,8 +88,7 @@ def load_model(name_or_path: str, fp32_image_head: bool = True, **model_kwargs) 
     parameters of one dtype, needs it off.
     """
     path = resolve_name(name_or_path)
-    config = AutoConfig.from_pretrained(path, trust_remote_code=model_kwargs.get("trust_remote_code", False))
-    family = family_class(config)
+    family = family_class(load_config(path, model_kwargs.get("trust_remote_code", False)))
     if isinstance(model_kwargs.get("quantization_config"), BitsAndBytesConfig):
         model_kwargs["quantization_config"] = with_skip_modules(model_kwargs["quantization_config"], family)
     model = family.model_class.from_pretrained(path, **model_kwargs)

@@ -54,10 +54,9 @@ class LlamaGenFamily(ModelFamily):
         return self.config.codebook_size
 
     def tokenize_prompts(self, texts: list[str]) -> tuple[torch.LongTensor, torch.LongTensor]:
-        # The captions as LlamaGen's T5 embedder prepares them: cleaned (or only lowercased, `clean_captions`).
-        prepare = captions.clean_caption if self.config.clean_captions else _lowercased
+        # Truncated as LlamaGen's T5 embedder does; training refuses (or cuts) longer captions when it reads them.
         encoding = self.processing_class(
-            [prepare(text) for text in texts],
+            self._prepared(texts),
             padding=True,
             padding_side="left",
             truncation=True,
@@ -65,6 +64,17 @@ class LlamaGenFamily(ModelFamily):
             return_tensors="pt",
         )
         return encoding["input_ids"], encoding["attention_mask"]
+
+    def prompt_lengths(self, texts: list[str]) -> list[int]:
+        return [len(ids) for ids in self.processing_class(self._prepared(texts), verbose=False)["input_ids"]]
+
+    def prompt_limit(self) -> tuple[int, str]:
+        return self.config.caption_length, f"its caption length of {self.config.caption_length} T5 tokens"
+
+    def _prepared(self, texts: list[str]) -> list[str]:
+        """The captions as LlamaGen's T5 embedder prepares them: cleaned (or only lowercased, `clean_captions`)."""
+        prepare = captions.clean_caption if self.config.clean_captions else _lowercased
+        return [prepare(text) for text in texts]
 
     def build_conditioning(self, prompt_ids, prompt_mask) -> Conditioning:
         null_caption = torch.zeros(len(prompt_ids), dtype=torch.bool, device=prompt_ids.device)
