@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from ..data import PROMPT_SETS, load_prompt_dataset
 from ..evaluation import BASE, EvaluationSettings, Run, evaluate_runs, print_table, read_run
 from ..models import TINY_JANUS
-from ..rewards import get_reward
+from ..rewards import get_rewards
 from .arguments import SamplingArguments
 from .parsing import RecipeParser
 
@@ -53,7 +53,17 @@ class EvaluateArguments(SamplingArguments, EvaluationSettings):
     )
     reward_funcs: list[str] = field(
         default_factory=lambda: ["colour_match"],
-        metadata={"help": "Reward names (see `trl_t2i.rewards.REWARDS`) or import paths `package.module:function`."},
+        metadata={
+            "help": "Reward names (see `trl_t2i.rewards.REWARDS`), import paths `package.module:function` or "
+            "reward-server URLs."
+        },
+    )
+    reward_kwargs: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "Keyword arguments of the rewards by name, e.g. local weights: "
+            '\'{"pickscore": {"model_id": "/models/PickScore_v1"}}\'.'
+        },
     )
     output_dir: str = field(default="outputs/evaluation", metadata={"help": "Where tables and figures are written."})
 
@@ -70,7 +80,7 @@ def make_parser() -> RecipeParser:
 
 def main(args: EvaluateArguments) -> list[dict]:
     runs = ([] if args.skip_base else [Run(BASE)]) + [read_run(spec) for spec in args.runs]
-    reward_funcs = [get_reward(name) for name in args.reward_funcs]  # model rewards load on their first call
+    reward_funcs = get_rewards(args.reward_funcs, args.reward_kwargs)  # model rewards load on their first call
     if args.prompts:
         prompts = list(args.prompts)
     else:

@@ -25,7 +25,7 @@ from ..checkpoints import latest_checkpoint
 from ..data import load_prompt_dataset
 from ..divergences import DIVERGENCES
 from ..evaluation import BASE, DIVERSITY_METRICS, EvaluationSettings, Run, evaluate_runs, print_table, read_run
-from ..rewards import get_reward
+from ..rewards import get_rewards
 from ..sweep import check_finished_run, is_finished, run_name, sweep
 from . import grpo
 from .parsing import RecipeParser, find_recipe
@@ -173,7 +173,7 @@ def main(args: FrontierArguments) -> list[dict]:
         model_args.model_name_or_path,
         [Run(BASE)] + [read_run(str(run_dir)) for run_dir in run_dirs],
         list(dataset["prompt"])[: args.num_prompts],
-        [get_reward(name) for name in script_args.reward_funcs],
+        get_rewards(script_args.reward_funcs, script_args.reward_kwargs),
         output_dir / "eval",
         training_args.sampling,
         evaluation_settings,

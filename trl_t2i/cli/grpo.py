@@ -25,7 +25,7 @@ from ..checkpoints import resolve_resume
 from ..config import UNSUPPORTED_SETTINGS, T2IGRPOConfig
 from ..data import PROMPT_SETS, load_prompt_dataset
 from ..preemption import PreemptionCallback
-from ..rewards import get_reward
+from ..rewards import get_rewards
 from ..sharding import check_sharding
 from ..trainer import T2IGRPOTrainer
 from .parsing import RecipeParser, field_names, group_options
@@ -45,8 +45,11 @@ class T2IScriptArguments(ScriptArguments):
         dataset_test_split (`str` or `None`, *optional*):
             Split used for evaluation when `eval_strategy` is not `"no"`.
         reward_funcs (`list[str]`, *optional*, defaults to `["colour_match"]`):
-            Reward names (see `trl_t2i.rewards.REWARDS`) or import paths `package.module:function`. Weights go in
-            `reward_weights`.
+            Reward names (see `trl_t2i.rewards.REWARDS`), import paths `package.module:function`, or URLs of reward
+            servers. Weights go in `reward_weights`.
+        reward_kwargs (`dict` or `str`, *optional*):
+            Keyword arguments of the rewards, by name (a JSON string on the command line), e.g. local weights on an
+            offline cluster: `{pickscore: {model_id: /models/PickScore_v1, processor_id: /models/CLIP-ViT-H-14}}`.
         overwrite_output_dir (`bool`, *optional*, defaults to `False`):
             Start a new run in an `output_dir` that holds an earlier run's outputs: its `checkpoint-*` folders and
             image grids are deleted (resuming would otherwise take them for this run's), its other files are
@@ -64,7 +67,13 @@ class T2IScriptArguments(ScriptArguments):
     )
     reward_funcs: list[str] = field(
         default_factory=lambda: ["colour_match"],
-        metadata={"help": "Reward names or import paths `package.module:function`."},
+        metadata={"help": "Reward names, import paths `package.module:function` or reward-server URLs."},
+    )
+    reward_kwargs: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": 'Keyword arguments of the rewards by name, e.g. \'{"pickscore": {"model_id": "/models/PS"}}\'.'
+        },
     )
     overwrite_output_dir: bool = field(
         default=False,
@@ -129,7 +138,7 @@ def main(script_args: T2IScriptArguments, training_args: T2IGRPOConfig, model_ar
             script_args.prompt_column,
             script_args.dataset_config,
         )
-    reward_funcs = [get_reward(name) for name in script_args.reward_funcs]
+    reward_funcs = get_rewards(script_args.reward_funcs, script_args.reward_kwargs)
 
     training_args.model_init_kwargs = {
         "revision": model_args.model_revision,

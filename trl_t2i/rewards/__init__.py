@@ -6,6 +6,7 @@ dataset columns, TRL's `trainer_state`, `log_metric`, ...) are accepted and igno
 """
 
 import importlib
+import json
 from collections.abc import Callable
 
 from .base import ModelReward
@@ -84,6 +85,40 @@ def get_reward(name: str, **kwargs) -> Callable:
     return reward
 
 
+def get_rewards(names: list[str], reward_kwargs: dict[str, dict] | str | None = None) -> list[Callable]:
+    """Build several rewards with [`get_reward`], each with its own keyword arguments (the `reward_kwargs` of a recipe).
+
+    Args:
+        names (`list[str]`):
+            Reward names or import paths, as `get_reward` takes them.
+        reward_kwargs (`dict` or `str`, *optional*):
+            Keyword arguments by reward name, e.g. `{"pickscore": {"model_id": "/models/PickScore_v1"}}`, or the same
+            as a JSON string (a command-line flag). Every key must be one of `names`.
+
+    Example:
+        >>> get_rewards(["pickscore", "colour_match"], '{"pickscore": {"model_id": "/models/PickScore_v1"}}')
+        [<trl_t2i.rewards.clip.PickScoreReward object at 0x...>, <function colour_match at 0x...>]
+    """
+    if isinstance(reward_kwargs, str):
+        try:
+            reward_kwargs = json.loads(reward_kwargs)
+        except json.JSONDecodeError as err:
+            raise ValueError(
+                f'reward_kwargs must be a JSON object such as \'{{"pickscore": {{"model_id": "/models/PickScore"}}}}\', '
+                f"got {reward_kwargs!r} ({err})."
+            ) from err
+    reward_kwargs = reward_kwargs or {}
+    if not isinstance(reward_kwargs, dict) or not all(isinstance(value, dict) for value in reward_kwargs.values()):
+        raise ValueError(
+            f"reward_kwargs must map reward names to their keyword arguments, e.g. "
+            f"{{'pickscore': {{'model_id': '/models/PickScore'}}}}, got {reward_kwargs!r}."
+        )
+    unknown = sorted(set(reward_kwargs) - set(names))
+    if unknown:
+        raise ValueError(f"reward_kwargs names {unknown}, which are not among the rewards {list(names)}.")
+    return [get_reward(name, **reward_kwargs.get(name, {})) for name in names]
+
+
 __all__ = [
     "COLOUR_RGB",
     "REWARDS",
@@ -94,6 +129,7 @@ __all__ = [
     "ModelReward",
     "PickScoreReward",
     "get_reward",
+    "get_rewards",
     "jpeg_compressibility",
     "jpeg_incompressibility",
     "colour_match",
