@@ -304,7 +304,7 @@ def test_jpeg_compressibility_is_minus_the_kilobytes(images):
 
 
 def test_registry_holds_every_builtin_reward():
-    assert set(REWARDS) == set(MODEL_REWARDS) | {"colour_match", "jpeg_compressibility", "jpeg_incompressibility"}
+    assert set(REWARDS) == set(MODEL_REWARDS) | {"ocr", "colour_match", "jpeg_compressibility", "jpeg_incompressibility"}
 
 
 @pytest.mark.parametrize(

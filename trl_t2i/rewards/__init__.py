@@ -14,6 +14,7 @@ from .clip import AestheticMLP, AestheticReward, CLIPScoreReward, PickScoreRewar
 from .colour import COLOUR_RGB, colour_match
 from .compressibility import jpeg_compressibility, jpeg_incompressibility
 from .hps import HPSv2Reward
+from .ocr import OCRReward
 
 
 def _takes_no_arguments(reward: Callable) -> Callable[..., Callable]:
@@ -32,6 +33,7 @@ REWARDS: dict[str, Callable[..., Callable]] = {
     "pickscore": PickScoreReward,
     "hpsv2": HPSv2Reward,
     "aesthetic": AestheticReward,
+    "ocr": OCRReward,
     "colour_match": _takes_no_arguments(colour_match),
     "jpeg_compressibility": _takes_no_arguments(jpeg_compressibility),
     "jpeg_incompressibility": _takes_no_arguments(jpeg_incompressibility),
@@ -43,7 +45,7 @@ def get_reward(name: str, **kwargs) -> Callable:
 
     Args:
         name (`str`):
-            A key of [`REWARDS`] (`clip_score`, `pickscore`, `hpsv2`, `aesthetic`, `colour_match`,
+            A key of [`REWARDS`] (`clip_score`, `pickscore`, `hpsv2`, `aesthetic`, `ocr`, `colour_match`,
             `jpeg_compressibility`, `jpeg_incompressibility`), or `package.module:attribute`. An imported class is
             instantiated with `kwargs`; an imported function (or other callable) is returned as is.
         **kwargs:
@@ -127,6 +129,7 @@ __all__ = [
     "CLIPScoreReward",
     "HPSv2Reward",
     "ModelReward",
+    "OCRReward",
     "PickScoreReward",
     "get_reward",
     "get_rewards",
