@@ -15,6 +15,7 @@ from .colour import COLOUR_RGB, colour_match
 from .compressibility import jpeg_compressibility, jpeg_incompressibility
 from .hps import HPSv2Reward
 from .ocr import OCRReward
+from .remote import RemoteReward, RemoteRewardError
 
 
 def _takes_no_arguments(reward: Callable) -> Callable[..., Callable]:
@@ -40,16 +41,19 @@ REWARDS: dict[str, Callable[..., Callable]] = {
 }
 
 
-def get_reward(name: str, **kwargs) -> Callable:
-    """Build a reward from its registry name, or from the import path `package.module:attribute` of your own.
+def get_reward(name: str, /, **kwargs) -> Callable:
+    """Build a reward from its registry name, the import path `package.module:attribute` of your own, or the URL of a
+    reward server.
 
     Args:
         name (`str`):
             A key of [`REWARDS`] (`clip_score`, `pickscore`, `hpsv2`, `aesthetic`, `ocr`, `colour_match`,
-            `jpeg_compressibility`, `jpeg_incompressibility`), or `package.module:attribute`. An imported class is
+            `jpeg_compressibility`, `jpeg_incompressibility`), or `package.module:attribute`, or a reward server's
+            URL, `http(s)://host:port/path` or `remote:` followed by it (a [`RemoteReward`]). An imported class is
             instantiated with `kwargs`; an imported function (or other callable) is returned as is.
         **kwargs:
-            Arguments of the reward's class, e.g. `device="cuda:1"` or `batch_size=8`.
+            Arguments of the reward's class, e.g. `device="cuda:1"` or `batch_size=8` (`name`, `timeout`, ... for a
+            server).
 
     Returns:
         A callable with TRL's reward signature.
@@ -59,14 +63,18 @@ def get_reward(name: str, **kwargs) -> Callable:
         <trl_t2i.rewards.clip.PickScoreReward object at 0x...>
         >>> get_reward("trl_t2i.rewards.colour:colour_match")
         <function colour_match at 0x...>
+        >>> get_reward("http://gpu-node-3:8000/score", name="geneval", on_error="none")  # `trl-t2i serve_reward`
+        <trl_t2i.rewards.remote.RemoteReward object at 0x...>
     """
     if name in REWARDS:
         return REWARDS[name](**kwargs)
+    if name.startswith(("http://", "https://", "remote:")):
+        return RemoteReward(name.removeprefix("remote:"), **kwargs)
     module_name, _, attribute = name.partition(":")
     if not module_name or not attribute:
         raise ValueError(
-            f"Unknown reward {name!r}. Use one of {', '.join(REWARDS)}, or the import path of your own reward as "
-            "'package.module:attribute'."
+            f"Unknown reward {name!r}. Use one of {', '.join(REWARDS)}, the import path of your own reward as "
+            "'package.module:attribute', or a reward server's URL 'http://host:port/score'."
         )
     try:
         module = importlib.import_module(module_name)
@@ -131,6 +139,8 @@ __all__ = [
     "ModelReward",
     "OCRReward",
     "PickScoreReward",
+    "RemoteReward",
+    "RemoteRewardError",
     "get_reward",
     "get_rewards",
     "jpeg_compressibility",
