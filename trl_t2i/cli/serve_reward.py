@@ -52,7 +52,7 @@ class ServeRewardParser(RecipeParser):
 
 
 def make_parser() -> ServeRewardParser:
-    return ServeRewardParser(ServeRewardArguments)
+    return ServeRewardParser(ServeRewardArguments, usage="%(prog)s <reward> [--port N] [--option value ...]")
 
 
 def main(args: ServeRewardArguments) -> None:
