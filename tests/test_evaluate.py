@@ -291,6 +291,8 @@ def test_runs_trained_with_another_sampling_distribution_are_flagged(tmp_path, t
 
 
 def test_frontier_sweep_trains_evaluates_and_skips_finished_runs(tmp_path, monkeypatch):
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_text("a pink ball\na white house\na grey cup\n")
     args = frontier.FrontierArguments(
         divergences=["reverse_kl", "js"],
         betas=[0.5],
@@ -301,9 +303,13 @@ def test_frontier_sweep_trains_evaluates_and_skips_finished_runs(tmp_path, monke
             for flag, value in zip(QUICK_FLAGS[2::2], QUICK_FLAGS[3::2], strict=True)
         ]
         + [f"{key}={value}" for key, value in QUICK.items()]
-        + ["compile_rollouts=true"],  # and `compile` below: the compiled decode through the whole sweep
+        + ["compile_rollouts=true"]  # and `compile` below: the compiled decode through the whole sweep
+        # a watched reward on held-out prompts, which the frontier shows on its x axis
+        + ["eval_reward_funcs=jpeg_incompressibility", f"eval_dataset_name={held_out}"]
+        + ["eval_strategy=steps", "eval_steps=2", "per_device_eval_batch_size=8"],
         num_prompts=2,
         num_images_per_prompt=2,
+        frontier_x="jpeg_incompressibility",
         device="cpu",
         output_dir=str(tmp_path),
         compile=True,
@@ -322,6 +328,12 @@ def test_frontier_sweep_trains_evaluates_and_skips_finished_runs(tmp_path, monke
         ("reverse_kl-beta0.5", "reverse_kl", "0.5"),
     ]
     assert (tmp_path / "eval" / "frontier.png").stat().st_size > 0
+    settings = json.loads((tmp_path / "eval" / "summary.json").read_text())["settings"]
+    assert settings["rewards"] == ["colour_match", "jpeg_incompressibility"]  # trained, then watched
+    assert (
+        settings["prompts"] == ["a pink ball", "a white house"] and settings["frontier_x"] == "jpeg_incompressibility"
+    )
+    assert all(float(row["jpeg_incompressibility_mean"]) > 0 for row in summary)
 
     def refuse(*args, **kwargs):
         raise AssertionError("a finished run was trained again")
@@ -370,6 +382,8 @@ def test_frontier_rejects_unknown_divergences_before_training(tmp_path, monkeypa
         frontier.main(frontier.FrontierArguments(divergences=["kl", "js"], output_dir=str(tmp_path)))
     with pytest.raises(ValueError, match="not `key=value`"):
         frontier.main(frontier.FrontierArguments(training_overrides=["--learning_rate"], output_dir=str(tmp_path)))
+    with pytest.raises(ValueError, match="Unknown frontier_x column 'pickscore'. Valid choices: colour_match_mean"):
+        frontier.main(frontier.FrontierArguments(frontier_x="pickscore", output_dir=str(tmp_path)))
 
 
 def test_prompt_generators_depend_only_on_seed_and_prompt_index():

@@ -159,7 +159,7 @@ def evaluate_runs(
     sampling, settings = sampling or SamplingConfig(), settings or EvaluationSettings()
     reward_names = [reward.__name__ for reward in reward_funcs]
     columns = metric_columns(reward_names)
-    frontier_x, frontier_y = check_inputs(runs, prompts, reward_names, columns, sampling, settings)
+    frontier_x, frontier_y = check_inputs(runs, prompts, reward_names, sampling, settings)
     if geneval_metadata is not None and len(geneval_metadata) != len(prompts):
         raise ValueError(f"{len(geneval_metadata)} GenEval metadata lines for {len(prompts)} prompts: one per prompt.")
     output_dir = Path(output_dir)
@@ -245,7 +245,6 @@ def check_inputs(
     runs: list[Run],
     prompts: list[str],
     reward_names: list[str],
-    columns: list[str],
     sampling: SamplingConfig,
     settings: EvaluationSettings,
 ) -> tuple[str, str]:
@@ -269,13 +268,20 @@ def check_inputs(
                 "runs are sampled alike).",
                 stacklevel=3,
             )
-    frontier_x = settings.frontier_x or f"{reward_names[0]}_mean"
+    return frontier_axes(settings.frontier_x, settings.frontier_y, reward_names)
+
+
+def frontier_axes(frontier_x: str | None, frontier_y: str, reward_names: list[str]) -> tuple[str, str]:
+    """The frontier's x and y columns: `frontier_x` (a reward's name stands for its mean; default: the first reward's
+    mean) and `frontier_y`, each checked to be a per-prompt column."""
+    columns = metric_columns(reward_names)
+    frontier_x = frontier_x or f"{reward_names[0]}_mean"
     if frontier_x in reward_names:
         frontier_x = f"{frontier_x}_mean"
-    for name, value in (("frontier_x", frontier_x), ("frontier_y", settings.frontier_y)):
+    for name, value in (("frontier_x", frontier_x), ("frontier_y", frontier_y)):
         if value not in columns:
             raise ValueError(f"Unknown {name} column {value!r}. Valid choices: {', '.join(columns)}.")
-    return frontier_x, settings.frontier_y
+    return frontier_x, frontier_y
 
 
 def attach_run(base_model: torch.nn.Module, family, run: Run, settings: EvaluationSettings) -> torch.nn.Module:

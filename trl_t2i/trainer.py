@@ -27,6 +27,7 @@ from .images import to_pil
 from .merged_adapters import folded_bytes, merged_adapters, why_not_mergeable
 from .metrics import position_entropy
 from .models import disable_bnb_cpu_repack, family_class, get_family, load_model, load_processor, unwrap_model
+from .overoptimization import HeldOutScores
 from .run_settings import RunSettings
 from .sampling import MIN_LOGP, teacher_forced_logits, truncate_logits, truncates
 from .sharding import check_sharding
@@ -116,6 +117,11 @@ class T2IGRPOTrainer(GRPOTrainer):
         reward_funcs (callable or list of callables):
             Reward functions `f(prompts, completions, **kwargs) -> list[float | None]`, where `completions` are PIL
             images and `prompts` the raw captions. Each gets the other dataset columns as keyword arguments.
+        eval_reward_funcs (callable or list of callables, *optional*):
+            Rewards that are only watched, never trained on: at every evaluation (`eval_strategy`, `eval_steps`,
+            `eval_dataset`: held-out prompts) they score the sampled images, logged as `eval_rewards/<name>/mean`,
+            next to the images' diversity (`eval_diversity/pairwise_distance`); the over-optimisation alarm
+            (`overoptimization_window`, `overoptimization_threshold`) watches them. See `trl_t2i.overoptimization`.
         args (`T2IGRPOConfig`, *optional*):
             Training configuration. Defaults to `T2IGRPOConfig(f"{model_name}-T2I-GRPO")`.
         train_dataset, eval_dataset (`Dataset`, *optional*):
@@ -146,6 +152,7 @@ class T2IGRPOTrainer(GRPOTrainer):
         optimizers=(None, None),
         quantization_config: BitsAndBytesConfig | None = None,
         peft_config: PeftConfig | None = None,
+        eval_reward_funcs=None,
     ):
         model_id = model if isinstance(model, str) else unwrap_model(model).config._name_or_path
         self._base_model_id = model_id
@@ -155,6 +162,7 @@ class T2IGRPOTrainer(GRPOTrainer):
             raise TypeError(f"`args` must be a T2IGRPOConfig, got {type(args).__name__}.")
         check_sharding(args)  # before any model is loaded
         reward_funcs = _check_reward_funcs(reward_funcs)
+        eval_reward_funcs = _check_eval_reward_funcs(eval_reward_funcs, reward_funcs, args)
         for dataset in (train_dataset, eval_dataset):
             _check_prompt_dataset(dataset)
 
@@ -212,6 +220,14 @@ class T2IGRPOTrainer(GRPOTrainer):
         )
         self.add_callback(self.image_grids)
         self.add_callback(BetaSchedule.from_config(args))
+        self.held_out = None  # watched rewards, diversity and the over-optimisation alarm, at evaluation
+        if args.eval_strategy != "no":
+            self.held_out = HeldOutScores(
+                eval_reward_funcs,
+                [_reward_name(reward) for reward in eval_reward_funcs],
+                args.overoptimization_window,
+                args.overoptimization_threshold,
+            )
         # Set by `_compute_loss` for the duration of TRL's loss, filled by the policy forward inside it, else `None`.
         self._policy_scores: PolicyScores | None = None
         self._stage_times = StageTimes(self.accelerator.device)
@@ -360,6 +376,8 @@ class T2IGRPOTrainer(GRPOTrainer):
             local = trl.local_rows(self, rewards, len(prompts)).cpu()
             values = {name: local[:, index].tolist() for index, name in enumerate(self.reward_func_names)}
             self.image_grids.add(completions, prompts, values)
+        if not self.model.training and self.held_out is not None:
+            self.held_out.add(self, inputs, prompts, completions, rewards)
         return rewards
 
     def _generate_and_score_completions(self, inputs):
@@ -638,6 +656,9 @@ class T2IGRPOTrainer(GRPOTrainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         self.flush_stage_times()
+        if self.held_out is not None and self.held_out.pending:  # the log that closes an evaluation
+            for name, value in self.held_out.end_evaluation(self.state.global_step).items():
+                trl.record_metric(self, name, value, in_mode="eval")
         # TRL writes completions to parquet/tables as text: give it captions and move the images to its image column.
         trl.completions_as_images(self)
         super().log(logs, start_time)
@@ -792,6 +813,30 @@ def _check_rewards_apply(rewards: torch.Tensor, names: list[str]) -> None:
                 "images of the first step. Check that it applies to these captions (e.g. `colour_match` needs a "
                 "colour word) and that its model loads; a reward must score at least some images of a batch."
             )
+
+
+def _check_eval_reward_funcs(eval_reward_funcs, reward_funcs: list, args: T2IGRPOConfig) -> list:
+    """The watched rewards as a list: callables, scored at evaluation, named apart from the trained rewards."""
+    if not eval_reward_funcs:
+        return []
+    eval_reward_funcs = _check_reward_funcs(eval_reward_funcs)
+    if args.eval_strategy == "no":
+        raise ValueError(
+            "`eval_reward_funcs` are scored at evaluation, which is off: set `eval_strategy` ('steps'), `eval_steps` "
+            "and an `eval_dataset` of held-out prompts."
+        )
+    shared = sorted({_reward_name(reward) for reward in eval_reward_funcs} & {_reward_name(r) for r in reward_funcs})
+    if shared:
+        raise ValueError(
+            f"The rewards {shared} are both trained on and watched: a watched reward must not be trained on (the "
+            "trained rewards are scored at evaluation anyway)."
+        )
+    return eval_reward_funcs
+
+
+def _reward_name(reward) -> str:
+    """A reward function's name, as TRL names its metrics."""
+    return getattr(reward, "__name__", type(reward).__name__)
 
 
 def _set_completion_length(args: T2IGRPOConfig, num_image_tokens: int) -> None:
