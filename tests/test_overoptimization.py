@@ -12,7 +12,14 @@ from peft import LoraConfig
 
 from trl_t2i import TINY_JANUS, T2IGRPOTrainer
 from trl_t2i.evaluation import frontier_axes
-from trl_t2i.overoptimization import DIVERSITY, TRAINED, Evaluation, check_window, fitted_change
+from trl_t2i.overoptimization import (
+    DIVERSITY,
+    DIVERSITY_METRIC,
+    TRAINED,
+    Evaluation,
+    check_window,
+    fitted_change,
+)
 from trl_t2i.rewards import colour_match, jpeg_compressibility, jpeg_incompressibility
 
 
@@ -105,7 +112,7 @@ def test_a_hacked_reward_raises_the_alarm_with_a_warning(tmp_path, caplog):
         evaluations = alarm_run(tmp_path, jpeg_compressibility, learning_rate=1e-2)
     assert [log["step"] for log in evaluations] == [0, 2, 4, 6, 8]
     for log in evaluations:  # the watched reward and the diversity, at every evaluation
-        assert 0 < log["eval_rewards/colour_match/mean"] < 1 and 0 <= log[f"eval_{DIVERSITY}"] <= 1
+        assert 0 < log["eval_rewards/colour_match/mean"] < 1 and 0 <= log[f"eval_{DIVERSITY_METRIC}"] <= 1
     alarms = [log["eval_overoptimization/alarm"] for log in evaluations]
     # measured: the images flatten, the diversity falls by 4.4 std over steps 2-6 while the compressibility rises
     assert alarms[:2] == [0.0, 0.0] and 1.0 in alarms

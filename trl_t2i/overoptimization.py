@@ -31,8 +31,11 @@ logger = logging.getLogger(__name__)
 TRAINED = "reward"
 """The trained reward: the weighted sum of the rewards trained on, as TRL logs it."""
 
-DIVERSITY = "diversity/pairwise_distance"
-"""The diversity metric watched: mean pairwise distance of the images of each prompt (weight-free pixel features)."""
+DIVERSITY = "diversity"
+"""The diversity watched: the pairwise distance of the images of each prompt (weight-free pixel features), logged as
+`DIVERSITY_METRIC`."""
+
+DIVERSITY_METRIC = "diversity/pairwise_distance"
 
 SIGNIFICANCE = 2.0
 """A fall must also exceed this many standard errors of its own estimate."""
@@ -119,65 +122,67 @@ class HeldOutScores:
     def add(self, trainer, inputs: list[dict], prompts: list[str], images: list[Image.Image], rewards: torch.Tensor):
         """Score one evaluation batch: this process's `images`, and `rewards`, the trained rewards of every process
         `(images of all processes, reward functions)` as TRL's `_calculate_rewards` returns them."""
-        skipped = ("prompt", "completion", "completion_ids")  # as TRL's `_calculate_rewards`
-        columns = {key: [row[key] for row in inputs] for key in inputs[0] if key not in skipped}
-        columns["trainer_state"] = trainer.state
-        device = trainer.accelerator.device
         trained = (rewards * trainer.reward_weights.to(rewards.device)).nansum(dim=1)
-        trained[torch.isnan(rewards).all(dim=1)] = torch.nan  # as TRL: no reward applies
-        batch = {TRAINED: trained.tolist()}
-        for reward_func, name in zip(self.reward_funcs, self.names, strict=True):
-            scores = reward_func(prompts=prompts, completions=images, **columns)
-            if len(scores) != len(images):
-                raise ValueError(
-                    f"The watched reward {name!r} returned {len(scores)} values for {len(images)} images."
-                )
-            local = torch.tensor([math.nan if score is None else score for score in scores], device=device)
-            batch[name] = trainer.accelerator.gather(local).tolist()
-        batch[DIVERSITY] = gather_object(_group_diversity(prompts, images))
+        trained[torch.isnan(rewards).all(dim=1)] = torch.nan  # as TRL's `reward`: no reward applies
+        batch = {
+            TRAINED: trained.tolist(),
+            **self._watched_rewards(trainer, inputs, prompts, images),
+            DIVERSITY: gather_object(_group_diversity(prompts, images)),
+        }
         for name, values in batch.items():
             self.values.setdefault(name, []).extend(values)
-            finite = [value for value in values if math.isfinite(value)]
-            mean = float(np.mean(finite)) if finite else math.nan
+            mean, std, _ = _statistics(values)
             if name == DIVERSITY:
-                trl.record_metric(trainer, DIVERSITY, mean)
+                trl.record_metric(trainer, DIVERSITY_METRIC, mean)
             elif name != TRAINED:  # TRL records the trained rewards itself
                 trl.record_metric(trainer, f"rewards/{name}/mean", mean)
-                trl.record_metric(
-                    trainer, f"rewards/{name}/std", float(np.std(finite, ddof=1)) if len(finite) > 1 else math.nan
+                trl.record_metric(trainer, f"rewards/{name}/std", std)
+
+    def _watched_rewards(self, trainer, inputs, prompts, images) -> dict[str, list[float]]:
+        """Each watched reward of the images of every process, called as TRL calls the trained ones."""
+        skipped = ("prompt", "completion", "completion_ids")  # as TRL's `_calculate_rewards`
+        columns = {key: [row[key] for row in inputs] for key in inputs[0] if key not in skipped}
+        scores = {}
+        for reward_func, name in zip(self.reward_funcs, self.names, strict=True):
+            values = reward_func(prompts=prompts, completions=images, trainer_state=trainer.state, **columns)
+            if len(values) != len(images):
+                raise ValueError(
+                    f"The watched reward {name!r} returned {len(values)} values for {len(images)} images."
                 )
+            local = [math.nan if value is None else value for value in values]
+            scores[name] = trainer.accelerator.gather(torch.tensor(local, device=trainer.accelerator.device)).tolist()
+        return scores
 
     def end_evaluation(self, step: int) -> dict[str, float]:
         """Close the evaluation: its statistics join the history; returns the metrics to log (the alarm flag and
         each metric's change over the window, in standard deviations) and warns when the alarm is raised."""
-        statistics = {}
-        for name, values in self.values.items():
-            finite = np.array([value for value in values if math.isfinite(value)], dtype=np.float64)
-            std = float(finite.std(ddof=1)) if len(finite) > 1 else math.nan
-            statistics[name] = (float(finite.mean()) if len(finite) else math.nan, std, len(finite))
+        statistics = {name: _statistics(values) for name, values in self.values.items()}
         self.values = {}
-        self.history.append(
-            Evaluation(
-                step,
-                {name: mean for name, (mean, _, _) in statistics.items()},
-                {name: std for name, (_, std, _) in statistics.items()},
-                {name: count for name, (_, _, count) in statistics.items()},
-            )
-        )
+        mean, std, count = ({name: stats[i] for name, stats in statistics.items()} for i in range(3))
+        self.history.append(Evaluation(step, mean, std, count))
         alarm, changes = check_window(self.history, self.window, self.threshold)
         if alarm:
-            first = self.history[-self.window].step
-            falls = ", ".join(f"{name} {change:+.2f}" for name, change in changes.items() if name != TRAINED)
+            falls = ", ".join(
+                f"{name} {change:+.2f}"
+                for name, change in changes.items()
+                if name != TRAINED and change < -self.threshold
+            )
             logger.warning(
-                f"Over-optimisation alarm at step {step}: over the evaluations since step {first}, the trained reward "
-                f"rose ({changes[TRAINED]:+.2f} standard deviations) while held-out metrics fell ({falls} standard "
-                "deviations; alarm below "
-                f"−{self.threshold:g}). Look at the logged image grids for reward hacking; a larger β, an earlier "
-                "checkpoint or another reward may be needed."
+                f"Over-optimisation alarm at step {step}: over the evaluations since step "
+                f"{self.history[-self.window].step}, the trained reward rose ({changes[TRAINED]:+.2f} standard "
+                f"deviations) while held-out metrics fell ({falls} standard deviations). Look at the logged image "
+                "grids for reward hacking; a larger β, an earlier checkpoint or another reward may be needed."
             )
         metrics = {"overoptimization/alarm": float(alarm)}
         metrics.update({f"overoptimization/{name}_change": change for name, change in changes.items()})
         return metrics
+
+
+def _statistics(values: list[float]) -> tuple[float, float, int]:
+    """Mean, standard deviation (n − 1) and count of the finite values (NaN: a reward that does not apply)."""
+    finite = np.array([value for value in values if math.isfinite(value)], dtype=np.float64)
+    mean = float(finite.mean()) if len(finite) else math.nan
+    return mean, float(finite.std(ddof=1)) if len(finite) > 1 else math.nan, len(finite)
 
 
 def _group_diversity(prompts: list[str], images: list[Image.Image]) -> list[float]:
