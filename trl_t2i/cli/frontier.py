@@ -184,11 +184,10 @@ def main(args: FrontierArguments) -> list[dict]:
         gc.collect()
 
     start = time.perf_counter()
-    dataset = load_prompt_dataset(  # the recipe's held-out prompts, if it has any
-        script_args.eval_dataset_name or script_args.dataset_name,
-        script_args.dataset_test_split or "train"
-        if script_args.eval_dataset_name
-        else script_args.dataset_train_split,
+    held_out = script_args.eval_dataset_name  # the recipe's held-out prompts, if it has any
+    dataset = load_prompt_dataset(
+        held_out or script_args.dataset_name,
+        (script_args.dataset_test_split or "train") if held_out else script_args.dataset_train_split,
         script_args.prompt_column,
         script_args.dataset_config,
     )
