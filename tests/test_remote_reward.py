@@ -51,61 +51,71 @@ def images(count: int = len(CAPTIONS)) -> list[Image.Image]:
     return [Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)) for _ in range(count)]
 
 
-def start_server(log_path: Path, *argv: str) -> tuple[subprocess.Popen, str]:
-    """`trl-t2i serve_reward <argv>` in its own process on a free port, once it answers `/health`."""
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "trl_t2i.cli", "serve_reward", *argv, "--port", str(port)]
-    process = subprocess.Popen(command, env=env, stdout=log_path.open("w"), stderr=subprocess.STDOUT)
-    return process, f"http://127.0.0.1:{port}"
+class ServerProcess:
+    """`trl-t2i serve_reward colour_match` in its own process on a free port of 127.0.0.1. A test may kill it;
+    `url()` starts a new one when it is not running, so that test order does not matter."""
 
+    def __init__(self, log_dir: Path):
+        self.log_dir, self.process = log_dir, None
 
-def wait_until_up(process: subprocess.Popen, url: str, log_path: Path, timeout: float = 90.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"The reward server exited ({process.returncode}):\n{log_path.read_text()}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=1) as response:
-                return json.loads(response.read())
-        except (urllib.error.URLError, ConnectionError):
-            time.sleep(0.2)
-    process.kill()
-    raise RuntimeError(f"The reward server did not answer within {timeout} s:\n{log_path.read_text()}")
+    def url(self) -> str:
+        if self.process is None or self.process.poll() is not None:
+            self._start()
+        return f"{self.base}/score"
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait()
+
+    def _start(self) -> None:
+        port = free_port()
+        log_path = self.log_dir / f"server-{port}.log"
+        pythonpath = f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
+        command = [sys.executable, "-m", "trl_t2i.cli", "serve_reward", "colour_match", "--port", str(port)]
+        self.process = subprocess.Popen(
+            command,
+            env={**os.environ, "PYTHONPATH": pythonpath, "OMP_NUM_THREADS": "1"},
+            stdout=log_path.open("w"),
+            stderr=subprocess.STDOUT,
+        )
+        self.base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"The reward server exited ({self.process.returncode}):\n{log_path.read_text()}")
+            try:
+                with urllib.request.urlopen(f"{self.base}/health", timeout=1) as response:
+                    assert json.loads(response.read()) == {"reward": "colour_match", "status": "ok"}
+                    return
+            except (urllib.error.URLError, ConnectionError):
+                time.sleep(0.2)
+        self.kill()
+        raise RuntimeError(f"The reward server did not answer within 90 s:\n{log_path.read_text()}")
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """`trl-t2i serve_reward colour_match` in its own process; yields its `/score` URL."""
-    log_path = tmp_path_factory.mktemp("server") / "server.log"
-    process, url = start_server(log_path, "colour_match")
-    try:
-        assert wait_until_up(process, url, log_path) == {"reward": "colour_match", "status": "ok"}
-        yield f"{url}/score"
-    finally:
-        process.kill()
-        process.wait()
+    """One reward-server process for the module (see `ServerProcess`)."""
+    server = ServerProcess(tmp_path_factory.mktemp("server"))
+    yield server
+    if server.process is not None:
+        server.kill()
 
 
 @contextmanager
 def serving(app):
-    """`app` on uvicorn in a thread of this process, on a free port of 127.0.0.1; yields its `/score` URL and the
-    function that stops it (the listening socket closes: new connections are refused, as after a crash)."""
+    """`app` on uvicorn in a thread of this process, on a free port of 127.0.0.1; yields its `/score` URL."""
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:
         time.sleep(0.01)
-
-    def stop():
-        server.should_exit = server.force_exit = True
-        thread.join()
-
     try:
-        yield f"http://127.0.0.1:{port}/score", stop
+        yield f"http://127.0.0.1:{port}/score"
     finally:
-        stop()
+        server.should_exit = True
+        thread.join()
 
 
 def replying(*replies):
@@ -125,7 +135,7 @@ def replying(*replies):
 
 
 def test_remote_scores_are_the_served_rewards(server):
-    url = server
+    url = server.url()
     expected = colour_match(CAPTIONS, images())
     assert None in expected  # "sky" names no colour
     reward = get_reward(url, batch_size=2)  # three requests
@@ -134,7 +144,7 @@ def test_remote_scores_are_the_served_rewards(server):
 
 
 def test_training_against_a_reward_server_logs_the_in_process_rewards(server, tmp_path):
-    url = server
+    url = server.url()
 
     def logged_rewards(reward, output_dir):
         trainer = make_trainer(output_dir, reward=reward)
@@ -157,22 +167,22 @@ def test_a_server_down_at_the_start_is_an_error_naming_the_url(tmp_path):
     assert trainer.state.global_step == 0
 
 
-class StopAfterFirstStep(TrainerCallback):
-    def __init__(self, stop):
-        self.stop = stop
+class KillAfterFirstStep(TrainerCallback):
+    def __init__(self, server: ServerProcess):
+        self.server = server
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == 1:
-            self.stop()
+            self.server.kill()
 
 
-def test_a_server_gone_mid_run_scores_none_with_on_error_none(tmp_path, caplog):
-    with serving(make_app(colour_match)) as (url, stop):
-        reward = RemoteReward(url, name="colour_remote", on_error="none", **FAST_RETRIES)
-        trainer = make_trainer(tmp_path, reward=reward, max_steps=3)
-        trainer.add_callback(StopAfterFirstStep(stop))
-        with caplog.at_level(logging.WARNING, logger="trl_t2i.rewards.remote"):
-            trainer.train()
+def test_a_server_killed_mid_run_scores_none_with_on_error_none(server, tmp_path, caplog):
+    url = server.url()
+    reward = RemoteReward(url, name="colour_remote", on_error="none", **FAST_RETRIES)
+    trainer = make_trainer(tmp_path, reward=reward, max_steps=3)
+    trainer.add_callback(KillAfterFirstStep(server))
+    with caplog.at_level(logging.WARNING, logger="trl_t2i.rewards.remote"):
+        trainer.train()
     means = [log["rewards/colour_remote/mean"] for log in trainer.state.log_history[:-1]]
     assert 0 < means[0] < 1 and means[1:] == [None, None]  # the run went on without the reward
     assert f"at {url} could not score a batch of 8 images: connection refused" in caplog.text
@@ -182,9 +192,9 @@ def test_a_server_gone_mid_run_scores_none_with_on_error_none(tmp_path, caplog):
 
 def test_a_slow_server_is_retried_then_times_out():
     rewards = [0.5] * 3
-    with serving(replying((200, {"rewards": rewards}, 1.0), (200, {"rewards": rewards}, 0.0))) as (url, _):
+    with serving(replying((200, {"rewards": rewards}, 1.0), (200, {"rewards": rewards}, 0.0))) as url:
         assert RemoteReward(url, timeout=0.3, **FAST_RETRIES)(CAPTIONS[:3], images(3)) == rewards  # 2nd attempt
-    with serving(replying((200, {"rewards": rewards}, 1.0))) as (url, _):
+    with serving(replying((200, {"rewards": rewards}, 1.0))) as url:
         with pytest.raises(RemoteRewardError, match=r"no answer within 0.3 s \(2 attempts\)"):
             RemoteReward(url, timeout=0.3, **FAST_RETRIES)(CAPTIONS[:3], images(3))
 
@@ -199,7 +209,7 @@ def test_a_slow_server_is_retried_then_times_out():
 )
 def test_a_malformed_reply_is_an_error_naming_the_url_and_the_reply(reply, message):
     app = replying((200, reply, 0.0))
-    with serving(app) as (url, _):
+    with serving(app) as url:
         with pytest.raises(RemoteRewardError, match=f"at {url} could not score a batch of 3 images: {message}"):
             RemoteReward(url, **FAST_RETRIES)(CAPTIONS[:3], images(3))
     assert len(app.requests) == 1  # a wrong reply is not sent again
@@ -207,14 +217,14 @@ def test_a_malformed_reply_is_an_error_naming_the_url_and_the_reply(reply, messa
 
 def test_http_500_is_retried_then_named():
     app = replying((500, {"error": "CUDA out of memory"}, 0.0))
-    with serving(app) as (url, _):
+    with serving(app) as url:
         with pytest.raises(RemoteRewardError, match=r"HTTP 500: .*CUDA out of memory.* \(3 attempts\)"):
             RemoteReward(url, retries=2, backoff=0.01)(CAPTIONS[:3], images(3))
     assert len(app.requests) == 3
 
 
 def test_on_error_none_scores_a_failed_batch_none_once_the_server_has_answered(caplog):
-    with serving(replying((200, {"rewards": [0.1, 0.2]}, 0.0), (200, {"rewards": [0.1]}, 0.0))) as (url, _):
+    with serving(replying((200, {"rewards": [0.1, 0.2]}, 0.0), (200, {"rewards": [0.1]}, 0.0))) as url:
         reward = RemoteReward(url, on_error="none", **FAST_RETRIES)
         assert reward(CAPTIONS[:2], images(2)) == [0.1, 0.2]
         with caplog.at_level(logging.WARNING, logger="trl_t2i.rewards.remote"):
@@ -228,7 +238,7 @@ def test_requests_carry_the_captions_the_dataset_columns_and_the_images(image_fo
     sent = images(2)
     columns = {"tag": ["colors", "counting"], "include": [[{"class": "cat"}], [{"class": "dog", "count": 2}]]}
     trl_kwargs = {"trainer_state": object(), "log_metric": print, "completion_ids": [[1, 2], [3, 4]]}
-    with serving(app) as (url, _):
+    with serving(app) as url:
         reward = RemoteReward(url, image_format=image_format)
         assert reward(CAPTIONS[:2], sent, **columns, **trl_kwargs) == [1.0, None]
     (request,) = app.requests
@@ -246,10 +256,10 @@ def test_the_server_answers_reward_failures_and_bad_requests_with_their_reason()
     def short(prompts, completions, **kwargs):
         return [0.5]
 
-    with serving(make_app(failing)) as (url, _):
+    with serving(make_app(failing)) as url:
         with pytest.raises(RemoteRewardError, match="HTTP 500: .*ValueError: no detector for this class"):
             RemoteReward(url, **FAST_RETRIES)(CAPTIONS[:2], images(2))
-    with serving(make_app(short)) as (url, _):
+    with serving(make_app(short)) as url:
         with pytest.raises(RemoteRewardError, match="HTTP 500: .*the reward 'short' returned 1 values for 2 images"):
             RemoteReward(url, **FAST_RETRIES)(CAPTIONS[:2], images(2))
         for body, reason in [
@@ -269,7 +279,7 @@ def test_the_server_passes_the_columns_to_the_reward():
         received.update(kwargs, tag=tag)
         return [float(value == "colors") for value in tag]
 
-    with serving(make_app(by_tag)) as (url, _):
+    with serving(make_app(by_tag)) as url:
         assert RemoteReward(url)(CAPTIONS[:2], images(2), tag=["colors", "position"]) == [1.0, 0.0]
     assert received == {"tag": ["colors", "position"]}
 
