@@ -98,13 +98,14 @@ class T2IGRPOTrainer(GRPOTrainer):
 
     * `_generate`: KV-cached classifier-free-guidance sampling of image tokens, VQ decoding, PIL images to the
       reward functions;
-    * `_calculate_rewards`: TRL's, plus the images and rewards kept for the logged image grids;
+    * `_calculate_rewards`: TRL's, plus the images and rewards kept for the logged image grids, and at evaluation
+      the watched rewards and the diversity (`trl_t2i.overoptimization`);
     * `_generate_and_score_completions`: TRL's, plus the per-token reference log-probs when the sampled estimator
       needs them (TRL's own KL, and so its reference pass, is always off: `self.beta == 0`);
     * `_get_per_token_logps_and_entropies`: teacher-forced image-token log-probs through the (wrapped) model's
       forward — TRL's own scorer would run image ids through the text head;
     * `_compute_loss`: TRL's loss, plus `current_beta() · D` normalised like TRL's loss;
-    * `log`: images in `log_completions`;
+    * `log`: images in `log_completions`; the over-optimisation alarm when an evaluation closes;
     * `_save_checkpoint` / `_save`: atomic checkpoints, and `run_settings.json` at every save.
 
     Every use of TRL's private surface goes through `trl_t2i.trl_boundary`.

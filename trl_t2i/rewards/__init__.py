@@ -100,7 +100,7 @@ def get_rewards(names: list[str], reward_kwargs: dict[str, dict] | str | None = 
 
     Args:
         names (`list[str]`):
-            Reward names or import paths, as `get_reward` takes them.
+            Reward names, import paths or reward-server URLs, as `get_reward` takes them.
         reward_kwargs (`dict` or `str`, *optional*):
             Keyword arguments by reward name, e.g. `{"pickscore": {"model_id": "/models/PickScore_v1"}}`, or the same
             as a JSON string (a command-line flag). Every key must be one of `names`.
