@@ -161,6 +161,7 @@ COMMAND_RECIPES = {
     "frontier": {"max_steps": 7},
     "push": {"output_dir": "run", "hub_model_id": "me/run"},
     "convert_llamagen": {"gpt_checkpoint": "gpt.pt", "vq_checkpoint": "vq.pt", "output_dir": "converted"},
+    "serve_reward": {"reward": "pickscore", "port": 8001},
 }
 
 

@@ -2,6 +2,8 @@ import csv
 import dataclasses
 import json
 import math
+import os
+import re
 import shutil
 
 import numpy as np
@@ -116,6 +118,88 @@ def test_evaluation_writes_consistent_tables_grids_and_frontier(tmp_path, traine
         assert grid.width == k * 128 and grid.height >= num_prompts * 128  # one row of k images per prompt
 
 
+GENEVAL_LINES = [  # GenEval's metadata format (`prompts/evaluation_metadata.jsonl`), prompts written for this test
+    {"tag": "colors", "include": [{"class": "cat", "count": 1, "color": "red"}], "prompt": "a photo of a red cat"},
+    {"tag": "counting", "include": [{"class": "dog", "count": 2}], "exclude": [{"class": "dog", "count": 3}],
+     "prompt": "a photo of two dogs"},
+    {"tag": "position", "include": [{"class": "car", "count": 1}, {"class": "tree", "count": 1, "position":
+     ["left of", 0]}], "prompt": "a photo of a tree left of a blue car"},
+]  # fmt: skip
+
+
+def read_like_geneval(folder) -> list[tuple[dict, Image.Image]]:
+    """What GenEval's `evaluation/evaluate_images.py <folder>` scores, by its own rules: in every sub-folder named with
+    digits only, `metadata.jsonl` read with `json.load` and every `samples/<digits>.png` (here in name order)."""
+    found = []
+    for subfolder in sorted(os.listdir(folder)):
+        path = folder / subfolder
+        if not path.is_dir() or not subfolder.isdigit():
+            continue
+        with open(path / "metadata.jsonl") as file:
+            metadata = json.load(file)
+        for name in sorted(os.listdir(path / "samples")):
+            if (path / "samples" / name).is_file() and re.match(r"\d+\.png", name):
+                found.append((metadata, Image.open(path / "samples" / name).convert("RGB")))
+    return found
+
+
+def test_geneval_metadata_gives_the_prompts_and_the_layout_its_scorer_reads(tmp_path, trained_run):
+    metadata_file = tmp_path / "evaluation_metadata.jsonl"
+    metadata_file.write_text("\n".join(json.dumps(line) for line in GENEVAL_LINES) + "\n\n")
+    summary = evaluate.main(
+        evaluate.EvaluateArguments(
+            runs=[f"js={trained_run}"], geneval_metadata=str(metadata_file), save_images=True, device="cpu",
+            grid_prompts=0, output_dir=str(tmp_path / "out"),
+        )
+    )  # fmt: skip
+    k = 4  # GenEval's images per prompt, the default with `geneval_metadata`
+    per_image = _read_csv(tmp_path / "out" / "per_image.csv")
+    assert [row["num_prompts"] for row in summary] == [len(GENEVAL_LINES)] * 2
+    for run in ("base", "js"):
+        found = read_like_geneval(tmp_path / "out" / "geneval" / run)
+        assert [metadata for metadata, _ in found] == [line for line in GENEVAL_LINES for _ in range(k)]
+        scored = [row for row in per_image if row["run"] == run]  # in prompt order, then image order
+        assert [row["prompt"] for row in scored] == [metadata["prompt"] for metadata, _ in found]
+        # the very images that were scored (colour_match reads their pixels)
+        rescored = [colour_match([metadata["prompt"]], [image])[0] for metadata, image in found]
+        assert rescored == [float(row["colour_match"]) if row["colour_match"] else None for row in scored]
+        assert sum(value is not None for value in rescored) == 2 * k  # two of the three prompts name a colour
+
+        plain = tmp_path / "out" / "images" / run
+        index = [json.loads(line) for line in (plain / "prompts.jsonl").read_text().splitlines()]
+        assert [(row["prompt_index"], row["image_index"]) for row in index] == [
+            (i, j) for i in range(3) for j in range(k)
+        ]
+        for row, (metadata, image) in zip(index, found, strict=True):
+            assert (
+                row["prompt"] == metadata["prompt"]
+                and row["file"] == f"{row['prompt_index']:05d}_{row['image_index']:02d}.png"
+            )
+            assert np.array_equal(np.asarray(Image.open(plain / row["file"]).convert("RGB")), np.asarray(image))
+
+
+@pytest.mark.parametrize(
+    ("lines", "message"),
+    [
+        (['{"tag": "colors", "include": []}'], "Line 1 of .* is not a GenEval metadata object with a `prompt`"),
+        (['{"prompt": "a cat"}', "not json"], "Line 2 of"),
+        ([], "holds no prompts"),
+    ],
+)
+def test_bad_geneval_metadata_is_an_error_before_loading_the_model(tmp_path, no_model_loading, lines, message):
+    metadata_file = tmp_path / "evaluation_metadata.jsonl"
+    metadata_file.write_text("\n".join(lines))
+    with pytest.raises(ValueError, match=message):
+        _evaluate(tmp_path, [], geneval_metadata=str(metadata_file))
+
+
+def test_geneval_metadata_and_prompts_exclude_each_other(tmp_path):
+    with pytest.raises(ValueError, match="`prompts` or `geneval_metadata`"):
+        evaluate.EvaluateArguments(prompts=["a cat"], geneval_metadata=str(tmp_path / "m.jsonl"))
+    with pytest.raises(FileNotFoundError, match="GenEval metadata '.*nothing.jsonl' does not exist"):
+        _evaluate(tmp_path, [], geneval_metadata=str(tmp_path / "nothing.jsonl"))
+
+
 def test_same_seed_same_images_and_runs_differ_only_by_weights(tmp_path, trained_run, zero_adapter):
     full_copy = tmp_path / "full-copy"  # a full model directory holding the base weights
     model, processor = build_tiny_janus()
@@ -207,6 +291,8 @@ def test_runs_trained_with_another_sampling_distribution_are_flagged(tmp_path, t
 
 
 def test_frontier_sweep_trains_evaluates_and_skips_finished_runs(tmp_path, monkeypatch):
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_text("a pink ball\na white house\na grey cup\n")
     args = frontier.FrontierArguments(
         divergences=["reverse_kl", "js"],
         betas=[0.5],
@@ -217,9 +303,13 @@ def test_frontier_sweep_trains_evaluates_and_skips_finished_runs(tmp_path, monke
             for flag, value in zip(QUICK_FLAGS[2::2], QUICK_FLAGS[3::2], strict=True)
         ]
         + [f"{key}={value}" for key, value in QUICK.items()]
-        + ["compile_rollouts=true"],  # and `compile` below: the compiled decode through the whole sweep
+        + ["compile_rollouts=true"]  # and `compile` below: the compiled decode through the whole sweep
+        # a watched reward on held-out prompts, which the frontier shows on its x axis
+        + ["eval_reward_funcs=jpeg_incompressibility", f"eval_dataset_name={held_out}"]
+        + ["eval_strategy=steps", "eval_steps=2", "per_device_eval_batch_size=8"],
         num_prompts=2,
         num_images_per_prompt=2,
+        frontier_x="jpeg_incompressibility",
         device="cpu",
         output_dir=str(tmp_path),
         compile=True,
@@ -238,6 +328,12 @@ def test_frontier_sweep_trains_evaluates_and_skips_finished_runs(tmp_path, monke
         ("reverse_kl-beta0.5", "reverse_kl", "0.5"),
     ]
     assert (tmp_path / "eval" / "frontier.png").stat().st_size > 0
+    settings = json.loads((tmp_path / "eval" / "summary.json").read_text())["settings"]
+    assert settings["rewards"] == ["colour_match", "jpeg_incompressibility"]  # trained, then watched
+    assert (
+        settings["prompts"] == ["a pink ball", "a white house"] and settings["frontier_x"] == "jpeg_incompressibility"
+    )
+    assert all(float(row["jpeg_incompressibility_mean"]) > 0 for row in summary)
 
     def refuse(*args, **kwargs):
         raise AssertionError("a finished run was trained again")
@@ -342,6 +438,8 @@ def test_frontier_rejects_unknown_divergences_before_training(tmp_path, monkeypa
         frontier.main(frontier.FrontierArguments(divergences=["kl", "js"], output_dir=str(tmp_path)))
     with pytest.raises(ValueError, match="not `key=value`"):
         frontier.main(frontier.FrontierArguments(training_overrides=["--learning_rate"], output_dir=str(tmp_path)))
+    with pytest.raises(ValueError, match="Unknown frontier_x column 'pickscore'. Valid choices: colour_match_mean"):
+        frontier.main(frontier.FrontierArguments(frontier_x="pickscore", output_dir=str(tmp_path)))
 
 
 def test_prompt_generators_depend_only_on_seed_and_prompt_index():

@@ -312,8 +312,12 @@ def test_feature_models_of_one_checkpoint_share_one_frozen_copy(tiny_feature_mod
 
 def test_missing_feature_model_names_the_model(tmp_path):
     missing = str(tmp_path / "no-such-model")
-    with pytest.raises(OSError, match=f"Could not load the '{missing}'.*hf download {missing}"):
+    with pytest.raises(OSError, match=f"feature model could not load its `feature_model` '{missing}'") as error:
         ImageFeatureModel(missing, device="cpu")
+    assert "there is no such local directory" in str(error.value)
+    assert "Pass `feature_model` a local directory holding the weights (`--feature_model /path/to/dir`" in str(
+        error.value
+    )
 
 
 # The per-prompt summary

@@ -12,6 +12,7 @@ from PIL import Image
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
 
 from trl_t2i import pretrained
+from trl_t2i.cli import grpo
 from trl_t2i.metrics import ImageFeatureModel
 from trl_t2i.rewards import (
     REWARDS,
@@ -20,6 +21,7 @@ from trl_t2i.rewards import (
     CLIPScoreReward,
     colour_match,
     get_reward,
+    get_rewards,
     jpeg_compressibility,
     jpeg_incompressibility,
 )
@@ -302,7 +304,8 @@ def test_jpeg_compressibility_is_minus_the_kilobytes(images):
 
 
 def test_registry_holds_every_builtin_reward():
-    assert set(REWARDS) == set(MODEL_REWARDS) | {"colour_match", "jpeg_compressibility", "jpeg_incompressibility"}
+    weight_free = {"colour_match", "jpeg_compressibility", "jpeg_incompressibility"}
+    assert set(REWARDS) == {*MODEL_REWARDS, "ocr", *weight_free}
 
 
 @pytest.mark.parametrize(
@@ -355,19 +358,70 @@ def test_hpsv2_without_open_clip_says_what_to_install(monkeypatch):
         get_reward("hpsv2")
 
 
+WEIGHT_SETTINGS = {"clip_score": "model_id", "pickscore": "model_id", "aesthetic": "head_id", "hpsv2": "model_id"}
+
+
 @pytest.mark.parametrize("name", MODEL_REWARDS)
-def test_missing_weights_offline_name_the_hub_id(name, tiny_kwargs, images, monkeypatch):
+def test_missing_weights_offline_name_the_reward_the_setting_and_the_hub_id(name, tiny_kwargs, images, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # the hub reads the variable at import
-    missing = "trl-t2i-tests/does-not-exist"
-    kwargs = tiny_kwargs(name) | {"head_id" if name == "aesthetic" else "model_id": missing}
-    with pytest.raises(OSError, match=missing) as error:
-        get_reward(name, **kwargs)(CAPTIONS[:1], images[:1])
+    missing, setting = "trl-t2i-tests/does-not-exist", WEIGHT_SETTINGS[name]
+    with pytest.raises(pretrained.WeightsNotFoundError, match=missing) as error:
+        get_reward(name, **tiny_kwargs(name) | {setting: missing})(CAPTIONS[:1], images[:1])
+    message = str(error.value)
+    assert message.startswith(f"The {name} reward could not load its `{setting}`")
+    assert f"reward_kwargs: {{{name}: {{{setting}: /path/to/dir}}}}" in message  # what to pass instead
     filename = {"aesthetic": " aesthetic-model.pth", "hpsv2": " HPS_v2.1_compressed.pt"}.get(name, "")
-    assert f"`hf download {missing}{filename}`" in str(error.value)  # says what to download, file included
-    assert "HF_HUB_OFFLINE" in str(error.value)
+    assert f"`hf download {missing}{filename}`" in message  # or what to download, file included
+    assert "HF_HUB_OFFLINE" in message
+
+
+@pytest.mark.parametrize(
+    ("name", "setting"), [("pickscore", "processor_id"), ("aesthetic", "model_id"), ("hpsv2", "model_id")]
+)
+def test_a_local_path_without_weights_names_the_setting_and_the_path(name, setting, tiny_kwargs, images, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for path, problem in ((tmp_path / "no-such-dir", "no such local directory"), (empty, "holds no loadable weights")):
+        with pytest.raises(pretrained.WeightsNotFoundError) as error:
+            get_reward(name, **tiny_kwargs(name) | {setting: str(path)})(CAPTIONS[:1], images[:1])
+        message = str(error.value)
+        assert f"The {name} reward could not load its `{setting}`" in message and str(path) in message
+        assert problem in message and f"Pass `{setting}` a local directory" in message
+
+
+def test_reward_kwargs_point_each_reward_at_its_weights(tiny_clip_dir, aesthetic_head_dir, images):
+    kwargs = {"clip_score": {"model_id": tiny_clip_dir}, "aesthetic": {"model_id": tiny_clip_dir}}
+    kwargs["aesthetic"]["head_id"] = aesthetic_head_dir
+    clip_score, aesthetic, colour = get_rewards(["clip_score", "aesthetic", "colour_match"], json.dumps(kwargs))
+    assert (clip_score.model_id, aesthetic.head_id, colour) == (tiny_clip_dir, aesthetic_head_dir, colour_match)
+    assert clip_score(CAPTIONS[:1], images[:1]) == CLIPScoreReward(model_id=tiny_clip_dir)(CAPTIONS[:1], images[:1])
+
+
+@pytest.mark.parametrize(
+    ("reward_kwargs", "message"),
+    [
+        ({"pickscore": {"model_id": "x"}}, r"reward_kwargs names \['pickscore'\], which are not among the rewards"),
+        ("{pickscore: x}", "must be a JSON object"),
+        ({"clip_score": "x"}, "must map reward names to their keyword arguments"),
+    ],
+)
+def test_bad_reward_kwargs_are_clear_errors(reward_kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        get_rewards(["clip_score"], reward_kwargs)
 
 
 def test_mismatched_prompts_and_images_raise(tiny_kwargs, images):
     with pytest.raises(ValueError, match="2 prompts but 1 images"):
         get_reward("clip_score", **tiny_kwargs("clip_score"))(CAPTIONS[:2], images[:1])
+
+
+def test_reward_kwargs_flag_and_recipe_key_reach_the_rewards(tiny_clip_dir, tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"reward_funcs: [clip_score]\nreward_kwargs:\n  clip_score:\n    model_id: {tiny_clip_dir}\n")
+    flag = ["--reward_funcs", "clip_score", "--reward_kwargs", json.dumps({"clip_score": {"model_id": tiny_clip_dir}})]
+    for argv in (["--config", str(recipe)], flag):
+        argv = [*argv, "--output_dir", str(tmp_path), "--use_cpu", "true", "--bf16", "false"]
+        script_args, _, _ = grpo.make_parser().parse_args_and_config(argv)
+        (reward,) = get_rewards(script_args.reward_funcs, script_args.reward_kwargs)
+        assert reward.model_id == tiny_clip_dir

@@ -198,6 +198,21 @@ class T2IGRPOConfig(GRPOConfig):
             to `output_dir/samples/` and send it to the trackers in `report_to`. `0` disables it.
         image_log_count (`int`, *optional*, defaults to `16`):
             Number of images in each logged grid.
+
+        > Parameters that control the over-optimisation alarm (with evaluation: `eval_strategy`, `eval_steps`, held-out
+        prompts as `eval_dataset`, and the trainer's watched `eval_reward_funcs`; see `trl_t2i.overoptimization`)
+
+        overoptimization_window (`int`, *optional*, defaults to `3`):
+            Evaluations the alarm looks back over (at least 2; `0` turns the alarm off, the held-out metrics are
+            still logged). Every evaluation logs `overoptimization/alarm` (0 or 1) and each metric's change over the
+            window, in standard deviations; the alarm also warns in the log. Its changes are least-squares fits over
+            the window: 3 evaluations smooth one noisy evaluation out and still react within `2 × eval_steps`.
+        overoptimization_threshold (`float`, *optional*, defaults to `0.5`):
+            The alarm is raised when the trained reward (the weighted sum, TRL's `reward`) rose over the window while
+            a watched reward or the diversity of the images of each prompt fell by more than this many of its
+            standard deviations (across images, or prompts for the diversity, at the window's first evaluation) and
+            by more than twice the standard error of that fall. Half a standard deviation is a large shift for the
+            mean of a whole evaluation set; the standard-error guard keeps a small set from raising it by chance.
     """
 
     divergence: str = field(
@@ -330,6 +345,17 @@ class T2IGRPOConfig(GRPOConfig):
         default=16,
         metadata={"help": "Number of images in each logged grid."},
     )
+    overoptimization_window: int = field(
+        default=3,
+        metadata={"help": "Evaluations the over-optimisation alarm looks back over (>= 2; 0: no alarm)."},
+    )
+    overoptimization_threshold: float = field(
+        default=0.5,
+        metadata={
+            "help": "Alarm when the trained reward rises while a watched reward or the diversity falls by more than "
+            "this many standard deviations over the window."
+        },
+    )
 
     # Overridden defaults of GRPOConfig
     beta: float = field(
@@ -362,6 +388,7 @@ class T2IGRPOConfig(GRPOConfig):
         self._validate_divergence()
         self._validate_generation()
         self._validate_token_selection()
+        self._validate_overoptimization()
         for name, off_value, reason in UNSUPPORTED_SETTINGS:
             if getattr(self, name, off_value) != off_value:
                 raise ValueError(
@@ -480,4 +507,12 @@ class T2IGRPOConfig(GRPOConfig):
             raise ValueError(
                 f"`image_log_steps` must be >= 0 and `image_log_count` >= 1, got {self.image_log_steps} and "
                 f"{self.image_log_count}."
+            )
+
+    def _validate_overoptimization(self):
+        window, threshold = self.overoptimization_window, self.overoptimization_threshold
+        if not (window == 0 or window >= 2) or not threshold > 0:
+            raise ValueError(
+                "`overoptimization_window` must be 0 (no alarm) or at least 2 evaluations, and "
+                f"`overoptimization_threshold` > 0; got {window} and {threshold}."
             )

@@ -11,7 +11,9 @@ images gets every diversity metric of `trl_t2i.metrics.diversity_summary` (image
 - `summary.csv`, `summary.json`: one row per run (label, divergence, β, ...): the mean over prompts of every
   per-prompt column and its standard error over prompts (`<column>_sem`);
 - `grid_<run>.png`: the images of the first `grid_prompts` prompts, one row per prompt;
-- `frontier.png`: reward against diversity, one point per run with standard-error bars, labelled by divergence and β.
+- `frontier.png`: reward against diversity, one point per run with standard-error bars, labelled by divergence and β;
+- with `save_images`, `images/<run>/`: every image as a PNG (`trl_t2i.benchmarks.write_plain`); with
+  `geneval_metadata`, `geneval/<run>/`: the layout GenEval's scorer reads (`trl_t2i.benchmarks.write_geneval`).
 
 A run (`read_run`) is a training output directory, one of its checkpoints, a PEFT adapter directory or a full model
 directory; the `run_settings.json` that training writes gives its divergence and β. The base model is loaded once;
@@ -34,6 +36,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .benchmarks import write_geneval, write_plain
 from .checkpoints import damage, latest_checkpoint
 from .decoding import compile_setting, resolve_compile, sample_image_tokens
 from .images import make_grid, to_pil
@@ -72,6 +75,13 @@ class EvaluationSettings:
         default=0, metadata={"help": "Seed; prompt i is sampled with a generator seeded from (seed, i)."}
     )
     grid_prompts: int = field(default=4, metadata={"help": "Prompts shown in each run's image grid (0: no grids)."})
+    save_images: bool = field(
+        default=False,
+        metadata={
+            "help": "Also write every image as `images/<run>/<prompt>_<image>.png` with `prompts.jsonl`, for scorers "
+            "that read a folder of images (FID tools, DPG-Bench, T2I-CompBench)."
+        },
+    )
     frontier_x: str | None = field(
         default=None,
         metadata={"help": "Per-prompt column on the frontier's x axis (default: the first reward's mean)."},
@@ -143,6 +153,7 @@ def evaluate_runs(
     output_dir: str | Path,
     sampling: SamplingConfig | None = None,
     settings: EvaluationSettings | None = None,
+    geneval_metadata: list[str] | None = None,
 ) -> list[dict]:
     """Evaluate every run on the same prompts and noise, write the tables and figures, and return the summary rows.
 
@@ -154,11 +165,15 @@ def evaluate_runs(
         output_dir: where the tables and figures are written.
         sampling: the distribution every run samples from (default: `SamplingConfig()`).
         settings: images per prompt, seed, feature model, frontier axes, dtype and device.
+        geneval_metadata: GenEval's metadata line of each prompt (`trl_t2i.benchmarks.read_geneval_metadata`): each
+            run's images are also written in GenEval's layout, under `geneval/<run>/`.
     """
     sampling, settings = sampling or SamplingConfig(), settings or EvaluationSettings()
     reward_names = [reward.__name__ for reward in reward_funcs]
     columns = metric_columns(reward_names)
-    frontier_x, frontier_y = check_inputs(runs, prompts, reward_names, columns, sampling, settings)
+    frontier_x, frontier_y = check_inputs(runs, prompts, reward_names, sampling, settings)
+    if geneval_metadata is not None and len(geneval_metadata) != len(prompts):
+        raise ValueError(f"{len(geneval_metadata)} GenEval metadata lines for {len(prompts)} prompts: one per prompt.")
     for run in runs:
         check_base_model(run, model_name_or_path)
     output_dir = Path(output_dir)
@@ -185,6 +200,10 @@ def evaluate_runs(
         if settings.grid_prompts > 0:
             grid_path = output_dir / f"grid_{file_name(run.label)}.png"
             save_grid(samples.images[: settings.grid_prompts], image_rows, reward_names[0], grid_path)
+        if settings.save_images:
+            write_plain(output_dir / "images" / file_name(run.label), prompts, samples.images)
+        if geneval_metadata is not None:
+            write_geneval(output_dir / "geneval" / file_name(run.label), geneval_metadata, samples.images)
         if run.kind == "peft":
             model.unload()  # removes the LoRA layers: `base_model` is the base model again
         del model, samples
@@ -308,7 +327,6 @@ def check_inputs(
     runs: list[Run],
     prompts: list[str],
     reward_names: list[str],
-    columns: list[str],
     sampling: SamplingConfig,
     settings: EvaluationSettings,
 ) -> tuple[str, str]:
@@ -332,13 +350,20 @@ def check_inputs(
                 "runs are sampled alike).",
                 stacklevel=3,
             )
-    frontier_x = settings.frontier_x or f"{reward_names[0]}_mean"
+    return frontier_axes(settings.frontier_x, settings.frontier_y, reward_names)
+
+
+def frontier_axes(frontier_x: str | None, frontier_y: str, reward_names: list[str]) -> tuple[str, str]:
+    """The frontier's x and y columns: `frontier_x` (a reward's name stands for its mean; default: the first reward's
+    mean) and `frontier_y`, each checked to be a per-prompt column."""
+    columns = metric_columns(reward_names)
+    frontier_x = frontier_x or f"{reward_names[0]}_mean"
     if frontier_x in reward_names:
         frontier_x = f"{frontier_x}_mean"
-    for name, value in (("frontier_x", frontier_x), ("frontier_y", settings.frontier_y)):
+    for name, value in (("frontier_x", frontier_x), ("frontier_y", frontier_y)):
         if value not in columns:
             raise ValueError(f"Unknown {name} column {value!r}. Valid choices: {', '.join(columns)}.")
-    return frontier_x, settings.frontier_y
+    return frontier_x, frontier_y
 
 
 def attach_run(base_model: torch.nn.Module, family, run: Run, settings: EvaluationSettings) -> torch.nn.Module:

@@ -28,7 +28,7 @@ from PIL import Image
 from transformers import AutoImageProcessor, AutoModel
 
 from .images import to_pil
-from .pretrained import default_dtype, hub_errors, load_pretrained
+from .pretrained import WeightsNotFoundError, default_dtype, hub_errors, load_pretrained
 
 
 CLIP_MODEL_ID = "openai/clip-vit-large-patch14"
@@ -274,9 +274,13 @@ class ImageFeatureModel:
     ):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.batch_size = batch_size
-        self.model = load_pretrained(AutoModel, model_id, self.device, dtype or default_dtype(self.device))
-        with hub_errors(model_id):
-            self.processor = AutoImageProcessor.from_pretrained(model_id)
+        try:
+            self.model = load_pretrained(AutoModel, model_id, self.device, dtype or default_dtype(self.device))
+            with hub_errors(model_id):
+                self.processor = AutoImageProcessor.from_pretrained(model_id)
+        except WeightsNotFoundError as err:
+            how = "`--feature_model /path/to/dir` for `trl-t2i evaluate` and `frontier`"
+            raise err.for_setting("The diversity feature model", "feature_model", how) from err
 
     def __call__(self, images: list[Image.Image] | torch.Tensor) -> torch.Tensor:
         """

@@ -70,20 +70,68 @@ def _canonical_device(device: str | torch.device) -> torch.device:
     return device
 
 
+class WeightsNotFoundError(OSError):
+    """Weights that cannot be loaded from where a setting points: a local path that holds none, or a Hub id that is
+    neither cached nor downloadable. `for_setting` names whose weights they are and the setting to change.
+
+    Attributes:
+        source: the local path or Hub id that was tried.
+        filename: the file of `source` that was looked for, if one was.
+        cause: what went wrong, in a few words (the original exception's type).
+    """
+
+    def __init__(self, source: str, filename: str | None = None, cause: str = "", owner: str = "", how: str = ""):
+        self.source, self.filename, self.cause = source, filename, cause
+        what = f"file '{filename}' of '{source}'" if filename else f"'{source}'"
+        fix = f"Pass {how or 'a local directory holding the weights'}"
+        if os.path.isdir(source):
+            problem = f"the local directory holds no loadable weights ({cause})"
+        elif source.startswith(("/", ".", "~")) or source.count("/") > 1:  # a path: Hub ids are `namespace/name`
+            problem = "there is no such local directory"
+        else:
+            problem = f"it is not a local directory, nor on the Hugging Face Hub or in its local cache ({cause})"
+            command = f"hf download {source}" + (f" {filename}" if filename else "")
+            fix += (
+                f", or cache them on a machine with Hub access (`{command}`) and share that cache (HF_HOME): with no "
+                "network or HF_HUB_OFFLINE=1 nothing is downloaded"
+            )
+        self.message = f"{owner or 'Could not load'} {what}: {problem}. {fix}."
+        super().__init__(self.message)
+
+    def __str__(self) -> str:  # OSError would format its constructor's arguments as errno, strerror and filename
+        return self.message
+
+    def for_setting(self, owner: str, setting: str, how: str) -> "WeightsNotFoundError":
+        """The same error, saying whose weights they are and how to point `setting` at a local directory.
+
+        Example:
+            >>> error.for_setting("The pickscore reward", "model_id", "reward_kwargs: {pickscore: {model_id: DIR}}")
+            WeightsNotFoundError("The pickscore reward could not load its `model_id` 'yuvalkirstain/PickScore_v1': it
+            is not a local directory, nor on the Hugging Face Hub or in its local cache (...). Pass `model_id` a local
+            directory holding the weights (reward_kwargs: {pickscore: {model_id: DIR}}), or cache them ...")
+        """
+        return WeightsNotFoundError(
+            self.source,
+            self.filename,
+            self.cause,
+            owner=f"{owner} could not load its `{setting}`",
+            how=f"`{setting}` a local directory holding the weights ({how})",
+        )
+
+
 @contextmanager
 def hub_errors(repo_id: str, filename: str | None = None) -> Iterator[None]:
-    """Turn the hub's "not found / offline" errors into one that says what to download, chaining the original."""
+    """Turn the hub's "not found / offline" errors into a `WeightsNotFoundError` that says what to do, chaining the
+    original."""
     try:
         yield
-    except (OSError, EntryNotFoundError, HFValidationError) as err:
-        what = f"file '{filename}' of '{repo_id}'" if filename else f"'{repo_id}'"
-        command = f"hf download {repo_id}" + (f" {filename}" if filename else "")
-        raise OSError(
-            f"Could not load the {what} from the Hugging Face Hub or the local cache ({type(err).__name__}). Model "
-            f"weights are downloaded on first use: with no network or HF_HUB_OFFLINE=1, cache them first on a machine "
-            f"with hub access (`{command}`) and share that cache (HF_HOME), or pass a local directory instead of the "
-            "hub id."
-        ) from err
+    except WeightsNotFoundError:
+        raise
+    except (OSError, EntryNotFoundError, HFValidationError, ValueError) as err:
+        if type(err) is ValueError and not os.path.isdir(repo_id):
+            raise  # from a local directory (AutoProcessor: "Unrecognized processing class") it means no weights
+        first_line = (str(err).strip().splitlines() or [""])[0]
+        raise WeightsNotFoundError(repo_id, filename, f"{type(err).__name__}: {first_line:.200}") from err
 
 
 def hub_file(repo_id: str, filename: str) -> str:
@@ -91,7 +139,7 @@ def hub_file(repo_id: str, filename: str) -> str:
     if os.path.isdir(repo_id):
         path = os.path.join(repo_id, filename)
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"No file '{filename}' in the local directory '{repo_id}'.")
+            raise WeightsNotFoundError(repo_id, filename, f"no file '{filename}' in it")
         return path
     with hub_errors(repo_id, filename):
         return hf_hub_download(repo_id, filename)

@@ -37,6 +37,7 @@ from .models import (
     unwrap_model,
 )
 from .nonfinite import NonFiniteGuard, NonFiniteTrainingError, check_weights
+from .overoptimization import HeldOutScores
 from .run_settings import RunSettings, check_resume
 from .sampling import MIN_LOGP, teacher_forced_logits, truncate_logits, truncates
 from .sharding import check_sharding
@@ -107,13 +108,14 @@ class T2IGRPOTrainer(GRPOTrainer):
 
     * `_generate`: KV-cached classifier-free-guidance sampling of image tokens, VQ decoding, PIL images to the
       reward functions;
-    * `_calculate_rewards`: TRL's, plus the images and rewards kept for the logged image grids;
+    * `_calculate_rewards`: TRL's, plus the images and rewards kept for the logged image grids, and at evaluation
+      the watched rewards and the diversity (`trl_t2i.overoptimization`);
     * `_generate_and_score_completions`: TRL's, plus the per-token reference log-probs when the sampled estimator
       needs them (TRL's own KL, and so its reference pass, is always off: `self.beta == 0`);
     * `_get_per_token_logps_and_entropies`: teacher-forced image-token log-probs through the (wrapped) model's
       forward — TRL's own scorer would run image ids through the text head;
     * `_compute_loss`: TRL's loss, plus `current_beta() · D` normalised like TRL's loss;
-    * `log`: images in `log_completions`;
+    * `log`: images in `log_completions`; the over-optimisation alarm when an evaluation closes;
     * `_get_grad_norm`: a step whose loss or gradient is not finite stops the run (or is skipped) before the update;
     * `train`: resuming compares the checkpoint's `run_settings.json` with the run's settings;
     * `_save_checkpoint` / `_save`: atomic checkpoints, never non-finite weights, and `run_settings.json` at every
@@ -129,6 +131,11 @@ class T2IGRPOTrainer(GRPOTrainer):
         reward_funcs (callable or list of callables):
             Reward functions `f(prompts, completions, **kwargs) -> list[float | None]`, where `completions` are PIL
             images and `prompts` the raw captions. Each gets the other dataset columns as keyword arguments.
+        eval_reward_funcs (callable or list of callables, *optional*):
+            Rewards that are only watched, never trained on: at every evaluation (`eval_strategy`, `eval_steps`,
+            `eval_dataset`: held-out prompts) they score the sampled images, logged as `eval_rewards/<name>/mean`,
+            next to the images' diversity (`eval_diversity/pairwise_distance`); the over-optimisation alarm
+            (`overoptimization_window`, `overoptimization_threshold`) watches them. See `trl_t2i.overoptimization`.
         args (`T2IGRPOConfig`, *optional*):
             Training configuration. Defaults to `T2IGRPOConfig(f"{model_name}-T2I-GRPO")`.
         train_dataset, eval_dataset (`Dataset`, *optional*):
@@ -159,6 +166,7 @@ class T2IGRPOTrainer(GRPOTrainer):
         optimizers=(None, None),
         quantization_config: BitsAndBytesConfig | None = None,
         peft_config: PeftConfig | None = None,
+        eval_reward_funcs=None,
     ):
         model_id = model if isinstance(model, str) else unwrap_model(model).config._name_or_path
         self._base_model_id = model_id
@@ -168,6 +176,7 @@ class T2IGRPOTrainer(GRPOTrainer):
             raise TypeError(f"`args` must be a T2IGRPOConfig, got {type(args).__name__}.")
         check_sharding(args)  # before any model is loaded
         reward_funcs = _check_reward_funcs(reward_funcs)
+        eval_reward_funcs = _check_eval_reward_funcs(eval_reward_funcs, reward_funcs, args)
         for dataset in (train_dataset, eval_dataset):
             _check_prompt_dataset(dataset)
         if processing_class is None and not model_id:
@@ -232,6 +241,14 @@ class T2IGRPOTrainer(GRPOTrainer):
         )
         self.add_callback(self.image_grids)
         self.add_callback(BetaSchedule.from_config(args))
+        self.held_out = None  # watched rewards, diversity and the over-optimisation alarm, at evaluation
+        if args.eval_strategy != "no":
+            self.held_out = HeldOutScores(
+                eval_reward_funcs,
+                [_reward_name(reward) for reward in eval_reward_funcs],
+                args.overoptimization_window,
+                args.overoptimization_threshold,
+            )
         # Set by `_compute_loss` for the duration of TRL's loss, filled by the policy forward inside it, else `None`.
         self._policy_scores: PolicyScores | None = None
         self._nonfinite = NonFiniteGuard(
@@ -402,6 +419,8 @@ class T2IGRPOTrainer(GRPOTrainer):
             local = trl.local_rows(self, rewards, len(prompts)).cpu()
             values = {name: local[:, index].tolist() for index, name in enumerate(self.reward_func_names)}
             self.image_grids.add(completions, prompts, values)
+        if not self.model.training and self.held_out is not None:
+            self.held_out.add(self, inputs, prompts, completions, rewards)
         return rewards
 
     def _generate_and_score_completions(self, inputs):
@@ -714,6 +733,9 @@ class T2IGRPOTrainer(GRPOTrainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         self.flush_stage_times()
+        if self.held_out is not None and self.held_out.pending:  # the log that closes an evaluation
+            for name, value in self.held_out.end_evaluation(self.state.global_step).items():
+                trl.record_metric(self, name, value, in_mode="eval")
         # TRL writes completions to parquet/tables as text: give it captions and move the images to its image column.
         trl.completions_as_images(self)
         super().log(logs, start_time)
@@ -884,6 +906,30 @@ def _check_rewards_apply(rewards: torch.Tensor, names: list[str]) -> None:
                 "images of the first step. Check that it applies to these captions (e.g. `colour_match` needs a "
                 "colour word) and that its model loads; a reward must score at least some images of a batch."
             )
+
+
+def _check_eval_reward_funcs(eval_reward_funcs, reward_funcs: list, args: T2IGRPOConfig) -> list:
+    """The watched rewards as a list: callables, scored at evaluation, named apart from the trained rewards."""
+    if not eval_reward_funcs:
+        return []
+    eval_reward_funcs = _check_reward_funcs(eval_reward_funcs)
+    if args.eval_strategy == "no":
+        raise ValueError(
+            "`eval_reward_funcs` are scored at evaluation, which is off: set `eval_strategy` ('steps'), `eval_steps` "
+            "and an `eval_dataset` of held-out prompts."
+        )
+    shared = sorted({_reward_name(reward) for reward in eval_reward_funcs} & {_reward_name(r) for r in reward_funcs})
+    if shared:
+        raise ValueError(
+            f"The rewards {shared} are both trained on and watched: a watched reward must not be trained on (the "
+            "trained rewards are scored at evaluation anyway)."
+        )
+    return eval_reward_funcs
+
+
+def _reward_name(reward) -> str:
+    """A reward function's name, as TRL names its metrics."""
+    return getattr(reward, "__name__", type(reward).__name__)
 
 
 def _set_completion_length(args: T2IGRPOConfig, num_image_tokens: int) -> None:

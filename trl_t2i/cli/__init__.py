@@ -5,6 +5,7 @@ accelerate launch -m trl_t2i.cli grpo --config ...     # train (any accelerate s
 trl-t2i sample --model_name_or_path ... --adapter ...  # sample images
 trl-t2i plan --config recipe.yaml --gpu_memory_gb 24   # batch sizes and LoRA/QLoRA that fit a GPU
 trl-t2i push --output_dir ... --hub_model_id ...       # upload a training output
+trl-t2i serve_reward pickscore --port 8000             # a reward behind HTTP: reward_funcs: [http://host:8000/score]
 """
 
 import importlib
@@ -29,6 +30,7 @@ COMMANDS = {
     "frontier": "Sweep divergences × beta, then evaluate.",
     "plan": "Plan batch sizes and LoRA/QLoRA for a GPU's memory.",
     "push": "Upload a training output to the Hub.",
+    "serve_reward": "Serve a reward over HTTP for training runs elsewhere.",
     "convert_llamagen": "Convert official LlamaGen-T2I checkpoints into a model folder.",
 }
 

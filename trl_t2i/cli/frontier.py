@@ -10,8 +10,9 @@ recipe), into `output_dir/runs/<divergence>-beta<β>`. By default each divergenc
 curvature f''(1) (JS has ¼ of KL's, so its β are 4× larger). β = 0 means no penalty, where every divergence trains the
 same run: it is trained once, as `output_dir/runs/beta0`. Runs whose output already exists are skipped, so an
 interrupted sweep resumes where it stopped. Then the base model and every run are evaluated with
-`trl_t2i.evaluation` (the recipe's prompts, rewards and sampling distribution) into `output_dir/eval/`: `summary.csv`,
-`frontier.png` and the rest. The sweep itself (pairs, curvature, finished runs) is `trl_t2i.sweep`.
+`trl_t2i.evaluation` (the recipe's prompts, rewards and watched `eval_reward_funcs`, and its sampling distribution)
+into `output_dir/eval/`: `summary.csv`, `frontier.png` (`--frontier_x` puts a held-out reward on its x axis) and the
+rest. The sweep itself (pairs, curvature, finished runs) is `trl_t2i.sweep`.
 """
 
 import gc
@@ -24,8 +25,17 @@ import torch
 from ..checkpoints import latest_checkpoint
 from ..data import load_prompt_dataset
 from ..divergences import DIVERGENCES
-from ..evaluation import BASE, DIVERSITY_METRICS, EvaluationSettings, Run, evaluate_runs, print_table, read_run
-from ..rewards import get_reward
+from ..evaluation import (
+    BASE,
+    DIVERSITY_METRICS,
+    EvaluationSettings,
+    Run,
+    evaluate_runs,
+    frontier_axes,
+    print_table,
+    read_run,
+)
+from ..rewards import get_rewards
 from ..sweep import check_finished_run, is_finished, run_name, sweep
 from . import grpo
 from .parsing import RecipeParser, find_recipe
@@ -67,6 +77,13 @@ class FrontierArguments:
     feature_model: str | None = field(
         default=None,
         metadata={"help": "Image model (CLIP, DINOv2) for diversity features; default: weight-free pixel features."},
+    )
+    frontier_x: str | None = field(
+        default=None,
+        metadata={
+            "help": "Reward on the frontier's x axis, e.g. a held-out reward of the recipe's `eval_reward_funcs` "
+            "(its name, or `<name>_mean`); default: the first trained reward."
+        },
     )
     frontier_y: str = field(
         default="pairwise_distance",
@@ -130,10 +147,14 @@ def main(args: FrontierArguments) -> list[dict]:
     script_args, training_args, model_args = grpo.make_parser().parse_args_and_config(
         ["--config", str(recipe), *overrides, "--output_dir", str(output_dir / "runs")]
     )
+    # Scored with the trained and the watched rewards, so that the frontier can show a held-out reward.
+    reward_funcs = get_rewards([*script_args.reward_funcs, *script_args.eval_reward_funcs], script_args.reward_kwargs)
+    frontier_axes(args.frontier_x, args.frontier_y, [reward.__name__ for reward in reward_funcs])  # before training
     evaluation_settings = EvaluationSettings(
         num_images_per_prompt=args.num_images_per_prompt,
         feature_model=args.feature_model,
         seed=args.eval_seed,
+        frontier_x=args.frontier_x,
         frontier_y=args.frontier_y,
         dtype=model_args.dtype if model_args.dtype not in (None, "auto") else "float32",
         device=args.device,
@@ -163,9 +184,10 @@ def main(args: FrontierArguments) -> list[dict]:
         gc.collect()
 
     start = time.perf_counter()
+    held_out = script_args.eval_dataset_name  # the recipe's held-out prompts, if it has any
     dataset = load_prompt_dataset(
-        script_args.dataset_name,
-        script_args.dataset_train_split,
+        held_out or script_args.dataset_name,
+        (script_args.dataset_test_split or "train") if held_out else script_args.dataset_train_split,
         script_args.prompt_column,
         script_args.dataset_config,
     )
@@ -173,7 +195,7 @@ def main(args: FrontierArguments) -> list[dict]:
         model_args.model_name_or_path,
         [Run(BASE)] + [read_run(str(run_dir)) for run_dir in run_dirs],
         list(dataset["prompt"])[: args.num_prompts],
-        [get_reward(name) for name in script_args.reward_funcs],
+        reward_funcs,
         output_dir / "eval",
         training_args.sampling,
         evaluation_settings,

@@ -26,7 +26,7 @@ from ..config import UNSUPPORTED_SETTINGS, T2IGRPOConfig
 from ..data import PROMPT_SETS, load_prompt_dataset
 from ..models import load_family
 from ..preemption import PreemptionCallback
-from ..rewards import get_reward
+from ..rewards import get_rewards
 from ..run_settings import check_resume_model
 from ..sharding import check_sharding
 from ..trainer import T2IGRPOTrainer
@@ -45,10 +45,19 @@ class T2IScriptArguments(ScriptArguments):
         prompt_column (`str`, *optional*, defaults to `"prompt"`):
             Column holding the captions.
         dataset_test_split (`str` or `None`, *optional*):
-            Split used for evaluation when `eval_strategy` is not `"no"`.
+            Split used for evaluation when `eval_strategy` is not `"no"` (of `eval_dataset_name` when it is set).
+        eval_dataset_name (`str` or `None`, *optional*):
+            Held-out prompts for evaluation, from another prompt set than training's (a built-in set, a local file or
+            a Hub dataset); by default evaluation reads the `dataset_test_split` of `dataset_name`.
         reward_funcs (`list[str]`, *optional*, defaults to `["colour_match"]`):
-            Reward names (see `trl_t2i.rewards.REWARDS`) or import paths `package.module:function`. Weights go in
-            `reward_weights`.
+            Reward names (see `trl_t2i.rewards.REWARDS`), import paths `package.module:function`, or URLs of reward
+            servers. Weights go in `reward_weights`.
+        eval_reward_funcs (`list[str]`, *optional*, defaults to `[]`):
+            Rewards only watched at evaluation, never trained on (names, import paths or URLs, as `reward_funcs`):
+            logged as `eval_rewards/<name>/mean` and watched by the over-optimisation alarm.
+        reward_kwargs (`dict` or `str`, *optional*):
+            Keyword arguments of the rewards, by name (a JSON string on the command line), e.g. local weights on an
+            offline cluster: `{pickscore: {model_id: /models/PickScore_v1, processor_id: /models/CLIP-ViT-H-14}}`.
         overwrite_output_dir (`bool`, *optional*, defaults to `False`):
             Start a new run in an `output_dir` that holds an earlier run's outputs: its `checkpoint-*` folders and
             image grids are deleted (resuming would otherwise take them for this run's), its other files are
@@ -64,9 +73,23 @@ class T2IScriptArguments(ScriptArguments):
     dataset_test_split: str | None = field(
         default=None, metadata={"help": "Split used for evaluation when `eval_strategy` is not 'no'."}
     )
+    eval_dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "Held-out prompts for evaluation (prompt set, file or Hub id); default: `dataset_name`."},
+    )
     reward_funcs: list[str] = field(
         default_factory=lambda: ["colour_match"],
-        metadata={"help": "Reward names or import paths `package.module:function`."},
+        metadata={"help": "Reward names, import paths `package.module:function` or reward-server URLs."},
+    )
+    eval_reward_funcs: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Rewards only watched at evaluation (the over-optimisation alarm), never trained on."},
+    )
+    reward_kwargs: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": 'Keyword arguments of the rewards by name, e.g. \'{"pickscore": {"model_id": "/models/PS"}}\'.'
+        },
     )
     overwrite_output_dir: bool = field(
         default=False,
@@ -129,17 +152,22 @@ def main(script_args: T2IScriptArguments, training_args: T2IGRPOConfig, model_ar
     )
     eval_dataset = None
     if training_args.eval_strategy != "no":
-        if script_args.dataset_test_split is None:
-            raise ValueError("`eval_strategy` is set: also set `dataset_test_split` (the evaluation split).")
+        if script_args.dataset_test_split is None and script_args.eval_dataset_name is None:
+            raise ValueError(
+                "`eval_strategy` is set: also set `eval_dataset_name` (held-out prompts) or `dataset_test_split` (the "
+                "evaluation split of `dataset_name`)."
+            )
         eval_dataset = load_prompt_dataset(
-            script_args.dataset_name,
-            script_args.dataset_test_split,
+            script_args.eval_dataset_name or script_args.dataset_name,
+            script_args.dataset_test_split or "train",
             script_args.prompt_column,
             script_args.dataset_config,
             family,
             training_args.max_prompt_length,
         )
-    reward_funcs = [get_reward(name) for name in script_args.reward_funcs]
+    rewards = get_rewards([*script_args.reward_funcs, *script_args.eval_reward_funcs], script_args.reward_kwargs)
+    trained = len(script_args.reward_funcs)
+    reward_funcs, eval_reward_funcs = rewards[:trained], rewards[trained:]
 
     training_args.model_init_kwargs = {
         "revision": model_args.model_revision,
@@ -160,6 +188,7 @@ def main(script_args: T2IScriptArguments, training_args: T2IGRPOConfig, model_ar
             processing_class=family.processing_class,
             quantization_config=get_quantization_config(model_args),
             peft_config=get_peft_config(model_args),
+            eval_reward_funcs=eval_reward_funcs,
         )
         preemption = PreemptionCallback()
         trainer.add_callback(preemption)

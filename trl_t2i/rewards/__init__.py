@@ -6,6 +6,7 @@ dataset columns, TRL's `trainer_state`, `log_metric`, ...) are accepted and igno
 """
 
 import importlib
+import json
 from collections.abc import Callable
 
 from .base import ModelReward
@@ -13,6 +14,8 @@ from .clip import AestheticMLP, AestheticReward, CLIPScoreReward, PickScoreRewar
 from .colour import COLOUR_RGB, colour_match
 from .compressibility import jpeg_compressibility, jpeg_incompressibility
 from .hps import HPSv2Reward
+from .ocr import OCRReward
+from .remote import RemoteReward, RemoteRewardError
 
 
 def _takes_no_arguments(reward: Callable) -> Callable[..., Callable]:
@@ -31,22 +34,26 @@ REWARDS: dict[str, Callable[..., Callable]] = {
     "pickscore": PickScoreReward,
     "hpsv2": HPSv2Reward,
     "aesthetic": AestheticReward,
+    "ocr": OCRReward,
     "colour_match": _takes_no_arguments(colour_match),
     "jpeg_compressibility": _takes_no_arguments(jpeg_compressibility),
     "jpeg_incompressibility": _takes_no_arguments(jpeg_incompressibility),
 }
 
 
-def get_reward(name: str, **kwargs) -> Callable:
-    """Build a reward from its registry name, or from the import path `package.module:attribute` of your own.
+def get_reward(name: str, /, **kwargs) -> Callable:
+    """Build a reward from its registry name, the import path `package.module:attribute` of your own, or the URL of a
+    reward server.
 
     Args:
         name (`str`):
-            A key of [`REWARDS`] (`clip_score`, `pickscore`, `hpsv2`, `aesthetic`, `colour_match`,
-            `jpeg_compressibility`, `jpeg_incompressibility`), or `package.module:attribute`. An imported class is
+            A key of [`REWARDS`] (`clip_score`, `pickscore`, `hpsv2`, `aesthetic`, `ocr`, `colour_match`,
+            `jpeg_compressibility`, `jpeg_incompressibility`), or `package.module:attribute`, or a reward server's
+            URL, `http(s)://host:port/path` or `remote:` followed by it (a [`RemoteReward`]). An imported class is
             instantiated with `kwargs`; an imported function (or other callable) is returned as is.
         **kwargs:
-            Arguments of the reward's class, e.g. `device="cuda:1"` or `batch_size=8`.
+            Arguments of the reward's class, e.g. `device="cuda:1"` or `batch_size=8` (`name`, `timeout`, ... for a
+            server).
 
     Returns:
         A callable with TRL's reward signature.
@@ -56,14 +63,18 @@ def get_reward(name: str, **kwargs) -> Callable:
         <trl_t2i.rewards.clip.PickScoreReward object at 0x...>
         >>> get_reward("trl_t2i.rewards.colour:colour_match")
         <function colour_match at 0x...>
+        >>> get_reward("http://gpu-node-3:8000/score", name="geneval", on_error="none")  # `trl-t2i serve_reward`
+        <trl_t2i.rewards.remote.RemoteReward object at 0x...>
     """
     if name in REWARDS:
         return REWARDS[name](**kwargs)
+    if name.startswith(("http://", "https://", "remote:")):
+        return RemoteReward(name.removeprefix("remote:"), **kwargs)
     module_name, _, attribute = name.partition(":")
     if not module_name or not attribute:
         raise ValueError(
-            f"Unknown reward {name!r}. Use one of {', '.join(REWARDS)}, or the import path of your own reward as "
-            "'package.module:attribute'."
+            f"Unknown reward {name!r}. Use one of {', '.join(REWARDS)}, the import path of your own reward as "
+            "'package.module:attribute', or a reward server's URL 'http://host:port/score'."
         )
     try:
         module = importlib.import_module(module_name)
@@ -84,6 +95,40 @@ def get_reward(name: str, **kwargs) -> Callable:
     return reward
 
 
+def get_rewards(names: list[str], reward_kwargs: dict[str, dict] | str | None = None) -> list[Callable]:
+    """Build several rewards with [`get_reward`], each with its own keyword arguments (the `reward_kwargs` of a recipe).
+
+    Args:
+        names (`list[str]`):
+            Reward names, import paths or reward-server URLs, as `get_reward` takes them.
+        reward_kwargs (`dict` or `str`, *optional*):
+            Keyword arguments by reward name, e.g. `{"pickscore": {"model_id": "/models/PickScore_v1"}}`, or the same
+            as a JSON string (a command-line flag). Every key must be one of `names`.
+
+    Example:
+        >>> get_rewards(["pickscore", "colour_match"], '{"pickscore": {"model_id": "/models/PickScore_v1"}}')
+        [<trl_t2i.rewards.clip.PickScoreReward object at 0x...>, <function colour_match at 0x...>]
+    """
+    if isinstance(reward_kwargs, str):
+        try:
+            reward_kwargs = json.loads(reward_kwargs)
+        except json.JSONDecodeError as err:
+            raise ValueError(
+                f'reward_kwargs must be a JSON object such as \'{{"pickscore": {{"model_id": "/models/PickScore"}}}}\', '
+                f"got {reward_kwargs!r} ({err})."
+            ) from err
+    reward_kwargs = reward_kwargs or {}
+    if not isinstance(reward_kwargs, dict) or not all(isinstance(value, dict) for value in reward_kwargs.values()):
+        raise ValueError(
+            f"reward_kwargs must map reward names to their keyword arguments, e.g. "
+            f"{{'pickscore': {{'model_id': '/models/PickScore'}}}}, got {reward_kwargs!r}."
+        )
+    unknown = sorted(set(reward_kwargs) - set(names))
+    if unknown:
+        raise ValueError(f"reward_kwargs names {unknown}, which are not among the rewards {list(names)}.")
+    return [get_reward(name, **reward_kwargs.get(name, {})) for name in names]
+
+
 __all__ = [
     "COLOUR_RGB",
     "REWARDS",
@@ -92,8 +137,12 @@ __all__ = [
     "CLIPScoreReward",
     "HPSv2Reward",
     "ModelReward",
+    "OCRReward",
     "PickScoreReward",
+    "RemoteReward",
+    "RemoteRewardError",
     "get_reward",
+    "get_rewards",
     "jpeg_compressibility",
     "jpeg_incompressibility",
     "colour_match",

@@ -5,16 +5,18 @@ import torch
 from accelerate import PartialState
 from PIL import Image
 
-from ..pretrained import default_dtype
+from ..pretrained import WeightsNotFoundError, default_dtype
 
 
 class ModelReward:
     """Base class of the rewards backed by a model, callable with TRL's reward signature.
 
-    Subclasses set `__name__` (TRL names the metrics `rewards/{__name__}/mean`), implement `load()` (which sets the
-    model attributes, using `self.device` and `self.dtype`) and `score(prompts, images)` (one batch, returns a 1-D
-    tensor). Nothing is loaded before the first call, so rewards can be built before the accelerator is set up and
-    cost nothing when unused.
+    Subclasses set `__name__` (TRL names the metrics `rewards/{__name__}/mean`) and `weight_settings` (the arguments
+    that say where weights come from, each a Hub id or a local directory), implement `load()` (which sets the model
+    attributes, using `self.device` and `self.dtype`) and `score(prompts, images)` (one batch, returns a 1-D tensor).
+    Nothing is loaded before the first call, so rewards can be built before the accelerator is set up and cost
+    nothing when unused. Weights that cannot be loaded raise a `WeightsNotFoundError` naming the reward, the setting,
+    its value and how to pass a local directory instead.
 
     Args:
         device (`str` or `torch.device`, *optional*):
@@ -26,6 +28,7 @@ class ModelReward:
     """
 
     __name__ = "model_reward"
+    weight_settings: tuple[str, ...] = ("model_id",)
 
     def __init__(
         self, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None, batch_size: int = 32
@@ -55,7 +58,10 @@ class ModelReward:
                 self.device = PartialState().device
             if self.dtype is None:
                 self.dtype = default_dtype(self.device)
-            self.load()
+            try:
+                self.load()
+            except WeightsNotFoundError as err:
+                raise self._weights_error(err) from err
             self._loaded = True
         images = [image.convert("RGB") for image in completions]
         scores = []
@@ -64,3 +70,12 @@ class ModelReward:
             with torch.no_grad():
                 scores += self.score(prompts[start:stop], images[start:stop]).float().tolist()
         return scores
+
+    def _weights_error(self, error: WeightsNotFoundError) -> WeightsNotFoundError:
+        """`error`, naming this reward and the setting that pointed at the missing weights."""
+        setting = next((name for name in self.weight_settings if getattr(self, name) == error.source), "model_id")
+        how = (
+            f"`get_reward({self.__name__!r}, {setting}='/path/to/dir')`, or in a recipe "
+            f"`reward_kwargs: {{{self.__name__}: {{{setting}: /path/to/dir}}}}`"
+        )
+        return error.for_setting(f"The {self.__name__} reward", setting, how)

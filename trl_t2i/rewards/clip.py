@@ -37,6 +37,7 @@ class CLIPScoreReward(ModelReward):
     """
 
     __name__ = "clip_score"
+    weight_settings = ("model_id", "processor_id")
 
     def __init__(
         self,
@@ -164,6 +165,7 @@ class AestheticReward(ModelReward):
     """
 
     __name__ = "aesthetic"
+    weight_settings = ("model_id", "head_id", "processor_id")
 
     def __init__(
         self,
