@@ -15,10 +15,12 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m pip install --quiet -e ".[dev]"
 	touch $@
 
-# CPU threads of the demo. Passing them (accelerate would pick the physical cores) keeps accelerate from printing
-# which defaults it used. The demo starts over each time (--overwrite_output_dir). DEMO_ARGS: more training flags,
-# e.g. DEMO_ARGS="--max_steps 20".
-CPU_THREADS ?= $(shell getconf _NPROCESSORS_ONLN)
+# CPU threads of the demo: one, whatever the machine. The tiny model gains nothing from a second thread, and on a
+# busy machine OpenMP threads spin-wait for each other: with one of two cores busy, two threads train the demo
+# several times slower than one (`python scripts/bench_demo.py`, numbers in the README). Passing the count also keeps
+# accelerate from printing which defaults it used. The demo starts over each time (--overwrite_output_dir).
+# DEMO_ARGS: more training flags, e.g. DEMO_ARGS="--max_steps 20".
+CPU_THREADS ?= 1
 DEMO_ARGS ?=
 
 demo: install

@@ -1,6 +1,7 @@
 """A newcomer's first hour: the first commands run quietly (every line they print is theirs to read, none a warning to
 wonder about), and CI checks what a contributor is asked to keep."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -30,3 +31,15 @@ def test_ci_runs_the_linters_before_the_tests():
         cwd=ROOT, capture_output=True, text=True, check=True,
     )  # fmt: skip
     assert f"{venv}/bin/ruff check ." in result.stdout and f"{venv}/bin/ruff format --check ." in result.stdout
+
+
+def test_the_demo_runs_one_cpu_thread_however_many_cores_the_machine_has(tmp_path):
+    # One thread per core spin-waits on a busy machine (scripts/bench_demo.py): a 64-core machine gets 1 thread too.
+    getconf = tmp_path / "getconf"
+    getconf.write_text("#!/bin/sh\necho 64\n")
+    getconf.chmod(0o755)
+    venv = Path(sys.prefix)
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"}
+    command = ["make", "--dry-run", "-o", str(venv / ".installed"), "demo", f"VENV={venv}"]
+    printed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout
+    assert "--num_cpu_threads_per_process 1 " in printed, printed
