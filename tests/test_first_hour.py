@@ -6,6 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from trl_t2i.cli import main as cli_main
+
 
 ROOT = Path(__file__).parents[1]
 
@@ -43,3 +47,57 @@ def test_the_demo_runs_one_cpu_thread_however_many_cores_the_machine_has(tmp_pat
     command = ["make", "--dry-run", "-o", str(venv / ".installed"), "demo", f"VENV={venv}"]
     printed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout
     assert "--num_cpu_threads_per_process 1 " in printed, printed
+
+
+def _imported_modules(*argv: str) -> set[str]:
+    """The top-level packages that `python -m trl_t2i.cli <argv>` imports (from `-X importtime`)."""
+    command = [sys.executable, "-X", "importtime", "-m", "trl_t2i.cli", *argv]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    lines = [line.split("|")[-1] for line in result.stderr.splitlines() if line.startswith("import time:")]
+    return {line.strip().split(".")[0] for line in lines}
+
+
+def test_cli_help_imports_no_heavy_package():
+    # `trl-t2i --help` printed 11 lines after 7-17 s of importing torch, transformers and TRL
+    for argv in (["--help"], ["no-such-command"]):
+        imported = _imported_modules(*argv)
+        assert "trl_t2i" in imported and not imported & {"torch", "transformers", "trl", "datasets", "numpy"}, argv
+
+
+@pytest.mark.parametrize(
+    ("config_flags", "message"),
+    [
+        (["--config", "recipes/tiny/cpu_demo.yaml", "--config=recipes/tiny/frontier.yaml"], "--config given 2 times"),
+        (["--max_steps", "1", "--config"], "--config needs a recipe"),
+    ],
+)
+def test_config_given_twice_or_without_a_recipe_is_a_usage_error(capsys, config_flags, message):
+    with pytest.raises(SystemExit) as failure:
+        cli_main(["grpo", *config_flags])
+    assert failure.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.fixture
+def no_hub(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the Hub was contacted")
+
+    monkeypatch.setattr("trl_t2i.hub.HfApi", refuse)
+
+
+def test_push_dry_run_lists_the_files_and_the_repo_without_contacting_the_hub(tmp_path, capsys, no_hub):
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"\0" * 2_000_000)
+    (tmp_path / "README.md").write_text("card")
+    (tmp_path / "checkpoint-2").mkdir()
+    cli_main(["push", "--output_dir", str(tmp_path), "--hub_model_id", "me/run", "--dry_run"])
+    printed = capsys.readouterr().out
+    assert "me/run" in printed and "adapter_model.safetensors  (2.00 MB)" in printed and "README.md" in printed
+    assert "checkpoint-2" not in printed
+
+
+def test_push_of_a_missing_directory_names_it(tmp_path, no_hub):
+    missing = tmp_path / "runs" / "janus-js"
+    for dry_run in ([], ["--dry_run"]):
+        with pytest.raises(FileNotFoundError, match=f"No output directory '{missing}'.*output_dir` of a finished"):
+            cli_main(["push", "--output_dir", str(missing), "--hub_model_id", "me/run", *dry_run])
