@@ -27,6 +27,7 @@ from .images import to_pil
 from .merged_adapters import folded_bytes, merged_adapters, why_not_mergeable
 from .metrics import position_entropy
 from .models import disable_bnb_cpu_repack, family_class, get_family, load_model, load_processor, unwrap_model
+from .reward_scoring import RewardScoring
 from .run_settings import RunSettings
 from .sampling import MIN_LOGP, teacher_forced_logits, truncate_logits, truncates
 from .sharding import check_sharding
@@ -212,6 +213,7 @@ class T2IGRPOTrainer(GRPOTrainer):
         )
         self.add_callback(self.image_grids)
         self.add_callback(BetaSchedule.from_config(args))
+        self.reward_scoring = RewardScoring(self.reward_func_names, args.max_unscored_steps, args.output_dir)
         # Set by `_compute_loss` for the duration of TRL's loss, filled by the policy forward inside it, else `None`.
         self._policy_scores: PolicyScores | None = None
         self._stage_times = StageTimes(self.accelerator.device)
@@ -354,8 +356,9 @@ class T2IGRPOTrainer(GRPOTrainer):
         # TRL's rewards; the main process also keeps its images and their rewards for the logged image grids.
         with self._timed("rewards"):
             rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
-        if self.state.global_step == 0:
-            _check_rewards_apply(rewards, self.reward_func_names)
+        if self.model.training:  # the rewards are gathered: every process decides alike
+            for name, fraction in self.reward_scoring.update(rewards, self.state.global_step).items():
+                trl.record_metric(self, f"rewards/{name}/scored", fraction)
         if self.model.training and self.accelerator.is_main_process and self.args.image_log_steps:
             local = trl.local_rows(self, rewards, len(prompts)).cpu()
             values = {name: local[:, index].tolist() for index, name in enumerate(self.reward_func_names)}
@@ -780,18 +783,6 @@ def _joined(tables: list[torch.Tensor]) -> torch.Tensor:
 def _gather(logp_table: torch.Tensor, image_tokens: torch.LongTensor) -> torch.Tensor:
     """The `(B, N)` entries of a `(B, N, V)` table at the given tokens."""
     return logp_table.gather(-1, image_tokens[..., None]).squeeze(-1)
-
-
-def _check_rewards_apply(rewards: torch.Tensor, names: list[str]) -> None:
-    """At the first step, every reward must score some image: one that gives None or NaN for all of them would train
-    on nothing (a wrong prompt column, a crashed model, captions it does not apply to)."""
-    for index, name in enumerate(names):
-        if not torch.isfinite(rewards[:, index]).any():
-            raise ValueError(
-                f"The reward {name!r} returned no finite value (only None or NaN) for any of the {len(rewards)} "
-                "images of the first step. Check that it applies to these captions (e.g. `colour_match` needs a "
-                "colour word) and that its model loads; a reward must score at least some images of a batch."
-            )
 
 
 def _set_completion_length(args: T2IGRPOConfig, num_image_tokens: int) -> None:
