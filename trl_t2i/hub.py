@@ -1,5 +1,6 @@
 """Model cards and Hub uploads of training outputs (the adapter, not the base weights)."""
 
+import functools
 import math
 import os
 import shlex
@@ -181,10 +182,17 @@ def launch_command(argv: list[str] | None = None, parent_argv: list[str] | None 
     """
     argv = _as_typed(sys.orig_argv if argv is None else argv)
     parent_argv = _as_typed(_parent_argv() if parent_argv is None else parent_argv)
-    launched = any(parent_argv[: len(launcher)] == launcher for launcher in LAUNCHERS)
-    return shlex.join(parent_argv if launched else argv)
+    return shlex.join(parent_argv if started_by_launcher(parent_argv) else argv)
 
 
+def started_by_launcher(parent_argv: list[str] | None = None) -> bool:
+    """Whether this process's parent is a launcher of `LAUNCHERS` (`parent_argv`: its command line, default from
+    `/proc`; elsewhere than on Linux, False)."""
+    parent_argv = _as_typed(_parent_argv() if parent_argv is None else parent_argv)
+    return any(parent_argv[: len(launcher)] == launcher for launcher in LAUNCHERS)
+
+
+@functools.cache  # read while the parent lives: a run whose launcher has ended (see `preemption`) still names it
 def _parent_argv() -> list[str]:
     try:
         cmdline = Path(f"/proc/{os.getppid()}/cmdline").read_bytes()
