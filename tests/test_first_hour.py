@@ -2,12 +2,14 @@
 wonder about), and CI checks what a contributor is asked to keep."""
 
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from trl_t2i.cli import frontier
 from trl_t2i.cli import main as cli_main
 
 
@@ -101,3 +103,14 @@ def test_push_of_a_missing_directory_names_it(tmp_path, no_hub):
     for dry_run in ([], ["--dry_run"]):
         with pytest.raises(FileNotFoundError, match=f"No output directory '{missing}'.*output_dir` of a finished"):
             cli_main(["push", "--output_dir", str(missing), "--hub_model_id", "me/run", *dry_run])
+
+
+def test_demo_frontier_sweeps_js_and_reverse_kl_with_one_thread():
+    venv = Path(sys.prefix)
+    command = ["make", "--dry-run", "-o", str(venv / ".installed"), "demo-frontier", f"VENV={venv}"]
+    printed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    words = shlex.split(printed.replace("\\\n", " "))
+    assert words[0] == "OMP_NUM_THREADS=1"  # torch reads it at start-up: one thread, as `make demo`
+    (args,) = frontier.make_parser().parse_args_and_config(words[words.index("scripts/frontier_t2i.py") + 1 :])
+    assert {"js", "reverse_kl"} <= set(args.divergences)
+    assert 0 in args.betas and len([beta for beta in args.betas if beta > 0]) >= 2  # a curve for each, and β = 0

@@ -15,7 +15,16 @@ image grid per run and `frontier.png`: see `trl_t2i.evaluation`, which does the 
 from dataclasses import dataclass, field
 
 from ..data import PROMPT_SETS, load_prompt_dataset
-from ..evaluation import BASE, EvaluationSettings, Run, evaluate_runs, print_table, read_run
+from ..evaluation import (
+    BASE,
+    EvaluationSettings,
+    Run,
+    evaluate_runs,
+    frontier_axes,
+    print_matched,
+    print_table,
+    read_run,
+)
 from ..models import TINY_JANUS
 from ..rewards import get_reward
 from .arguments import SamplingArguments
@@ -86,6 +95,7 @@ def main(args: EvaluateArguments) -> list[dict]:
         settings=args,
     )
     print_table(summary)
+    print_matched(summary, *frontier_axes(args, [reward.__name__ for reward in reward_funcs]))
     print(f"\nWrote the tables (per_image, per_prompt, summary), grids and frontier.png to {args.output_dir}")
     return summary
 

@@ -24,7 +24,17 @@ import torch
 from ..checkpoints import latest_checkpoint
 from ..data import load_prompt_dataset
 from ..divergences import DIVERGENCES
-from ..evaluation import BASE, DIVERSITY_METRICS, EvaluationSettings, Run, evaluate_runs, print_table, read_run
+from ..evaluation import (
+    BASE,
+    DIVERSITY_METRICS,
+    EvaluationSettings,
+    Run,
+    evaluate_runs,
+    frontier_axes,
+    print_matched,
+    print_table,
+    read_run,
+)
 from ..rewards import get_reward
 from ..sweep import check_finished_run, is_finished, run_name, sweep
 from . import grpo
@@ -169,17 +179,19 @@ def main(args: FrontierArguments) -> list[dict]:
         script_args.prompt_column,
         script_args.dataset_config,
     )
+    reward_funcs = [get_reward(name) for name in script_args.reward_funcs]
     summary = evaluate_runs(
         model_args.model_name_or_path,
         [Run(BASE)] + [read_run(str(run_dir)) for run_dir in run_dirs],
         list(dataset["prompt"])[: args.num_prompts],
-        [get_reward(name) for name in script_args.reward_funcs],
+        reward_funcs,
         output_dir / "eval",
         training_args.sampling,
         evaluation_settings,
     )
     timings["evaluation"] = time.perf_counter() - start
     print_table(summary)
+    print_matched(summary, *frontier_axes(evaluation_settings, [reward.__name__ for reward in reward_funcs]))
     print("\nTimes (s): " + ", ".join(f"{name} {seconds:.0f}" for name, seconds in timings.items()))
     print(f"Frontier: {(output_dir / 'eval' / 'frontier.png').resolve()}")
     return summary
