@@ -43,8 +43,13 @@ def load_prompt_dataset(
         if not path.is_file():
             raise FileNotFoundError(f"Prompt file {name_or_path!r} does not exist.")
         dataset = Dataset.from_pandas(_read_table(path), preserve_index=False)
+    elif path.is_file():
+        raise ValueError(
+            f"Prompt file {name_or_path!r} is a {path.suffix or 'suffix-less'} file: use .txt (one caption per line), "
+            f"{', '.join(_FILE_READERS)} (a `{prompt_column}` column)."
+        )
     else:
-        dataset = load_dataset(name_or_path, config, split=split)
+        dataset = _hub_dataset(name_or_path, config, split)
     source = f"Prompt file {name_or_path!r}" if path.suffix else f"Prompt dataset {name_or_path!r} (split {split!r})"
     if len(dataset) == 0:
         raise ValueError(f"{source} has no prompts.")
@@ -56,6 +61,18 @@ def load_prompt_dataset(
             f"Pass `--prompt_column` with one of them. Built-in prompt sets: {', '.join(PROMPT_SETS)}."
         )
     return _without_empty_captions(dataset, source, prompt_column)
+
+
+def _hub_dataset(name: str, config: str | None, split: str) -> Dataset:
+    """`load_dataset` for a name that is neither a built-in prompt set nor a local file: a typo of either would
+    otherwise read as a Hub dataset that cannot be reached."""
+    try:
+        return load_dataset(name, config, split=split)
+    except OSError as error:  # not found, offline, no network (`datasets` raises subclasses of these)
+        raise FileNotFoundError(
+            f"{name!r} is not a built-in prompt set ({', '.join(PROMPT_SETS)}), nor a local file, and the Hub dataset "
+            f"{name!r} could not be loaded ({type(error).__name__}: {error})."
+        ) from error
 
 
 def _read_table(path: Path) -> pd.DataFrame:
