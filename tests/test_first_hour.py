@@ -1,16 +1,22 @@
 """A newcomer's first hour: the first commands run quietly (every line they print is theirs to read, none a warning to
 wonder about), and CI checks what a contributor is asked to keep."""
 
+import inspect
 import os
+import re
 import shlex
 import subprocess
 import sys
+from fnmatch import fnmatch
 from pathlib import Path
 
 import pytest
 
-from trl_t2i.cli import frontier
+from trl_t2i.cli import frontier, grpo
 from trl_t2i.cli import main as cli_main
+from trl_t2i.cli.parsing import RECIPES
+from trl_t2i.models import load_model, load_processor
+from trl_t2i.rewards import HPSv2Reward
 
 
 ROOT = Path(__file__).parents[1]
@@ -114,3 +120,59 @@ def test_demo_frontier_sweeps_js_and_reverse_kl_with_one_thread():
     (args,) = frontier.make_parser().parse_args_and_config(words[words.index("scripts/frontier_t2i.py") + 1 :])
     assert {"js", "reverse_kl"} <= set(args.divergences)
     assert 0 in args.betas and len([beta for beta in args.betas if beta > 0]) >= 2  # a curve for each, and β = 0
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """No Hub (as with HF_HUB_OFFLINE=1): what a machine without network meets, without a minute of retries."""
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+
+
+@pytest.mark.parametrize("load", [load_model, load_processor])
+def test_a_model_that_cannot_be_downloaded_is_named_with_how_to_get_it(offline, load):
+    with pytest.raises(OSError) as failure:
+        load("nobody-here/no-such-model")
+    message = str(failure.value)
+    assert message.startswith("Could not load the model 'nobody-here/no-such-model' (`model_name_or_path`)")
+    assert "`hf download nobody-here/no-such-model`" in message and "pass `--model_name_or_path FOLDER`" in message
+
+
+def test_a_missing_local_model_folder_is_named(offline):
+    with pytest.raises(OSError, match="model './llamagen-t2i-xl-256'.*no such local folder.*convert_llamagen"):
+        load_model("./llamagen-t2i-xl-256")
+
+
+def _install_table() -> list[tuple[list[str], str, str]]:
+    """The README's table of what each GPU recipe installs and downloads: (recipe patterns, install, downloads)."""
+    section = (ROOT / "README.md").read_text().split("**From a recipe to a GPU run.**")[1]
+    rows = []
+    for line in section.split("\n\n")[1].splitlines()[2:]:
+        recipes, install, downloads = (cell.strip() for cell in line.strip("|").split(" | "))
+        downloads = rows[-1][2] if downloads == "as the line above" else downloads
+        rows.append((re.findall(r"`([^`]+\.yaml)`", recipes), install, downloads))
+    return rows
+
+
+@pytest.mark.parametrize(
+    "recipe",
+    sorted(path for path in RECIPES.rglob("*.yaml") if path.parent.name not in ("accelerate", "tiny")),
+    ids=lambda path: str(path.relative_to(RECIPES)),
+)
+def test_the_readme_says_what_each_gpu_recipe_installs_and_downloads(recipe):
+    name = str(recipe.relative_to(RECIPES))
+    ((_, install, downloads),) = [row for row in _install_table() if any(fnmatch(name, p) for p in row[0])]
+    script_args, _, model_args = grpo.make_parser().parse_args_and_config(
+        ["--config", str(recipe), "--use_cpu", "true"]
+    )
+    hps = inspect.signature(HPSv2Reward).parameters
+    hps_download = f"`{hps['model_id'].default}` `{hps['filename'].default}`"
+    assert ("hpsv2" in script_args.reward_funcs) == ("hps" in install) == (hps_download in downloads)
+    assert bool(model_args.load_in_4bit) == ("quantization" in install)
+    assert ("deepspeed_zero" in recipe.read_text().split("\n\n")[0]) == ("`deepspeed`" in install)  # its header
+    model = model_args.model_name_or_path
+    if model.count("/") == 1:  # a Hub id
+        assert f"`{model}`" in downloads
+    else:  # a converted LlamaGen
+        assert (
+            f"the local folder `{model}` that `trl-t2i convert_llamagen` writes" in downloads and "llamagen" in install
+        )
