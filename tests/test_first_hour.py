@@ -1,6 +1,7 @@
 """A newcomer's first hour: the first commands run quietly (every line they print is theirs to read, none a warning to
 wonder about), and CI checks what a contributor is asked to keep."""
 
+import errno
 import inspect
 import os
 import re
@@ -11,6 +12,8 @@ from fnmatch import fnmatch
 from pathlib import Path
 
 import pytest
+from conftest import make_trainer
+from PIL import Image
 
 from trl_t2i.cli import frontier, grpo
 from trl_t2i.cli import main as cli_main
@@ -176,3 +179,31 @@ def test_the_readme_says_what_each_gpu_recipe_installs_and_downloads(recipe):
         assert (
             f"the local folder `{model}` that `trl-t2i convert_llamagen` writes" in downloads and "llamagen" in install
         )
+
+
+def _full_disk(monkeypatch):
+    """PNG writes fail as on a full disk: the file is created, then nothing fits in it."""
+
+    def save(image, fp, format=None, **params):
+        Path(fp).write_bytes(b"")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", save)
+
+
+def test_a_full_disk_leaves_no_empty_image_grid(tmp_path, monkeypatch):
+    trainer = make_trainer(tmp_path, max_steps=1, image_log_steps=1)
+    _full_disk(monkeypatch)
+    grid = tmp_path / "samples" / "step_000001.png"
+    with pytest.raises(OSError, match=f"Could not write {grid} .*No space left on device.*nothing was written"):
+        trainer.train()
+    assert list((tmp_path / "samples").iterdir()) == []
+
+
+def test_a_full_disk_leaves_no_empty_sample_grid_for_the_model_card(tmp_path, monkeypatch):
+    trainer = make_trainer(tmp_path, max_steps=1, image_log_steps=1)
+    trainer.train()  # a grid in samples/, which the card shows as sample_grid.png
+    _full_disk(monkeypatch)
+    with pytest.raises(OSError, match="No space left on device"):
+        trainer.create_model_card()
+    assert not (tmp_path / "sample_grid.png").exists()

@@ -1,6 +1,5 @@
 import contextlib
 import copy
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -8,6 +7,7 @@ import torch
 from accelerate.utils import is_peft_model
 from datasets import Dataset, IterableDataset
 from peft import LoraConfig, PeftConfig
+from PIL import Image
 from transformers import BitsAndBytesConfig, PreTrainedModel, TrainerCallback
 from transformers.utils import logging
 from trl import GRPOTrainer
@@ -23,7 +23,7 @@ from .decoding import resolve_compile, sample_image_tokens, static_decoder
 from .divergences import MAX_LOG_RATIO, get_divergence, with_prefix_term
 from .gcpo import critical_token_mask, dynamic_advantage_weight
 from .image_logging import ImageGridCallback
-from .images import to_pil
+from .images import save_whole, to_pil
 from .merged_adapters import folded_bytes, merged_adapters, why_not_mergeable
 from .metrics import position_entropy
 from .models import disable_bnb_cpu_repack, family_class, get_family, load_model, load_processor, unwrap_model
@@ -668,7 +668,7 @@ class T2IGRPOTrainer(GRPOTrainer):
         output_dir.mkdir(parents=True, exist_ok=True)
         grids = sorted((output_dir / "samples").glob("step_*.png"))
         if grids:
-            shutil.copyfile(grids[-1], output_dir / hub.SAMPLE_GRID)
+            save_whole(Image.open(grids[-1]), output_dir / hub.SAMPLE_GRID)
         final = {}
         for entry in self.state.log_history:
             final.update({k: v for k, v in entry.items() if k.startswith(("reward", "divergence/", "entropy"))})
