@@ -191,19 +191,15 @@ def _full_disk(monkeypatch):
     monkeypatch.setattr(Image.Image, "save", save)
 
 
-def test_a_full_disk_leaves_no_empty_image_grid(tmp_path, monkeypatch):
-    trainer = make_trainer(tmp_path, max_steps=1, image_log_steps=1)
-    _full_disk(monkeypatch)
-    grid = tmp_path / "samples" / "step_000001.png"
-    with pytest.raises(OSError, match=f"Could not write {grid} .*No space left on device.*nothing was written"):
-        trainer.train()
-    assert list((tmp_path / "samples").iterdir()) == []
-
-
-def test_a_full_disk_leaves_no_empty_sample_grid_for_the_model_card(tmp_path, monkeypatch):
+def test_a_full_disk_leaves_no_empty_image_grid_and_names_it(tmp_path, monkeypatch):
     trainer = make_trainer(tmp_path, max_steps=1, image_log_steps=1)
     trainer.train()  # a grid in samples/, which the card shows as sample_grid.png
+    grid = tmp_path / "samples" / "step_000001.png"
+    size = grid.stat().st_size
     _full_disk(monkeypatch)
     with pytest.raises(OSError, match="No space left on device"):
         trainer.create_model_card()
     assert not (tmp_path / "sample_grid.png").exists()
+    with pytest.raises(OSError, match=f"Could not write {grid} .*No space left on device.*nothing was written"):
+        trainer.image_grids.log_grid(trainer.state)
+    assert list((tmp_path / "samples").iterdir()) == [grid] and grid.stat().st_size == size  # the grid as it was

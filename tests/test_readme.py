@@ -55,7 +55,8 @@ def test_the_sampler_example_runs(tmp_path, monkeypatch):
 def test_the_demo_time_agrees_across_readme_and_recipe():
     recipe = (README.parent / "recipes" / "tiny" / "cpu_demo.yaml").read_text()
     readme = README.read_text()
-    assert "about 30 s on 2 cores" in recipe and "On 2 CPU cores it takes about 30 s" in readme
+    assert "about 1 min on 2 cores" in recipe and "On 2 CPU cores it takes about 1 min" in readme
+    assert "(about 1 min after the install)" in readme.splitlines()[3]
 
 
 def _own_prompts_section() -> str:
