@@ -13,6 +13,7 @@ import pytest
 from conftest import DEMO_RECIPE, QUICK_FLAGS
 
 from trl_t2i.cli.parsing import RECIPES
+from trl_t2i.preemption import PreemptionCallback
 
 
 ROOT = Path(__file__).parents[1]
@@ -50,3 +51,15 @@ def test_sigterm_to_accelerate_launch_saves_a_checkpoint_and_ends_the_run(tmp_pa
     assert f"saved to {checkpoint}. Resume with" in printed, printed[-3000:]
     # the launch command, launcher included, though the launcher has ended when the run prints it
     assert f"\n  python -m accelerate.commands.launch --config_file {config} " in printed, printed[-3000:]
+
+
+def test_the_launchers_end_after_a_ctrl_c_changes_nothing_and_a_ctrl_c_after_sigterm_stops_at_once(capfd):
+    # A terminal's Ctrl-C reaches a one-process launch twice: itself, then SIGTERM as its launcher ends
+    preemption = PreemptionCallback()
+    preemption._handle(signal.SIGINT, None)
+    preemption._handle(signal.SIGTERM, None)
+    assert preemption.received == signal.SIGINT and capfd.readouterr().err.count("saving a checkpoint") == 1
+    preemption = PreemptionCallback()
+    preemption._handle(signal.SIGTERM, None)
+    with pytest.raises(KeyboardInterrupt):
+        preemption._handle(signal.SIGINT, None)

@@ -54,9 +54,9 @@ class PreemptionCallback(TrainerCallback):
             stop_with_launcher(signal_number=0)
 
     def _handle(self, signum, frame):
-        if signum == signal.SIGINT and self.received == signal.SIGINT:
+        if signum == signal.SIGINT and self.received is not None:  # Ctrl-C once stopping: stop at once
             raise KeyboardInterrupt
-        if self.received is not None:  # the launcher's end after a Ctrl-C: already stopping
+        if self.received is not None:  # SIGTERM again, or the launcher's end after a Ctrl-C: already stopping
             return
         self.received = signal.Signals(signum)
         # os.write, not print: a handler may run while `sys.stderr` is in the middle of a write (progress bars)
