@@ -448,3 +448,45 @@ def test_prompt_generators_depend_only_on_seed_and_prompt_index():
 
     assert torch.equal(draw(0, 3), draw(0, 3))
     assert not torch.equal(draw(0, 3), draw(0, 4)) and not torch.equal(draw(0, 3), draw(1, 3))
+
+
+def _summary_row(run, divergence, beta, reward, diversity):
+    return {
+        "run": run, "path": "" if run == "base" else f"runs/{run}", "divergence": divergence, "beta": beta,
+        "beta_schedule": None if run == "base" else "constant", "reward": reward, "reward_sem": 0.01,
+        "diversity": diversity, "diversity_sem": 0.02 if divergence == "js" else 0.04,
+    }  # fmt: skip
+
+
+def test_divergences_are_compared_at_matched_rewards_along_their_curves():
+    summary = [
+        _summary_row("base", None, None, 0.5, 0.6),
+        _summary_row("beta0", "js", 0.0, 0.9, 0.3),
+        _summary_row("js-beta0.3", "js", 0.3, 0.8, 0.45),
+        _summary_row("js-beta1", "js", 1.0, 0.7, 0.5),
+        _summary_row("reverse_kl-beta0.1", "reverse_kl", 0.1, 0.8, 0.35),
+        _summary_row("reverse_kl-beta0.3", "reverse_kl", 0.3, 0.7, 0.4),
+    ]
+    rows = evaluation.at_matched_rewards(summary, "reward", "diversity")
+    # between the base model (0.5) and the unregularised run (0.9) both curves share
+    assert [row["reward"] for row in rows] == pytest.approx([0.6, 0.7, 0.8])
+    assert [row["js"] for row in rows] == pytest.approx([0.55, 0.5, 0.45])
+    assert [row["reverse_kl"] for row in rows] == pytest.approx([0.5, 0.4, 0.35])
+    # halfway between the base model and a run, the two errors combine; on a run, it is that run's
+    assert rows[0]["js_sem"] == pytest.approx(math.hypot(0.5 * 0.04, 0.5 * 0.02))  # the base model, a JS run
+    assert rows[1]["js_sem"] == pytest.approx(0.02)
+    assert rows[1]["reverse_kl_sem"] == pytest.approx(0.04)
+
+
+def test_a_curve_is_read_where_it_first_reaches_a_reward_coming_from_the_base_model():
+    # the smallest penalty gained more reward than none at all: the curve turns back at its end
+    summary = [
+        _summary_row("base", None, None, 0.5, 0.6),
+        _summary_row("beta0", "js", 0.0, 0.75, 0.2),
+        _summary_row("js-beta0.1", "js", 0.1, 0.8, 0.3),
+        _summary_row("reverse_kl-beta0.1", "reverse_kl", 0.1, 0.8, 0.3),
+    ]
+    (row,) = evaluation.at_matched_rewards(summary, "reward", "diversity", count=1)
+    assert row["reward"] == pytest.approx(0.65)
+    assert row["js"] == pytest.approx(0.6 - 0.3 * 0.15 / 0.3)  # on the way from the base model, not the way back
+    assert evaluation.at_matched_rewards(summary[:3], "reward", "diversity") == []  # one divergence: nothing to match

@@ -2,11 +2,15 @@
 
 import json
 import re
+import shlex
 from pathlib import Path
 
+import pytest
 from peft import PeftModel
 
 from trl_t2i import TINY_JANUS, load_model
+from trl_t2i.cli import grpo
+from trl_t2i.data import load_prompt_dataset
 
 
 README = Path(__file__).parents[1] / "README.md"
@@ -51,4 +55,57 @@ def test_the_sampler_example_runs(tmp_path, monkeypatch):
 def test_the_demo_time_agrees_across_readme_and_recipe():
     recipe = (README.parent / "recipes" / "tiny" / "cpu_demo.yaml").read_text()
     readme = README.read_text()
-    assert "about 30 s on 2 cores" in recipe and "On 2 CPU cores it takes about 30 s" in readme
+    assert "about 1 min on 2 cores" in recipe and "On 2 CPU cores it takes about 1 min" in readme
+    assert "(about 1 min after the install)" in readme.splitlines()[3]
+
+
+def _own_prompts_section() -> str:
+    return re.search(r"### Your own prompts\n(.*?)\n### ", README.read_text(), re.DOTALL).group(1)
+
+
+def test_the_readme_prompt_files_load_as_its_commands_say(tmp_path, monkeypatch):
+    section = _own_prompts_section()
+    text_file, jsonl_file = re.findall(r"```(?:text|json)\n(.*?)```", section, re.DOTALL)
+    (tmp_path / "my_prompts.txt").write_text(text_file)
+    (tmp_path / "my_prompts.jsonl").write_text(jsonl_file)
+    monkeypatch.chdir(tmp_path)
+    commands = re.search(r"```bash\n(.*?)```", section, re.DOTALL).group(1).splitlines()
+    datasets = []
+    for command in commands:
+        assert command.startswith("trl-t2i grpo ")
+        script_args, _, _ = grpo.make_parser().parse_args_and_config(shlex.split(command)[2:])
+        if Path(script_args.dataset_name).is_file():  # the last one is a Hub dataset
+            datasets.append(load_prompt_dataset(script_args.dataset_name, prompt_column=script_args.prompt_column))
+    assert len(datasets) == 2
+    for dataset in datasets:
+        assert dataset["prompt"] == ["a red apple on a wooden table", "a blue bicycle leaning against a wall"]
+    assert datasets[1]["colour"] == ["red", "blue"]  # for the rewards
+
+
+# How to bring about each refusal the README lists: the files to write, the dataset name and the prompt column.
+REFUSALS = {
+    "a file that is not there": ({}, "my_prompts.txt", "prompt"),
+    "a file without a caption": ({"my_prompts.txt": "\n \n"}, "my_prompts.txt", "prompt"),
+    "only empty captions": ({"my_prompts.jsonl": '{"caption": ""}\n{"caption": " "}\n'}, "my_prompts.jsonl", "caption"),
+    "no such column": ({"my_prompts.jsonl": '{"caption": "a red cat", "colour": "red"}\n'}, "my_prompts.jsonl", "prompt"),
+    "a file of another type": ({"my_prompts.tsv": "prompt\na red cat\n"}, "my_prompts.tsv", "prompt"),
+    "neither a prompt set nor a file, and not on the Hub": ({}, "colour_object", "prompt"),
+}  # fmt: skip
+
+
+def test_the_readme_lists_every_prompt_refusal_with_its_message(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    # what `datasets` raises for a Hub dataset that cannot be reached, at once (offline, no retries)
+    hub = ConnectionError("Couldn't reach 'colour_object' on the Hub (OfflineModeIsEnabled)")
+    monkeypatch.setattr("trl_t2i.data.load_dataset", lambda *args, **kwargs: (_ for _ in ()).throw(hub))
+    listed = dict(line[2:].split(" → ", 1) for line in _own_prompts_section().splitlines() if line.startswith("* "))
+    assert sorted(listed) == sorted(REFUSALS)
+    for situation, (files, name, column) in REFUSALS.items():
+        for file, content in files.items():
+            (tmp_path / file).write_text(content)
+        with pytest.raises((ValueError, FileNotFoundError)) as refusal:
+            load_prompt_dataset(name, prompt_column=column)
+        expected = re.escape(listed[situation]).replace("…", ".*")
+        assert re.fullmatch(expected, str(refusal.value)), situation
+        for file in files:
+            (tmp_path / file).unlink()

@@ -1,26 +1,38 @@
 """GRPO post-training of autoregressive text-to-image models with f-divergence regularisation, on top of TRL."""
 
+import importlib
+
 from . import _quiet_imports  # noqa: F401 -- first: it filters messages logged while the rest is imported
-from .config import T2IGRPOConfig
-from .decoding import sample_image_tokens
-from .divergences import DIVERGENCES, get_divergence
-from .models import TINY_JANUS, get_family, load_model, load_processor
-from .sampling import SamplingConfig, image_logp_table
-from .trainer import T2IGRPOTrainer
 
 
 __version__ = "0.1.0.dev0"
 
-__all__ = [
-    "DIVERGENCES",
-    "TINY_JANUS",
-    "SamplingConfig",
-    "T2IGRPOConfig",
-    "T2IGRPOTrainer",
-    "get_divergence",
-    "get_family",
-    "image_logp_table",
-    "load_model",
-    "load_processor",
-    "sample_image_tokens",
-]
+# The public API is imported on first use (PEP 562): `trl-t2i --help` and the other `trl_t2i.cli` entry points import
+# this package first, and importing torch, transformers and TRL eagerly here took seconds before a usage line.
+_EXPORTS = {
+    "DIVERGENCES": "divergences",
+    "TINY_JANUS": "models",
+    "SamplingConfig": "sampling",
+    "T2IGRPOConfig": "config",
+    "T2IGRPOTrainer": "trainer",
+    "get_divergence": "divergences",
+    "get_family": "models",
+    "image_logp_table": "sampling",
+    "load_model": "models",
+    "load_processor": "models",
+    "sample_image_tokens": "decoding",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value  # the next access is a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

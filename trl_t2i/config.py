@@ -213,6 +213,15 @@ class T2IGRPOConfig(GRPOConfig):
             standard deviations (across images, or prompts for the diversity, at the window's first evaluation) and
             by more than twice the standard error of that fall. Half a standard deviation is a large shift for the
             mean of a whole evaluation set; the standard-error guard keeps a small set from raising it by chance.
+
+        > Parameters that control what a run does when a reward stops scoring
+
+        max_unscored_steps (`int`, *optional*, defaults to `10`):
+            A reward that returns None or NaN for every image of a step trains nothing there: the run goes on with
+            the other rewards and the penalty alone. The fraction of images each reward scored is logged as
+            `rewards/<name>/scored`; the first step a reward scores nothing in is warned about, and after this many
+            steps in a row without a scored image the run stops with an error naming the reward and the latest
+            checkpoint. A reward that scores nothing at the first step is an error at once.
     """
 
     divergence: str = field(
@@ -356,6 +365,10 @@ class T2IGRPOConfig(GRPOConfig):
             "this many standard deviations over the window."
         },
     )
+    max_unscored_steps: int = field(
+        default=10,
+        metadata={"help": "Stop the run after this many steps in a row in which a reward scores no image (None/NaN)."},
+    )
 
     # Overridden defaults of GRPOConfig
     beta: float = field(
@@ -389,6 +402,8 @@ class T2IGRPOConfig(GRPOConfig):
         self._validate_generation()
         self._validate_token_selection()
         self._validate_overoptimization()
+        if self.max_unscored_steps < 1:
+            raise ValueError(f"`max_unscored_steps` must be >= 1, got {self.max_unscored_steps}.")
         for name, off_value, reason in UNSUPPORTED_SETTINGS:
             if getattr(self, name, off_value) != off_value:
                 raise ValueError(

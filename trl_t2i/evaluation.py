@@ -22,6 +22,7 @@ each adapter is attached to it, evaluated and detached again.
 
 import contextlib
 import csv
+import itertools
 import json
 import math
 import re
@@ -501,14 +502,8 @@ def plot_frontier(summary: list[dict], x: str, y: str, path: Path) -> None:
         # Labels of different divergences are staggered vertically: runs that land together stay readable.
         offset = (6, 6 - 11 * divergences.index(row["divergence"]) if colour in palette.values() else 6)
         axes.annotate(label, (row[x], row[y]), textcoords="offset points", xytext=offset, fontsize=8, color=colour)
-    unregularised = [row for row in summary if row["beta"] == 0 and row["beta_schedule"] in (None, "constant")]
-    base = [row for row in summary if point_label(row) == BASE]
-    for divergence, colour in palette.items():
-        rows = sorted(
-            (r for r in summary if r["divergence"] == divergence and r["beta"] and r["beta_schedule"] == "constant"),
-            key=lambda r: r["beta"],
-        )
-        curve = unregularised[:1] + rows + base[:1]
+    for divergence, curve in frontier_curves(summary).items():
+        colour = palette[divergence]
         axes.plot([r[x] for r in curve], [r[y] for r in curve], "--", color=colour, linewidth=1, label=divergence)
     if palette:
         axes.legend(title="divergence")
@@ -517,6 +512,64 @@ def plot_frontier(summary: list[dict], x: str, y: str, path: Path) -> None:
     axes.set_title("Reward–diversity frontier")
     axes.grid(alpha=0.3)
     figure.savefig(path, dpi=150)
+
+
+def frontier_curves(summary: list[dict]) -> dict[str, list[dict]]:
+    """Each divergence's trade-off curve (its runs at a constant β > 0): the rows from the unregularised run (β = 0) in
+    order of β to the base model (β → ∞), those two where the summary has them."""
+    unregularised = [row for row in summary if row["beta"] == 0 and row["beta_schedule"] in (None, "constant")]
+    base = [row for row in summary if point_label(row) == BASE]
+    curves = {}
+    for divergence in sorted({row["divergence"] for row in summary if row["divergence"] and row["beta"]}):
+        rows = sorted(
+            (r for r in summary if r["divergence"] == divergence and r["beta"] and r["beta_schedule"] == "constant"),
+            key=lambda r: r["beta"],
+        )
+        curves[divergence] = unregularised[:1] + rows + base[:1]
+    return curves
+
+
+def at_matched_rewards(summary: list[dict], x: str, y: str, count: int = 3) -> list[dict]:
+    """`y` of every divergence at equal `x` (a reward), interpolated linearly along each divergence's frontier curve at
+    `count` values of `x` spread evenly inside the range every curve spans (ends excluded), where the curve first
+    reaches that value coming from the base model. One row per value: `x`, then per divergence `y` and its standard
+    error (`<divergence>_sem`, the two runs' errors combined as if independent; the error of `x` is not in it). Empty
+    without two curves that share a range.
+
+    Comparing runs at the same β says little (each divergence has its own scale); at the same reward, the curve that
+    keeps the higher diversity is the better trade-off.
+    """
+    curves = {name: curve[::-1] for name, curve in frontier_curves(summary).items() if len(curve) > 1}
+    low = max((min(row[x] for row in curve) for curve in curves.values()), default=math.nan)
+    high = min((max(row[x] for row in curve) for curve in curves.values()), default=math.nan)
+    if len(curves) < 2 or not low < high:
+        return []
+    rows = []
+    for level in np.linspace(low, high, count + 2)[1:-1]:
+        row = {x: float(level)}
+        for name, curve in curves.items():
+            a, b = next(
+                (a, b)
+                for a, b in itertools.pairwise(curve)
+                if a[x] != b[x] and min(a[x], b[x]) <= level <= max(a[x], b[x])
+            )
+            t = (level - a[x]) / (b[x] - a[x])
+            row[name] = (1 - t) * a[y] + t * b[y]
+            row[f"{name}_sem"] = math.hypot((1 - t) * a[f"{y}_sem"], t * b[f"{y}_sem"])
+        rows.append(row)
+    return rows
+
+
+def print_matched(summary: list[dict], x: str, y: str) -> None:
+    """`at_matched_rewards` as a terminal table."""
+    rows = at_matched_rewards(summary, x, y)
+    if not rows:
+        return
+    names = [name for name in rows[0] if name != x and not name.endswith("_sem")]
+    print(f"\n{y} at matched {x} (interpolated along each divergence's curve, from the base model; ± s.e.):")
+    print(f"{x:>24}" + "".join(f"{name:>20}" for name in names))
+    for row in rows:
+        print(f"{row[x]:>24.4f}" + "".join(f"{row[name]:>12.4f} ±{row[f'{name}_sem']:<6.4f}" for name in names))
 
 
 def save_grid(images: list[list], image_rows: list[dict], reward_name: str, path: Path) -> None:

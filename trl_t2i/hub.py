@@ -1,5 +1,6 @@
 """Model cards and Hub uploads of training outputs (the adapter, not the base weights)."""
 
+import functools
 import math
 import os
 import shlex
@@ -20,8 +21,17 @@ PAPER = "https://arxiv.org/abs/2606.21498"
 
 def upload_files(output_dir: str | Path) -> list[Path]:
     """What a push uploads: the files at the top of `output_dir` (adapter or model weights, processor files, card,
-    sample grid, training arguments), never its subfolders (checkpoints, logs, all logged grids)."""
-    return sorted(path for path in Path(output_dir).iterdir() if path.is_file() and not path.name.startswith("."))
+    sample grid, training arguments), never its subfolders (checkpoints, logs, all logged grids). A folder that is
+    missing or holds no weights is an error naming it."""
+    if not Path(output_dir).is_dir():
+        raise FileNotFoundError(
+            f"No output directory {str(output_dir)!r}: give the `output_dir` of a finished training run (the folder "
+            "holding adapter_model.safetensors or model.safetensors)."
+        )
+    files = sorted(path for path in Path(output_dir).iterdir() if path.is_file() and not path.name.startswith("."))
+    if not any(path.suffix == ".safetensors" for path in files):
+        raise FileNotFoundError(f"No weights (*.safetensors) at the top of {str(output_dir)!r}: nothing to push.")
+    return files
 
 
 def push_output(
@@ -38,8 +48,6 @@ def push_output(
     On failure the local output is untouched: the error says how to retry (this function, or `trl-t2i push`).
     """
     files = upload_files(output_dir)
-    if not any(path.suffix == ".safetensors" for path in files):
-        raise FileNotFoundError(f"No weights (*.safetensors) at the top of {str(output_dir)!r}: nothing to push.")
     api = HfApi(token=token)
     try:
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
@@ -184,10 +192,17 @@ def launch_command(argv: list[str] | None = None, parent_argv: list[str] | None 
     """
     argv = _as_typed(sys.orig_argv if argv is None else argv)
     parent_argv = _as_typed(_parent_argv() if parent_argv is None else parent_argv)
-    launched = any(parent_argv[: len(launcher)] == launcher for launcher in LAUNCHERS)
-    return shlex.join(parent_argv if launched else argv)
+    return shlex.join(parent_argv if started_by_launcher(parent_argv) else argv)
 
 
+def started_by_launcher(parent_argv: list[str] | None = None) -> bool:
+    """Whether this process's parent is a launcher of `LAUNCHERS` (`parent_argv`: its command line, default from
+    `/proc`; elsewhere than on Linux, False)."""
+    parent_argv = _as_typed(_parent_argv() if parent_argv is None else parent_argv)
+    return any(parent_argv[: len(launcher)] == launcher for launcher in LAUNCHERS)
+
+
+@functools.cache  # read while the parent lives: a run whose launcher has ended (see `preemption`) still names it
 def _parent_argv() -> list[str]:
     try:
         cmdline = Path(f"/proc/{os.getppid()}/cmdline").read_bytes()

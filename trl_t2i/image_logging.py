@@ -7,7 +7,7 @@ import numpy as np
 from PIL import Image
 from transformers import TrainerCallback
 
-from .images import make_grid
+from .images import make_grid, save_whole
 
 
 class ImageGridCallback(TrainerCallback):
@@ -54,7 +54,7 @@ class ImageGridCallback(TrainerCallback):
         images, captions = zip(*self.recent, strict=True)
         grid = make_grid(list(images), list(captions), columns=self.columns)
         self.directory.mkdir(parents=True, exist_ok=True)
-        grid.save(self.directory / f"step_{state.global_step:06d}.png")
+        save_whole(grid, self.directory / f"step_{state.global_step:06d}.png")
         self.send_to_trackers("samples", grid, state.global_step)
         self.last_logged_step = state.global_step
 

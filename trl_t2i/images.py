@@ -1,6 +1,8 @@
 """Image helpers: uint8 tensors to PIL, and captioned grids for logs and model cards."""
 
+import os
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
@@ -12,6 +14,20 @@ ELLIPSIS = "…"
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
     """`uint8` images `(B, H, W, 3)` to a list of RGB PIL images."""
     return [Image.fromarray(image) for image in images.cpu().numpy()]
+
+
+def save_whole(image: Image.Image, path: str | Path) -> None:
+    """Save `image` as a PNG at `path` whole or not at all: written under a temporary name and renamed into place, so
+    that a full disk or a crash never leaves a truncated (often 0-byte) image for a model card or a tracker to show.
+    A failure names the file."""
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        image.save(partial, format="PNG")
+        os.replace(partial, path)
+    except OSError as error:
+        partial.unlink(missing_ok=True)
+        raise OSError(error.errno, f"Could not write {path} ({error}); nothing was written there.") from error
 
 
 def make_grid(

@@ -1,16 +1,18 @@
 """Stopping a run cleanly on SIGTERM (cluster preemption) or SIGINT (Ctrl-C): a checkpoint, and how to resume."""
 
 import contextlib
+import ctypes
 import os
 import shlex
 import signal
+import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from transformers import TrainerCallback
 
-from .hub import launch_command
+from .hub import launch_command, started_by_launcher
 
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -56,16 +58,21 @@ class PreemptionCallback(TrainerCallback):
     @contextlib.contextmanager
     def catching_signals(self):
         previous = {signum: signal.signal(signum, self._handle) for signum in SIGNALS}
+        stop_with_launcher()  # set again: a run may call `train` without `main` (Python users, the frontier sweep)
         try:
             yield
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
+            # The run is over: its final save goes on even if the launcher is stopped meanwhile.
+            stop_with_launcher(signal_number=0)
 
     def _handle(self, signum, frame):
-        if signum == signal.SIGINT and self.received == signal.SIGINT:
+        if signum == signal.SIGINT and self.received is not None:  # Ctrl-C once stopping: stop at once
             raise KeyboardInterrupt
-        self.received = self.received or signal.Signals(signum)
+        if self.received is not None:  # SIGTERM again, or the launcher's end after a Ctrl-C: already stopping
+            return
+        self.received = signal.Signals(signum)
         # os.write, not print: a handler may run while `sys.stderr` is in the middle of a write (progress bars)
         again = " (Ctrl-C again: stop at once, without it)" if signum == signal.SIGINT else ""
         message = (
@@ -97,6 +104,24 @@ def _on_any_process(received: signal.Signals | None, device: torch.device) -> si
     signum = torch.tensor([int(received or 0)], device=device)
     dist.all_reduce(signum, op=dist.ReduceOp.MAX)
     return signal.Signals(signum.item()) if signum.item() else None
+
+
+PR_SET_PDEATHSIG = 1
+"""`prctl` option (`<linux/prctl.h>`): the signal the kernel sends a process when its parent ends."""
+
+
+def stop_with_launcher(signal_number: int = signal.SIGTERM) -> None:
+    """Under a launcher (`accelerate launch`, `torchrun`), have the kernel send this process `signal_number` when the
+    launcher ends (0: no longer). Linux only; elsewhere, and without a launcher, nothing changes.
+
+    A single-process `accelerate launch` forwards no signal: SIGTERM (from `timeout`, a container stop, a scheduler)
+    ends the launcher at once and would leave the run going on, orphaned, to its end. With this, the run gets
+    SIGTERM when its launcher ends, however it ended: while training, it saves a checkpoint at the end of the step
+    and stops (`PreemptionCallback`); while loading, it stops at once. A multi-process launcher (torch's elastic
+    agent) forwards SIGTERM and SIGINT to its workers itself, and kills them 30 s later.
+    """
+    if sys.platform == "linux" and started_by_launcher():
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal_number, 0, 0, 0)
 
 
 RESUME_REPLACES = ("--resume_from_checkpoint", "--overwrite_output_dir")

@@ -1,6 +1,5 @@
 import contextlib
 import copy
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -8,6 +7,7 @@ import torch
 from accelerate.utils import is_peft_model
 from datasets import Dataset, IterableDataset
 from peft import LoraConfig, PeftConfig
+from PIL import Image
 from transformers import BitsAndBytesConfig, PreTrainedModel, TrainerCallback
 from transformers.utils import logging
 from trl import GRPOTrainer
@@ -24,7 +24,7 @@ from .decoding import resolve_compile, sample_image_tokens, static_decoder
 from .divergences import MAX_LOG_RATIO, get_divergence, with_prefix_term
 from .gcpo import critical_token_mask, dynamic_advantage_weight
 from .image_logging import ImageGridCallback
-from .images import to_pil
+from .images import save_whole, to_pil
 from .merged_adapters import folded_bytes, merged_adapters, why_not_mergeable
 from .metrics import position_entropy
 from .models import (
@@ -38,6 +38,7 @@ from .models import (
 )
 from .nonfinite import NonFiniteGuard, NonFiniteTrainingError, check_weights
 from .overoptimization import HeldOutScores
+from .reward_scoring import RewardScoring
 from .run_settings import RunSettings, check_resume
 from .sampling import MIN_LOGP, teacher_forced_logits, truncate_logits, truncates
 from .sharding import check_sharding
@@ -249,6 +250,7 @@ class T2IGRPOTrainer(GRPOTrainer):
                 args.overoptimization_window,
                 args.overoptimization_threshold,
             )
+        self.reward_scoring = RewardScoring(self.reward_func_names, args.max_unscored_steps, args.output_dir)
         # Set by `_compute_loss` for the duration of TRL's loss, filled by the policy forward inside it, else `None`.
         self._policy_scores: PolicyScores | None = None
         self._nonfinite = NonFiniteGuard(
@@ -413,8 +415,9 @@ class T2IGRPOTrainer(GRPOTrainer):
         # TRL's rewards; the main process also keeps its images and their rewards for the logged image grids.
         with self._timed("rewards"):
             rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
-        if self.state.global_step == 0:
-            _check_rewards_apply(rewards, self.reward_func_names)
+        if self.model.training:  # the rewards are gathered: every process decides alike
+            for name, fraction in self.reward_scoring.update(rewards, self.state.global_step).items():
+                trl.record_metric(self, f"rewards/{name}/scored", fraction)
         if self.model.training and self.accelerator.is_main_process and self.args.image_log_steps:
             local = trl.local_rows(self, rewards, len(prompts)).cpu()
             values = {name: local[:, index].tolist() for index, name in enumerate(self.reward_func_names)}
@@ -765,7 +768,7 @@ class T2IGRPOTrainer(GRPOTrainer):
         output_dir.mkdir(parents=True, exist_ok=True)
         grids = sorted((output_dir / "samples").glob("step_*.png"))
         if grids:
-            shutil.copyfile(grids[-1], output_dir / hub.SAMPLE_GRID)
+            save_whole(Image.open(grids[-1]), output_dir / hub.SAMPLE_GRID)
         final = {}
         for entry in self.state.log_history:
             final.update({k: v for k, v in entry.items() if k.startswith(("reward", "divergence/", "entropy"))})
@@ -894,18 +897,6 @@ def _joined(tables: list[torch.Tensor]) -> torch.Tensor:
 def _gather(logp_table: torch.Tensor, image_tokens: torch.LongTensor) -> torch.Tensor:
     """The `(B, N)` entries of a `(B, N, V)` table at the given tokens."""
     return logp_table.gather(-1, image_tokens[..., None]).squeeze(-1)
-
-
-def _check_rewards_apply(rewards: torch.Tensor, names: list[str]) -> None:
-    """At the first step, every reward must score some image: one that gives None or NaN for all of them would train
-    on nothing (a wrong prompt column, a crashed model, captions it does not apply to)."""
-    for index, name in enumerate(names):
-        if not torch.isfinite(rewards[:, index]).any():
-            raise ValueError(
-                f"The reward {name!r} returned no finite value (only None or NaN) for any of the {len(rewards)} "
-                "images of the first step. Check that it applies to these captions (e.g. `colour_match` needs a "
-                "colour word) and that its model loads; a reward must score at least some images of a batch."
-            )
 
 
 def _check_eval_reward_funcs(eval_reward_funcs, reward_funcs: list, args: T2IGRPOConfig) -> list:

@@ -28,7 +28,16 @@ from dataclasses import dataclass, field
 
 from ..benchmarks import geneval_prompts, read_geneval_metadata
 from ..data import PROMPT_SETS, load_prompt_dataset
-from ..evaluation import BASE, EvaluationSettings, Run, evaluate_runs, print_table, read_run
+from ..evaluation import (
+    BASE,
+    EvaluationSettings,
+    Run,
+    evaluate_runs,
+    frontier_axes,
+    print_matched,
+    print_table,
+    read_run,
+)
 from ..models import TINY_JANUS
 from ..rewards import get_rewards
 from .arguments import SamplingArguments
@@ -129,6 +138,9 @@ def main(args: EvaluateArguments) -> list[dict]:
         geneval_metadata=geneval_metadata,
     )
     print_table(summary)
+    print_matched(
+        summary, *frontier_axes(args.frontier_x, args.frontier_y, [reward.__name__ for reward in reward_funcs])
+    )
     print(f"\nWrote the tables (per_image, per_prompt, summary), grids and frontier.png to {args.output_dir}")
     if geneval_metadata:
         print(f"GenEval's layout, for its evaluation/evaluate_images.py: {args.output_dir}/geneval/<run>")

@@ -32,6 +32,7 @@ from ..evaluation import (
     Run,
     evaluate_runs,
     frontier_axes,
+    print_matched,
     print_table,
     read_run,
 )
@@ -202,6 +203,9 @@ def main(args: FrontierArguments) -> list[dict]:
     )
     timings["evaluation"] = time.perf_counter() - start
     print_table(summary)
+    print_matched(
+        summary, *frontier_axes(args.frontier_x, args.frontier_y, [reward.__name__ for reward in reward_funcs])
+    )
     print("\nTimes (s): " + ", ".join(f"{name} {seconds:.0f}" for name, seconds in timings.items()))
     print(f"Frontier: {(output_dir / 'eval' / 'frontier.png').resolve()}")
     return summary

@@ -25,7 +25,7 @@ from ..checkpoints import resolve_resume
 from ..config import UNSUPPORTED_SETTINGS, T2IGRPOConfig
 from ..data import PROMPT_SETS, load_prompt_dataset
 from ..models import load_family
-from ..preemption import PreemptionCallback
+from ..preemption import PreemptionCallback, stop_with_launcher
 from ..rewards import get_rewards
 from ..run_settings import check_resume_model
 from ..sharding import check_sharding
@@ -132,6 +132,7 @@ def check_model_args(model_args: ModelConfig, script_args: T2IScriptArguments, t
 
 
 def main(script_args: T2IScriptArguments, training_args: T2IGRPOConfig, model_args: ModelConfig) -> T2IGRPOTrainer:
+    stop_with_launcher()  # the launcher's end (SIGTERM to it) ends the run too: while loading at once
     check_model_args(model_args, script_args, training_args)
     check_sharding(training_args)
     writer = training_args.should_save  # the process that writes `output_dir` checks and locks it

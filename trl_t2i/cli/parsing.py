@@ -47,9 +47,17 @@ class RecipeParser(TrlParser):
     def parse_args_and_config(self, args: Iterable[str] | None = None, *more, **kwargs):
         args = list(sys.argv[1:] if args is None else args)
         args = [part for arg in args for part in (arg.split("=", 1) if arg.startswith("--config=") else [arg])]
-        if "--config" in args[:-1]:
-            index = args.index("--config") + 1
-            args[index] = str(find_recipe(args[index]))
+        # TRL reads the first `--config` only, and argparse would pass a second one on as an extra namespace
+        values = [index + 1 for index, arg in enumerate(args) if arg == "--config"]
+        if any(index == len(args) or args[index].startswith("--") for index in values):
+            self.error("--config needs a recipe, e.g. --config recipes/tiny/cpu_demo.yaml.")
+        if len(values) > 1:
+            self.error(
+                f"--config given {len(values)} times ({', '.join(args[index] for index in values)}): give one recipe "
+                "and override its keys with --flags (e.g. --learning_rate 1e-4)."
+            )
+        if values:
+            args[values[0]] = str(find_recipe(args[values[0]]))
         return super().parse_args_and_config(args, *more, **kwargs)
 
 

@@ -60,8 +60,13 @@ def load_prompt_dataset(
             raise FileNotFoundError(f"Prompt file {name_or_path!r} does not exist.")
         dataset = Dataset.from_pandas(_read_table(path), preserve_index=False)
         places = _jsonl_lines(path) if path.suffix == ".jsonl" else [f"row {row}" for row in range(len(dataset))]
+    elif path.is_file():
+        raise ValueError(
+            f"Prompt file {name_or_path!r} is a {path.suffix or 'suffix-less'} file: use .txt (one caption per line), "
+            f"{', '.join(_FILE_READERS)} (a `{prompt_column}` column)."
+        )
     else:
-        dataset = load_dataset(name_or_path, config, split=split)
+        dataset = _hub_dataset(name_or_path, config, split)
         places = [f"row {row}" for row in range(len(dataset))]
     source = f"Prompt file {name_or_path!r}" if path.suffix else f"Prompt dataset {name_or_path!r} (split {split!r})"
     if len(dataset) == 0:
@@ -175,6 +180,18 @@ def _last(ends, fits) -> int | None:
 def _jsonl_lines(path: Path) -> list[str]:
     """The line of each record of a JSON Lines file (pandas skips blank lines)."""
     return [f"line {number}" for number, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+
+
+def _hub_dataset(name: str, config: str | None, split: str) -> Dataset:
+    """`load_dataset` for a name that is neither a built-in prompt set nor a local file: a typo of either would
+    otherwise read as a Hub dataset that cannot be reached."""
+    try:
+        return load_dataset(name, config, split=split)
+    except OSError as error:  # not found, offline, no network (`datasets` raises subclasses of these)
+        raise FileNotFoundError(
+            f"{name!r} is not a built-in prompt set ({', '.join(PROMPT_SETS)}), nor a local file, and the Hub dataset "
+            f"{name!r} could not be loaded ({type(error).__name__}: {error})."
+        ) from error
 
 
 def _read_table(path: Path) -> pd.DataFrame:

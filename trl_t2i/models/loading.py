@@ -1,7 +1,10 @@
 """Loading text-to-image models and processors, with the quantization details each family needs."""
 
 import copy
+import functools
+import os
 import sys
+from collections.abc import Callable
 
 import torch
 from transformers import AutoConfig, AutoProcessor, BitsAndBytesConfig, PreTrainedModel
@@ -80,6 +83,41 @@ def load_family(name_or_path: str, processing_class=None, trust_remote_code: boo
     return get_family(load_config(name_or_path, trust_remote_code), processing_class)
 
 
+def _naming_a_missing_model(load: Callable) -> Callable:
+    """`load(name_or_path, ...)`, where a model that is neither a local folder nor to be had from the Hub is an error
+    that names it and says how to download it or point at a local copy (transformers' own error says only that it
+    could not connect)."""
+
+    @functools.wraps(load)
+    def load_naming_a_missing_model(name_or_path: str, *args, **kwargs):
+        try:
+            return load(name_or_path, *args, **kwargs)
+        except OSError as error:
+            if os.path.isdir(resolve_name(name_or_path)):  # a local folder: transformers names the file it lacks
+                raise
+            raise OSError(_missing_model(name_or_path, error)) from error
+
+    return load_naming_a_missing_model
+
+
+def _missing_model(name: str, error: OSError) -> str:
+    hub_id = name.count("/") == 1 and not name.startswith(("/", ".", "~"))
+    if not hub_id:
+        return (
+            f"Could not load the model {name!r} (`model_name_or_path`): there is no such local folder (and a Hub id "
+            "is `namespace/name`). Pass the folder of a saved model, or of a LlamaGen converted with "
+            "`trl-t2i convert_llamagen ... --output_dir FOLDER`."
+        )
+    return (
+        f"Could not load the model {name!r} (`model_name_or_path`): it is not a local folder, and neither the Hugging "
+        f"Face Hub nor its local cache has it ({type(error).__name__}). Models are downloaded on first use; where the "
+        f"Hub cannot be reached, download it where it can (`hf download {name}`) and share that cache (HF_HOME; "
+        "HF_HUB_OFFLINE=1 then skips a minute of retries per file), or download it to a folder (`hf download "
+        f"{name} --local-dir FOLDER`) and pass `--model_name_or_path FOLDER`."
+    )
+
+
+@_naming_a_missing_model
 def load_model(name_or_path: str, fp32_image_head: bool = True, **model_kwargs) -> PreTrainedModel:
     """Load a text-to-image model by hub id or local path (the tiny models of `TINY_MODELS` are built locally).
 
@@ -97,6 +135,7 @@ def load_model(name_or_path: str, fp32_image_head: bool = True, **model_kwargs) 
     return model
 
 
+@_naming_a_missing_model
 def load_processor(name_or_path: str, **kwargs):
     """Load the processing class (processor or tokenizer) that goes with `load_model(name_or_path)`."""
     return AutoProcessor.from_pretrained(resolve_name(name_or_path), **kwargs)
