@@ -112,6 +112,26 @@ def _help_sections(parser) -> dict[str, list[str]]:
     return sections
 
 
+def _documented_parameters(config_class) -> list[str]:
+    """The parameters a config's docstring documents, in its order ("a, b (`type`, ...)" and "a (...) and b (...)")."""
+    names = []
+    for line in config_class.__doc__.split("Parameters:")[1].splitlines():
+        if re.match(r" {8}[a-z]", line):
+            names += [name for group in re.findall(r"((?:[a-z_]+, )*[a-z_]+) \(`", line) for name in group.split(", ")]
+    return names
+
+
+def test_grpo_help_lists_trl_t2i_options_in_the_order_of_the_config_docstring():
+    documented = _documented_parameters(T2IGRPOConfig)
+    shown = [
+        option[2:] for option in _help_sections(make_parser())["trl_t2i options"] if not option.startswith("--no_")
+    ]
+    assert [name for name in shown if name in documented] == documented
+    # every other own field is one whose default differs from GRPOConfig's (the docstring's preamble names them)
+    assert {name for name in shown if name not in documented} == {"beta", "disable_dropout", "gradient_checkpointing",
+                                                                    "max_completion_length"}  # fmt: skip
+
+
 def test_grpo_help_shows_trl_t2i_options_first_and_hides_rejected_settings():
     sections = _help_sections(make_parser())
     assert list(sections) == [

@@ -58,9 +58,9 @@ class T2IGRPOConfig(GRPOConfig):
     Only the parameters specific to text-to-image training are listed here; every [`~trl.GRPOConfig`] parameter
     applies too, with these differences: `beta` (the penalty coefficient) defaults to `0.04`, `disable_dropout` to
     `True` (sampling and scoring must see the same network), `max_completion_length` defaults to `None`, which the
-    trainer sets to the model's number of image tokens (any other value is rejected), and the text-generation settings that cannot apply to images (vLLM, tools,
-    `mask_truncated_completions`, `min_p`, `repetition_penalty`, …) are rejected with a message instead of being
-    silently ignored. `temperature`, `top_k` and `top_p` are the image sampler's; with `cfg_scale` they make up
+    trainer sets to the model's number of image tokens (any other value is rejected), and the text-generation
+    settings that cannot apply to images (vLLM, tools, `mask_truncated_completions`, `min_p`, `repetition_penalty`,
+    …) are rejected with a message instead of being silently ignored. `temperature`, `top_k` and `top_p` are the image sampler's; with `cfg_scale` they make up
     `sampling`, the `SamplingConfig` that the trainer samples and scores with. NaN is refused in every numeric setting,
     and infinity wherever it means nothing (`FINITE_SETTINGS`).
 
@@ -224,6 +224,7 @@ class T2IGRPOConfig(GRPOConfig):
             checkpoint. A reward that scores nothing at the first step is an error at once.
     """
 
+    # Parameters that control the divergence penalty
     divergence: str = field(
         default="reverse_kl",
         metadata={"help": "f-divergence penalty.", "choices": sorted(DIVERGENCES)},
@@ -255,6 +256,47 @@ class T2IGRPOConfig(GRPOConfig):
         default=None,
         metadata={"help": "Final `beta` of a `linear` or `cosine` schedule."},
     )
+    divergence_target: float | None = field(
+        default=None,
+        metadata={"help": "Divergence the `adaptive` beta schedule steers to (required for it)."},
+    )
+    beta_adaptive_rate: float = field(
+        default=0.1,
+        metadata={"help": "Gain of the `adaptive` beta controller per optimizer step."},
+    )
+    beta_min: float = field(default=1e-4, metadata={"help": "Lower bound of the `adaptive` beta."})
+    beta_max: float = field(default=10.0, metadata={"help": "Upper bound of the `adaptive` beta."})
+
+    # Parameters that control which tokens the loss covers (the paper's code)
+    token_selection: str = field(
+        default="all",
+        metadata={
+            "help": "Tokens the loss covers: `all`, or `critical` (GCPO's ~30%% critical tokens, as the paper's code).",
+            "choices": list(TOKEN_SELECTIONS),
+        },
+    )
+    critical_first_fraction: float = field(
+        default=0.1, metadata={"help": "Critical tokens: fraction of first positions always trained on."}
+    )
+    critical_entropy_fraction: float = field(
+        default=0.1, metadata={"help": "Critical tokens: fraction chosen by the largest spatial entropy gradient."}
+    )
+    critical_similarity_fraction: float = field(
+        default=0.1,
+        metadata={"help": "Critical tokens: fraction of positions where the group's images are least alike."},
+    )
+    critical_window_end: float = field(
+        default=0.9, metadata={"help": "Critical tokens: end of the entropy rule's window (fraction of positions)."}
+    )
+    dynamic_advantage: bool = field(
+        default=False,
+        metadata={"help": "Weight the policy-gradient term by the running mean of exp(clamped log π/π_ref)."},
+    )
+    dynamic_advantage_clamp: float = field(
+        default=0.5, metadata={"help": "Clamp of the log-ratio in the dynamic-advantage weight."}
+    )
+
+    # Parameters that control generation
     max_prompt_length: int | None = field(
         default=None,
         metadata={
@@ -285,6 +327,8 @@ class T2IGRPOConfig(GRPOConfig):
             "CUDA), `true` or `false`."
         },
     )
+
+    # Parameters that correct for the sampler's numerics
     sampler_correction: bool = field(
         default=False,
         metadata={"help": "Weigh each token by the truncated importance ratio π_old/π_sampler (bf16 numerics)."},
@@ -302,43 +346,8 @@ class T2IGRPOConfig(GRPOConfig):
     sampler_correction_clip_min: float | None = field(
         default=None, metadata={"help": "Lower bound of the sampler-correction importance ratio."}
     )
-    divergence_target: float | None = field(
-        default=None,
-        metadata={"help": "Divergence the `adaptive` beta schedule steers to (required for it)."},
-    )
-    beta_adaptive_rate: float = field(
-        default=0.1,
-        metadata={"help": "Gain of the `adaptive` beta controller per optimizer step."},
-    )
-    beta_min: float = field(default=1e-4, metadata={"help": "Lower bound of the `adaptive` beta."})
-    beta_max: float = field(default=10.0, metadata={"help": "Upper bound of the `adaptive` beta."})
-    token_selection: str = field(
-        default="all",
-        metadata={
-            "help": "Tokens the loss covers: `all`, or `critical` (GCPO's ~30%% critical tokens, as the paper's code).",
-            "choices": list(TOKEN_SELECTIONS),
-        },
-    )
-    critical_first_fraction: float = field(
-        default=0.1, metadata={"help": "Critical tokens: fraction of first positions always trained on."}
-    )
-    critical_entropy_fraction: float = field(
-        default=0.1, metadata={"help": "Critical tokens: fraction chosen by the largest spatial entropy gradient."}
-    )
-    critical_similarity_fraction: float = field(
-        default=0.1,
-        metadata={"help": "Critical tokens: fraction of positions where the group's images are least alike."},
-    )
-    critical_window_end: float = field(
-        default=0.9, metadata={"help": "Critical tokens: end of the entropy rule's window (fraction of positions)."}
-    )
-    dynamic_advantage: bool = field(
-        default=False,
-        metadata={"help": "Weight the policy-gradient term by the running mean of exp(clamped log π/π_ref)."},
-    )
-    dynamic_advantage_clamp: float = field(
-        default=0.5, metadata={"help": "Clamp of the log-ratio in the dynamic-advantage weight."}
-    )
+
+    # Parameters that control what a run does when training goes non-finite
     skip_nonfinite_steps: int = field(
         default=0,
         metadata={
@@ -346,6 +355,8 @@ class T2IGRPOConfig(GRPOConfig):
             "stopping the run; 0: stop at the first."
         },
     )
+
+    # Parameters that control logging
     image_log_steps: int = field(
         default=50,
         metadata={"help": "Log a captioned image grid every this many optimizer steps (0 disables it)."},
@@ -354,6 +365,8 @@ class T2IGRPOConfig(GRPOConfig):
         default=16,
         metadata={"help": "Number of images in each logged grid."},
     )
+
+    # Parameters that control the over-optimisation alarm
     overoptimization_window: int = field(
         default=3,
         metadata={"help": "Evaluations the over-optimisation alarm looks back over (>= 2; 0: no alarm)."},
@@ -365,6 +378,8 @@ class T2IGRPOConfig(GRPOConfig):
             "this many standard deviations over the window."
         },
     )
+
+    # Parameters that control what a run does when a reward stops scoring
     max_unscored_steps: int = field(
         default=10,
         metadata={"help": "Stop the run after this many steps in a row in which a reward scores no image (None/NaN)."},

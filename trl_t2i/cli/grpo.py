@@ -100,9 +100,6 @@ class T2IScriptArguments(ScriptArguments):
     )
 
 
-# Settings that T2IGRPOConfig rejects: hidden from `--help`, still parsed so that the config says why they are refused.
-
-
 def make_parser() -> TrlParser:
     parser = RecipeParser((T2IScriptArguments, T2IGRPOConfig, ModelConfig))
     groups = [
@@ -111,6 +108,7 @@ def make_parser() -> TrlParser:
         ("TRL/transformers training options", field_names(T2IGRPOConfig)),
         ("model options (TRL's ModelConfig)", field_names(ModelConfig)),
     ]
+    # The settings T2IGRPOConfig rejects: hidden from `--help`, still parsed so that the config says why.
     return group_options(parser, groups, hidden=[name for name, _, _ in UNSUPPORTED_SETTINGS])
 
 
