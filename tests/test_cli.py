@@ -207,6 +207,16 @@ def test_plan_resolves_packaged_recipes_from_any_directory(tmp_path, monkeypatch
     assert "trl-t2i grpo --config recipes/janus_pro_1b/lora_single_gpu.yaml --per_device_train_batch_size" in out
 
 
+def test_the_default_device_is_the_machines_when_the_arguments_are_made_not_at_import(monkeypatch):
+    from trl_t2i.cli.sample import SampleArguments
+    from trl_t2i.evaluation import EvaluationSettings
+
+    for cuda in (True, False):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)
+        assert SampleArguments().device == EvaluationSettings().device == ("cuda" if cuda else "cpu")
+    assert EvaluationSettings(device="cuda:1").device == "cuda:1"
+
+
 def test_recipes_ship_in_the_package_and_the_checkout_links_to_them():
     tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
     package_data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
@@ -313,7 +323,8 @@ trainer = main(*make_parser().parse_args_and_config())
 accelerator = trainer.accelerator
 params = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
 torch.save(
-    {"params": params, "prompts": seen, "world": accelerator.num_processes, "type": str(accelerator.distributed_type)},
+    {"params": params, "prompts": seen, "world": accelerator.num_processes, "type": str(accelerator.distributed_type),
+     "group_left": torch.distributed.is_initialized()},
     f"{trainer.args.output_dir}/rank{accelerator.process_index}.pt",
 )
 """
@@ -334,6 +345,7 @@ def test_two_process_cpu_ddp_ends_with_identical_weights(tmp_path, recipe):
     assert result.returncode == 0, result.stderr[-4000:]
     ranks = [torch.load(output_dir / f"rank{rank}.pt") for rank in (0, 1)]
     assert all(rank["world"] == 2 and rank["type"] == "DistributedType.MULTI_CPU" for rank in ranks)
+    assert not any(rank["group_left"] for rank in ranks)  # `main` ends the run as TRL's script does
     # each rank generated its own half of every generation batch
     for batch_0, batch_1 in zip(ranks[0]["prompts"], ranks[1]["prompts"], strict=True):
         assert len(batch_0) == len(batch_1) == 8 and batch_0 != batch_1

@@ -75,6 +75,21 @@ def test_cli_help_imports_no_heavy_package():
         assert "trl_t2i" in imported and not imported & {"torch", "transformers", "trl", "datasets", "numpy"}, argv
 
 
+QUIET_PROBE = """
+import logging, trl_t2i
+logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+message = logging.makeLogRecord({"msg": "Failed to load CPU gemm_4bit_forward from kernels-community"})
+library = logger.filter(message)
+import trl_t2i.cli
+print(bool(library), bool(logger.filter(message)), bool(logger.filter(logging.makeLogRecord({"msg": "another"}))))
+"""
+
+
+def test_the_library_leaves_logging_alone_and_the_commands_quiet_the_bitsandbytes_kernel_message():
+    result = subprocess.run([sys.executable, "-c", QUIET_PROBE], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["True", "False", "True"]
+
+
 @pytest.mark.parametrize(
     ("config_flags", "message"),
     [

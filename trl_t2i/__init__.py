@@ -2,8 +2,6 @@
 
 import importlib
 
-from . import _quiet_imports  # noqa: F401 -- first: it filters messages logged while the rest is imported
-
 
 __version__ = "0.1.0.dev0"
 

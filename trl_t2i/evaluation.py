@@ -44,6 +44,7 @@ from .images import make_grid, to_pil
 from .merged_adapters import merged_adapters, why_not_mergeable
 from .metrics import ImageFeatureModel, diversity_summary, pixel_features, token_entropy
 from .models import get_family, load_config, load_model, load_processor
+from .pretrained import default_device
 from .run_settings import RUN_SETTINGS_FILE, RunSettings
 from .sampling import SamplingConfig, image_logp_table
 
@@ -94,7 +95,7 @@ class EvaluationSettings:
         },
     )
     dtype: str = field(default="float32", metadata={"help": "Model dtype: float32, bfloat16 or float16."})
-    device: str = field(default="cuda" if torch.cuda.is_available() else "cpu", metadata={"help": "Device."})
+    device: str | None = field(default=None, metadata={"help": "Device (default: cuda when available, else cpu)."})
     compile: str = field(
         default="auto",
         metadata={
@@ -104,6 +105,7 @@ class EvaluationSettings:
     )
 
     def __post_init__(self):
+        self.device = self.device or default_device()
         self.compile = compile_setting(self.compile)
         if self.num_images_per_prompt < 2:
             raise ValueError(

@@ -28,7 +28,7 @@ from PIL import Image
 from transformers import AutoImageProcessor, AutoModel
 
 from .images import to_pil
-from .pretrained import WeightsNotFoundError, default_dtype, hub_errors, load_pretrained
+from .pretrained import WeightsNotFoundError, default_device, default_dtype, hub_errors, load_pretrained
 
 
 CLIP_MODEL_ID = "openai/clip-vit-large-patch14"
@@ -272,7 +272,7 @@ class ImageFeatureModel:
         dtype: torch.dtype | None = None,
         batch_size: int = 32,
     ):
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = torch.device(device or default_device())
         self.batch_size = batch_size
         try:
             self.model = load_pretrained(AutoModel, model_id, self.device, dtype or default_dtype(self.device))

@@ -57,6 +57,12 @@ def load_pretrained(
     return load_shared((model_class, model_id, device, dtype), load)
 
 
+def default_device() -> str:
+    """The device models run on unless told otherwise: `cuda` when there is one, else `cpu`. Asked when a device is
+    chosen, never at import (CUDA is not initialised for a `--help`)."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def default_dtype(device: torch.device) -> torch.dtype:
     """The dtype pretrained scorers run in unless told otherwise: bfloat16 on CUDA, float32 elsewhere."""
     return torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -9,9 +9,18 @@ trl-t2i serve_reward pickscore --port 8000             # a reward behind HTTP: r
 """
 
 import importlib
+import logging
 import sys
 import warnings
 
+
+# PEFT imports bitsandbytes whenever it is installed; on CPU, bitsandbytes then logs that an inference kernel is
+# missing, on every run. trl_t2i never uses that kernel: it disables the repack that would need it
+# (`disable_bnb_cpu_repack`). Installed here, before a command imports PEFT, and only for the commands: importing the
+# library changes no logging.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+    lambda record: not record.getMessage().startswith("Failed to load CPU gemm_4bit_forward")
+)
 
 # PEFT 0.21 (`PeftModel.__init__`) and TRL 1.16 (`unwrap_model_for_generation`, `disable_gradient_checkpointing`) call
 # transformers' deprecated `*gradient_checkpointing*` aliases on every run: nothing a user of these commands can act on

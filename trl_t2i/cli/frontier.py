@@ -20,8 +20,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from ..checkpoints import latest_checkpoint
 from ..data import load_prompt_dataset
 from ..divergences import DIVERGENCES
@@ -90,8 +88,8 @@ class FrontierArguments:
         default="pairwise_distance",
         metadata={"help": f"Diversity metric on the frontier's y axis: {', '.join(DIVERSITY_METRICS)}."},
     )
-    device: str = field(
-        default="cuda" if torch.cuda.is_available() else "cpu", metadata={"help": "Device of the evaluation."}
+    device: str | None = field(
+        default=None, metadata={"help": "Device of the evaluation (default: cuda when available, else cpu)."}
     )
     compile: str = field(
         default="auto",

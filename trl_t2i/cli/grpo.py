@@ -200,6 +200,7 @@ def main(script_args: T2IScriptArguments, training_args: T2IGRPOConfig, model_ar
         trainer.create_model_card(dataset_name=script_args.dataset_name)
         if training_args.push_to_hub:
             trainer.push_to_hub(dataset_name=script_args.dataset_name)
+    trainer.end()  # as TRL's script: finish the trackers and destroy the process group, every process done
     if trainer.accelerator.is_main_process:
         output = Path(training_args.output_dir).resolve()
         print(f"\nSaved {'the adapter' if model_args.use_peft else 'the model'} and model card to {output}")

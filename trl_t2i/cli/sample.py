@@ -16,6 +16,7 @@ import torch
 from ..decoding import compile_setting, resolve_compile, sample_image_tokens
 from ..images import make_grid, to_pil
 from ..models import TINY_JANUS, get_family, load_model, load_processor
+from ..pretrained import default_device
 from .arguments import SamplingArguments
 from .parsing import RecipeParser
 
@@ -34,7 +35,7 @@ class SampleArguments(SamplingArguments):
     batch_size: int = field(default=16, metadata={"help": "Images generated per forward batch."})
     seed: int = field(default=0, metadata={"help": "Seed of the sampling generator."})
     dtype: str = field(default="float32", metadata={"help": "Model dtype: float32, bfloat16 or float16."})
-    device: str = field(default="cuda" if torch.cuda.is_available() else "cpu", metadata={"help": "Device."})
+    device: str | None = field(default=None, metadata={"help": "Device (default: cuda when available, else cpu)."})
     output_dir: str = field(default="outputs/samples", metadata={"help": "Where images and the grid are written."})
     compile: str = field(
         default="auto",
@@ -45,6 +46,7 @@ class SampleArguments(SamplingArguments):
     )
 
     def __post_init__(self):
+        self.device = self.device or default_device()
         self.compile = compile_setting(self.compile)
 
 
