@@ -244,7 +244,7 @@ def test_a_deep_copy_of_a_patched_model_scores_with_its_own_weights(tiny_family,
 
 
 def test_sampler_entropies_are_those_of_the_teacher_forced_distribution(tiny_family, prompts):
-    from trl_t2i.metrics import position_entropy
+    from trl_t2i.sampling import position_entropy
 
     model, _, family, _ = tiny_family
     conditioning, sampling = family.encode_prompts(prompts), SamplingConfig(top_k=10)

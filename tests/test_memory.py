@@ -35,7 +35,6 @@ from trl_t2i.memory import (
     vq_decode_bytes,
     weight_bytes,
 )
-from trl_t2i.metrics import position_entropy
 from trl_t2i.models import (
     TINY_JANUS,
     JanusFamily,
@@ -46,7 +45,7 @@ from trl_t2i.models import (
     get_family,
     load_model,
 )
-from trl_t2i.sampling import MIN_LOGP, SamplingConfig, teacher_forced_logits
+from trl_t2i.sampling import MIN_LOGP, SamplingConfig, position_entropy, teacher_forced_logits
 from trl_t2i.trainer import METRIC_DIVERGENCES
 
 

@@ -29,9 +29,8 @@ from torch import nn
 from tqdm.auto import trange
 from transformers.utils import logging
 
-from .metrics import position_entropy
 from .models.base import Conditioning, DecodeState, ModelFamily, unwrap_model
-from .sampling import SamplingConfig, token_logits
+from .sampling import SamplingConfig, gather_logps, position_entropy, token_logits
 
 
 logger = logging.get_logger(__name__)
@@ -131,12 +130,12 @@ def decode_position(
         token = (warped.softmax(dim=-1) / buffers.noise).argmax(dim=-1)
     logp_table = warped.log_softmax(dim=-1)
     buffers.record("image_tokens", token)
-    buffers.record("logps", _gather(logp_table, token))
+    buffers.record("logps", gather_logps(logp_table, token))
     if "entropies" in buffers.outputs:
         buffers.record("entropies", position_entropy(logp_table))
     if "conditional_logps" in buffers.outputs:
         conditional_table = token_logits(conditional, None, sampling, truncate=False).log_softmax(dim=-1)
-        buffers.record("conditional_logps", _gather(conditional_table, token))
+        buffers.record("conditional_logps", gather_logps(conditional_table, token))
     buffers.position.add_(1)
     if advance:
         buffers.logits.copy_(family.step(model, token.repeat(2) if sampling.guided else token, state))
@@ -145,10 +144,6 @@ def decode_position(
 def _decode_and_advance(family, model, state, buffers, sampling, greedy) -> None:
     """`decode_position` with a model step: the function the static decoder compiles (every position but the last)."""
     decode_position(family, model, state, buffers, sampling, greedy, advance=True)
-
-
-def _gather(logp_table: torch.Tensor, tokens: torch.LongTensor) -> torch.Tensor:
-    return logp_table.gather(-1, tokens[:, None]).squeeze(-1)
 
 
 @torch.no_grad()

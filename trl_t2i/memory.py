@@ -62,7 +62,7 @@ EXACT_CHUNK_TEMPORARIES = 12
 
 POLICY_ENTROPY_TABLES = 4.25
 """`(B, N, V)` fp32 tables the entropy of the policy forward adds at its peak: TRL's loss asks for it
-(`compute_entropy=True`) and `metrics.position_entropy` computes it with gradient from the log-prob table, next to
+(`compute_entropy=True`) and `sampling.position_entropy` computes it with gradient from the log-prob table, next to
 the logits and that table: a log-softmax, its exponential, the `p > 0` mask (1 byte an entry, ¼ table), the masked
 log-probs and their product. Freed with the entropy when TRL's loss returns, before the penalty."""
 

@@ -29,6 +29,7 @@ from transformers import AutoImageProcessor, AutoModel
 
 from .images import to_pil
 from .pretrained import WeightsNotFoundError, default_device, default_dtype, hub_errors, load_pretrained
+from .sampling import position_entropy
 
 
 CLIP_MODEL_ID = "openai/clip-vit-large-patch14"
@@ -40,24 +41,6 @@ DINO_MODEL_ID = "facebook/dinov2-base"
 MIN_CONTRAST = 0.05
 """RMS contrast (pixel values in [0, 1], ≈13/255) below which `pixel_features` scales its layout part down instead of
 normalising it to unit length, so that sensor-like noise on a flat image does not count as a layout."""
-
-
-def position_entropy(logp_table: torch.Tensor) -> torch.Tensor:
-    """
-    Entropy (nats) at every image position, differentiable: `(..., N, V)` → `(..., N)`.
-
-    The last dimension is renormalised, so logits work too. Entries may be `-inf` for codes removed by top-k/top-p:
-    they contribute 0 (never NaN), and the entropy is that of the renormalised remaining codes.
-
-    Example:
-        >>> position_entropy(torch.zeros(1, 2, 4))  # uniform over 4 codes
-        tensor([[1.3863, 1.3863]])
-    """
-    # Half-precision log-probs lose several digits in p·log p; compute in at least float32.
-    logp_table = torch.log_softmax(logp_table, dim=-1, dtype=torch.promote_types(logp_table.dtype, torch.float32))
-    probs = logp_table.exp()
-    # A removed code has p = 0 and log p = -inf; 0·(-inf) would be NaN, and its true contribution is 0.
-    return -(probs * torch.where(probs > 0, logp_table, 0.0)).sum(-1)
 
 
 def token_entropy(logp_table: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -161,6 +161,29 @@ def truncate_logits(logits: torch.Tensor, sampling: SamplingConfig, cfg_logprobs
     return warp_logits(logits, top_k=sampling.top_k, top_p=sampling.top_p)
 
 
+def gather_logps(logp_table: torch.Tensor, tokens: torch.LongTensor) -> torch.Tensor:
+    """The entries of a log-prob table `(..., V)` at `tokens` `(...)`: each token's log-prob."""
+    return logp_table.gather(-1, tokens[..., None]).squeeze(-1)
+
+
+def position_entropy(logp_table: torch.Tensor) -> torch.Tensor:
+    """
+    Entropy (nats) at every image position, differentiable: `(..., N, V)` → `(..., N)`.
+
+    The last dimension is renormalised, so logits work too. Entries may be `-inf` for codes removed by top-k/top-p:
+    they contribute 0 (never NaN), and the entropy is that of the renormalised remaining codes.
+
+    Example:
+        >>> position_entropy(torch.zeros(1, 2, 4))  # uniform over 4 codes
+        tensor([[1.3863, 1.3863]])
+    """
+    # Half-precision log-probs lose several digits in p·log p; compute in at least float32.
+    logp_table = torch.log_softmax(logp_table, dim=-1, dtype=torch.promote_types(logp_table.dtype, torch.float32))
+    probs = logp_table.exp()
+    # A removed code has p = 0 and log p = -inf; 0·(-inf) would be NaN, and its true contribution is 0.
+    return -(probs * torch.where(probs > 0, logp_table, 0.0)).sum(-1)
+
+
 def image_logp_table(
     family: ModelFamily,
     model: nn.Module,

@@ -26,7 +26,6 @@ from .gcpo import critical_token_mask, dynamic_advantage_weight
 from .image_logging import ImageGridCallback
 from .images import save_whole, to_pil
 from .merged_adapters import folded_bytes, merged_adapters, why_not_mergeable
-from .metrics import position_entropy
 from .models import (
     disable_bnb_cpu_repack,
     family_class,
@@ -40,7 +39,14 @@ from .nonfinite import NonFiniteGuard, NonFiniteTrainingError, check_weights
 from .overoptimization import HeldOutScores
 from .reward_scoring import RewardScoring
 from .run_settings import RunSettings, check_resume
-from .sampling import MIN_LOGP, teacher_forced_logits, truncate_logits, truncates
+from .sampling import (
+    MIN_LOGP,
+    gather_logps,
+    position_entropy,
+    teacher_forced_logits,
+    truncate_logits,
+    truncates,
+)
 from .sharding import check_sharding
 from .stage_times import StageTimes
 
@@ -504,13 +510,13 @@ class T2IGRPOTrainer(GRPOTrainer):
             truncated = truncate_logits(logits, self.args.sampling, self.args.cfg_logprobs)
             logp_table = truncated.log_softmax(dim=-1)
             # a token outside the current truncated support: log-prob -inf, floored (no gradient, ratio 0)
-            logps = _gather(logp_table, image_tokens[rows]).clamp(min=MIN_LOGP)
+            logps = gather_logps(logp_table, image_tokens[rows]).clamp(min=MIN_LOGP)
             all_logps.append(logps)
             if compute_entropy:
                 all_entropies.append(position_entropy(logp_table))
             if self._policy_scores is not None:  # the policy forward of `_compute_loss`
                 untruncated_table = logp_table if truncated is logits else logits.log_softmax(dim=-1)
-                self._policy_scores.add(logps, _gather(untruncated_table, image_tokens[rows]), untruncated_table)
+                self._policy_scores.add(logps, gather_logps(untruncated_table, image_tokens[rows]), untruncated_table)
         scores = self._policy_scores
         if scores is not None and scores.weighted_inputs is not None:
             self._weigh_advantages(scores.weighted_inputs, torch.cat(scores.untruncated_logps))
@@ -557,7 +563,7 @@ class T2IGRPOTrainer(GRPOTrainer):
             logp_table = self._reference_logp_table(
                 batch["prompt_ids"][rows], batch["prompt_mask"][rows], image_tokens[rows]
             )
-            chunks.append(_gather(logp_table, image_tokens[rows]))
+            chunks.append(gather_logps(logp_table, image_tokens[rows]))
         return torch.cat(chunks)
 
     # ------------------------------------------------------------------ loss
@@ -892,11 +898,6 @@ def _per_token(advantages: torch.Tensor) -> torch.Tensor:
 def _joined(tables: list[torch.Tensor]) -> torch.Tensor:
     """The chunks of a micro-batch's `(B, N, V)` table as one, without copying the usual single chunk."""
     return tables[0] if len(tables) == 1 else torch.cat(tables)
-
-
-def _gather(logp_table: torch.Tensor, image_tokens: torch.LongTensor) -> torch.Tensor:
-    """The `(B, N)` entries of a `(B, N, V)` table at the given tokens."""
-    return logp_table.gather(-1, image_tokens[..., None]).squeeze(-1)
 
 
 def _check_eval_reward_funcs(eval_reward_funcs, reward_funcs: list, args: T2IGRPOConfig) -> list:
