@@ -167,7 +167,7 @@ def test_hidden_settings_still_parse_and_are_rejected_by_the_config(flags, messa
 def test_recipe_paths_resolve_to_the_packaged_recipes_from_any_directory(tmp_path, monkeypatch, config_flag):
     monkeypatch.chdir(tmp_path)  # no `recipes/` here: an installed user's working directory
     _, training_args, model_args = _parse(*config_flag, "--max_steps", "0", "--output_dir", "out")
-    assert training_args.divergence == "js" and model_args.model_name_or_path == "trl-t2i/tiny-janus"
+    assert training_args.divergence == "js" and model_args.model_name_or_path == "tiny:janus"
     assert find_recipe(FrontierArguments().recipe) == RECIPES / "tiny" / "frontier.yaml"
     with pytest.raises(FileNotFoundError, match="recipes/no_such.yaml.*recipes/tiny/cpu_demo.yaml"):
         _parse("--config", "recipes/no_such.yaml")

@@ -59,7 +59,7 @@ def _card(output_dir: Path) -> tuple[dict, str]:
 
 def test_model_card_metadata_and_content(trained):
     metadata, body = _card(Path(trained.args.output_dir))
-    assert metadata["base_model"] == "trl-t2i/tiny-janus"
+    assert metadata["base_model"] == "tiny:janus"
     assert metadata["library_name"] == "peft" and metadata["pipeline_tag"] == "text-to-image"
     assert {"trl-t2i", "grpo", "js", "lora"} <= set(metadata["tags"])
     assert metadata["datasets"] == ["colour_objects"]
@@ -67,7 +67,7 @@ def test_model_card_metadata_and_content(trained):
         assert expected in body, expected
     assert "divergence/js" in body and "reward" in body  # final metrics
     assert f"python scripts/grpo_t2i.py --config {DEMO_RECIPE}" in body  # the command line
-    assert 'PeftModel.from_pretrained(load_model("trl-t2i/tiny-janus"' in body
+    assert 'PeftModel.from_pretrained(load_model("tiny:janus"' in body
     assert f"![Samples from the end of training]({hub.SAMPLE_GRID})" in body
     assert (Path(trained.args.output_dir) / hub.SAMPLE_GRID).is_file()
 

@@ -358,11 +358,11 @@ def test_resuming_with_a_model_of_another_family_is_refused_before_loading_the_m
 ):
     out = shutil.copytree(saved_run, tmp_path / "out")
     message = (
-        f"Cannot resume from {out / 'checkpoint-2'}: it was trained with base_model 'trl-t2i/tiny-janus', not "
-        "'trl-t2i/tiny-llamagen'; model_type 'janus', not 'llamagen'"
+        f"Cannot resume from {out / 'checkpoint-2'}: it was trained with base_model 'tiny:janus', not "
+        "'tiny:llamagen'; model_type 'janus', not 'llamagen'"
     )
     with pytest.raises(ValueError, match=re.escape(message)):
-        _run(out, "--resume_from_checkpoint", "true", "--model_name_or_path", "trl-t2i/tiny-llamagen")
+        _run(out, "--resume_from_checkpoint", "true", "--model_name_or_path", "tiny:llamagen")
 
 
 def test_the_trainer_refuses_a_checkpoint_of_another_family_before_loading_it(tmp_path, saved_run):

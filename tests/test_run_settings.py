@@ -31,7 +31,7 @@ def test_run_settings_are_resolved_with_the_defaults_filled_in(alpha_run):
     written = json.loads((Path(alpha_run.args.output_dir) / RUN_SETTINGS_FILE).read_text())
     assert written == {
         "trl_t2i_version": trl_t2i.__version__,
-        "base_model": "trl-t2i/tiny-janus",
+        "base_model": "tiny:janus",
         "divergence": "alpha",
         "divergence_params": {"alpha": 0.5},  # `divergence_alpha` was unset: the divergence's own default
         "divergence_estimator": "sampled",

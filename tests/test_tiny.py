@@ -1,6 +1,17 @@
+import pytest
 import torch
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 
-from trl_t2i.models import TINY_JANUS, build_tiny_janus, get_family, load_model, load_processor, resolve_name
+from trl_t2i.models import (
+    TINY_JANUS,
+    TINY_LLAMAGEN,
+    build_tiny_janus,
+    get_family,
+    load_model,
+    load_processor,
+    resolve_name,
+)
 
 
 def _state(model):
@@ -38,6 +49,22 @@ def test_name_resolves_to_a_saved_model_that_reloads_identically():
     assert tokens[:2] == ["<｜begin▁of▁sentence｜>", "<|User|>"]
     assert tokens[-3:] == ["<|Assistant|>", ":", "<begin_of_image>"]
     assert "red" in tokens and "<unk>" not in tokens
+
+
+@pytest.mark.parametrize("name", [TINY_JANUS, TINY_LLAMAGEN])
+def test_a_tiny_models_name_is_no_hub_id_so_it_hides_no_repo(name):
+    with pytest.raises(HFValidationError):
+        validate_repo_id(name)
+
+
+@pytest.mark.parametrize(
+    "former, name", [("trl-t2i/tiny-janus", TINY_JANUS), ("trl-t2i/tiny-llamagen", TINY_LLAMAGEN)]
+)
+def test_a_former_tiny_name_goes_to_the_hub_and_its_failure_names_the_new_one(monkeypatch, former, name):
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    assert resolve_name(former) == former  # a Hub repo of that name would load
+    with pytest.raises(OSError, match=f"'{former}'.*now '{name}'"):
+        load_model(former)
 
 
 def test_codes_decode_to_distinct_colours_spread_over_rgb(tiny_janus):

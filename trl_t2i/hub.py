@@ -232,8 +232,8 @@ def _metric(value) -> str:
 
 
 def _model_link(model_id: str) -> str:
-    """A Hub link for Hub ids; local paths and the locally built tiny models have no page to link to."""
-    if model_id.startswith("trl-t2i/tiny-") or Path(model_id).exists() or model_id.count("/") != 1:
+    """A Hub link for Hub ids; local paths and the locally built tiny models (`tiny:janus`) have no page."""
+    if Path(model_id).exists() or model_id.count("/") != 1:
         return f"`{model_id}`"
     return f"[`{model_id}`](https://huggingface.co/{model_id})"
 

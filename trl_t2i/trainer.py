@@ -101,7 +101,7 @@ class T2IGRPOTrainer(GRPOTrainer):
 
     dataset = Dataset.from_dict({"prompt": ["a red cat", "a blue car", "a green bird", "a yellow hat"]})
     trainer = T2IGRPOTrainer(
-        model="trl-t2i/tiny-janus",  # or "deepseek-community/Janus-Pro-7B"
+        model="tiny:janus",  # or "deepseek-community/Janus-Pro-7B"
         reward_funcs=colour_match,
         args=T2IGRPOConfig(output_dir="tiny-grpo-js", divergence="js", beta=0.04, use_cpu=True),
         train_dataset=dataset,
@@ -134,7 +134,7 @@ class T2IGRPOTrainer(GRPOTrainer):
         model (`str` or `PreTrainedModel`):
             Hub id or local path of a supported text-to-image model (Janus, or LlamaGen converted with
             `trl-t2i convert_llamagen`; loaded with `args.model_init_kwargs` and `quantization_config`), or an
-            instantiated model. `"trl-t2i/tiny-janus"` and `"trl-t2i/tiny-llamagen"` are built locally.
+            instantiated model. `"tiny:janus"` and `"tiny:llamagen"` are built locally.
         reward_funcs (callable or list of callables):
             Reward functions `f(prompts, completions, **kwargs) -> list[float | None]`, where `completions` are PIL
             images and `prompts` the raw captions. Each gets the other dataset columns as keyword arguments.
@@ -178,7 +178,7 @@ class T2IGRPOTrainer(GRPOTrainer):
         model_id = model if isinstance(model, str) else unwrap_model(model).config._name_or_path
         self._base_model_id = model_id
         if args is None:
-            args = T2IGRPOConfig(f"{(model_id or 'model').rstrip('/').split('/')[-1]}-T2I-GRPO")
+            args = T2IGRPOConfig(f"{(model_id or 'model').rstrip('/').split('/')[-1].replace(':', '-')}-T2I-GRPO")
         if not isinstance(args, T2IGRPOConfig):
             raise TypeError(f"`args` must be a T2IGRPOConfig, got {type(args).__name__}.")
         check_sharding(args)  # before any model is loaded

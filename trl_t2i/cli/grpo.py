@@ -115,7 +115,7 @@ def make_parser() -> TrlParser:
 def check_model_args(model_args: ModelConfig, script_args: T2IScriptArguments, training_args: T2IGRPOConfig) -> None:
     """Catch bad combinations before any model or dataset is loaded."""
     if not model_args.model_name_or_path:
-        raise ValueError("Set `model_name_or_path` (e.g. deepseek-community/Janus-Pro-7B or trl-t2i/tiny-janus).")
+        raise ValueError("Set `model_name_or_path` (e.g. deepseek-community/Janus-Pro-7B or tiny:janus).")
     if model_args.load_in_4bit and model_args.load_in_8bit:
         raise ValueError("Choose one of `load_in_4bit` and `load_in_8bit`, not both.")
     if (model_args.load_in_4bit or model_args.load_in_8bit) and not model_args.use_peft:

@@ -1,6 +1,6 @@
 """Sample images from an autoregressive text-to-image model (optionally with a trained LoRA adapter).
 
-    trl-t2i sample --model_name_or_path trl-t2i/tiny-janus --prompts "a red cat" "a blue dog"
+    trl-t2i sample --model_name_or_path tiny:janus --prompts "a red cat" "a blue dog"
     trl-t2i sample --model_name_or_path deepseek-community/Janus-Pro-7B --adapter me/janus-grpo-js \
         --prompts "a photo of an astronaut riding a horse" --num_images_per_prompt 4 --dtype bfloat16
 

@@ -22,7 +22,12 @@ TINY_MODELS = {
     tiny.TINY_JANUS: ("tiny-janus", tiny.TINY_REVISION, tiny.build_tiny_janus),
     llamagen.TINY_LLAMAGEN: ("tiny-llamagen", llamagen.tiny.TINY_REVISION, llamagen.build_tiny_llamagen),
 }
-"""The tiny models by name: cache folder name, revision (bumped when the builder changes) and builder."""
+"""The tiny models by name (`tiny:<family>`, never a Hub id): cache folder name, revision (bumped when the builder
+changes) and builder."""
+
+RENAMED_TINY_MODELS = {"trl-t2i/tiny-janus": tiny.TINY_JANUS, "trl-t2i/tiny-llamagen": llamagen.TINY_LLAMAGEN}
+"""The tiny models' former names, which a Hub repo could have: they now go to the Hub like any id, and a failure
+names the new one."""
 
 
 def resolve_name(name_or_path: str) -> str:
@@ -101,6 +106,11 @@ def _naming_a_missing_model(load: Callable) -> Callable:
 
 
 def _missing_model(name: str, error: OSError) -> str:
+    if name in RENAMED_TINY_MODELS:
+        return (
+            f"Could not load the model {name!r} (`model_name_or_path`) from the Hugging Face Hub: trl_t2i's tiny "
+            f"model of that name is now {RENAMED_TINY_MODELS[name]!r} (a name no Hub repo can have)."
+        )
     hub_id = name.count("/") == 1 and not name.startswith(("/", ".", "~"))
     if not hub_id:
         return (

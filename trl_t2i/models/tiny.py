@@ -38,9 +38,9 @@ from transformers import (
 )
 
 
-TINY_JANUS = "trl-t2i/tiny-janus"
+TINY_JANUS = "tiny:janus"
 """Name under which recipes and scripts refer to the tiny Janus; resolved to a local directory by
-`trl_t2i.models.resolve_name`."""
+`trl_t2i.models.resolve_name`. No Hub repo id has a colon, so the name never hides one."""
 
 TINY_REVISION = 2
 """Bump whenever `build_tiny_janus` changes, so that copies cached by older versions are not reused."""

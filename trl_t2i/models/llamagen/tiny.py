@@ -18,9 +18,8 @@ from .configuration_llamagen import LlamaGenConfig
 from .modeling_llamagen import LlamaGenForImageGeneration
 
 
-TINY_LLAMAGEN = "trl-t2i/tiny-llamagen"
-"""Name under which recipes and scripts refer to the tiny LlamaGen; resolved to a local directory by
-`resolve_tiny_llamagen`."""
+TINY_LLAMAGEN = "tiny:llamagen"
+"""Name under which recipes and scripts refer to the tiny LlamaGen (see `trl_t2i.models.tiny.TINY_JANUS`)."""
 
 TINY_REVISION = 2
 """Bump whenever `build_tiny_llamagen` changes, so that copies cached by older versions are not reused."""
