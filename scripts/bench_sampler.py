@@ -31,7 +31,7 @@ from transformers.cache_utils import DynamicLayer
 
 from trl_t2i.decoding import prefill_distinct_rows, sample_image_tokens
 from trl_t2i.merged_adapters import merged_adapters
-from trl_t2i.models import build_tiny_janus, get_family, janus
+from trl_t2i.models import build_tiny_janus, cache, get_family
 from trl_t2i.sampling import SamplingConfig, image_logp_table
 
 
@@ -139,9 +139,9 @@ def allocated_per_step(config: dict, images: int, growing: bool) -> tuple[float,
     """(MB allocated per decode step, `aten::cat` calls per step) of the eager sampler, with a KV cache grown by
     concatenation (transformers' `DynamicLayer`) or preallocated (ours)."""
     model, family, conditioning = build(config, images)
-    layer = (lambda max_length: DynamicLayer()) if growing else janus.PreallocatedLayer
+    layer = (lambda max_length: DynamicLayer()) if growing else cache.PreallocatedLayer
     with (
-        mock.patch.object(janus, "PreallocatedLayer", layer),
+        mock.patch.object(cache, "PreallocatedLayer", layer),
         profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler,
     ):
         sample_image_tokens(family, model, conditioning, SAMPLING)

@@ -272,8 +272,8 @@ def test_decoding_ignores_autocast(tiny_family):
 
 
 def _cached_keys(state):
-    """The keys of every layer of a decode's cache (transformers' `Cache` layers or `LlamaGenKVCache` pairs)."""
-    return [layer.keys if hasattr(layer, "keys") else layer[0] for layer in state.cache.layers]
+    """The keys of every layer of a decode's cache."""
+    return [layer.keys for layer in state.cache.layers]
 
 
 def test_the_decode_cache_is_allocated_once_not_grown_every_step(tiny_family, prompts):

@@ -28,9 +28,8 @@ def _addresses(decoder) -> set[int]:
     """Where the tensors a compiled step reads live: every shape's KV cache, mask and decode buffers."""
     tensors = []
     for state, buffers in decoder.shapes.values():
-        cache = state.cache
-        layers = [(layer.keys, layer.values) for layer in cache.layers] if hasattr(cache, "layers") else cache.buffers
-        tensors += [tensor for pair in layers for tensor in pair] + [state.attention_mask]
+        tensors += [tensor for layer in state.cache.layers for tensor in (layer.keys, layer.values)]
+        tensors += [state.attention_mask, *(layer.cumulative_length for layer in state.cache.layers)]
         tensors += [buffers.logits, buffers.noise, buffers.position, *buffers.outputs.values()]
     return {tensor.data_ptr() for tensor in tensors}
 

@@ -743,7 +743,7 @@ def _rollout_items(arch: Architecture, setup: TrainingSetup) -> list[MemoryItem]
 
 def kv_cache_bytes(arch: Architecture, setup: TrainingSetup) -> int:
     """Keys and values of every layer for every sampled row, allocated once for the prompt and every image token
-    (`PreallocatedLayer`, `LlamaGenKVCache`; compiled: the static caches, `kv_cache_positions`)."""
+    (`PreallocatedCache`; compiled: the `StaticDecodeCache`, `kv_cache_positions`)."""
     rows = setup.rollout_images * (2 if setup.guided_sampling else 1)
     return arch.num_layers * 2 * rows * kv_cache_positions(arch, setup) * arch.kv_width * setup.act_bytes
 

@@ -13,11 +13,13 @@ teacher-forced scoring both consume it through the family, so they see the same 
 import types
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel
+
+from .cache import PreallocatedCache, StaticDecodeCache
 
 
 STATIC_LENGTH_MULTIPLE = 64
@@ -81,15 +83,33 @@ class Conditioning:
 class DecodeState:
     """What one KV-cached decode carries from step to step: the cache and the attention mask.
 
-    A family may allocate both for the whole sequence at prefill; then `attention_mask[:, :length]` is the mask of
-    the `length` positions fed so far. A `static` state keeps every shape fixed for the whole decode (the mask covers
-    every position, the cache counts its own length in a tensor), so a step can be compiled once and replayed.
+    The cache is a `PreallocatedCache` (eager) or a `StaticDecodeCache` (`static`, see `models/cache.py`). A family
+    may allocate the mask for the whole sequence at prefill; then `attention_mask[:, :length]` is the mask of the
+    `length` positions fed so far. A `static` state keeps every shape fixed for the whole decode (the cache counts
+    its own length in a tensor), so a step can be compiled once and replayed.
     """
 
-    cache: Any
+    cache: PreallocatedCache | StaticDecodeCache
     attention_mask: torch.LongTensor
     length: int = 0
     static: bool = False
+
+    @classmethod
+    def allocate_static(cls, num_layers: int, max_length: int, mask_shape: tuple[int, int], device) -> "DecodeState":
+        """A `static` state: a `StaticDecodeCache` of `max_length` positions and a mask of `mask_shape`, both kept at
+        their addresses by every later decode (`restart`), which a compiled step (a CUDA graph) reads."""
+        attention_mask = torch.ones(mask_shape, dtype=torch.long, device=device)
+        torch._dynamo.mark_static_address(attention_mask)
+        return cls(StaticDecodeCache(num_layers, max_length), attention_mask, static=True)
+
+    def restart(self, prompt_mask: torch.LongTensor) -> None:
+        """Static states: start a decode of a prompt whose mask is `prompt_mask` `(rows, P)`, in place: an empty
+        cache, the prompt's mask over the first `P` positions and ones past them (causality hides the positions not
+        written yet), `length = P`."""
+        self.cache.reset()
+        self.attention_mask.fill_(1)
+        self.attention_mask[:, : prompt_mask.size(1)] = prompt_mask
+        self.length = prompt_mask.size(1)
 
     def attend(self, image_position: int) -> None:
         """Static states: let the next step, which feeds image token `image_position` after the `length` positions of
@@ -200,16 +220,13 @@ class ModelFamily(ABC):
         """The vectors `(B, N, D)` of image tokens `(B, N)` (bare model) that GCPO's similarity rule compares
         (`token_selection="critical"`), those the paper's code takes for this family."""
 
-    @abstractmethod
-    def decode_pixels(self, model: nn.Module, image_tokens: torch.LongTensor) -> torch.Tensor:
-        """VQ-decode `(B, N)` image tokens (bare model) to pixels `(B, H, W, 3)` in about `[-1, 1]`, in the precision
-        the family's reference code decodes in. Called outside autocast; use `decode`."""
-
     def decode(self, model: nn.Module, image_tokens: torch.LongTensor) -> torch.Tensor:
-        """VQ-decode `(B, N)` image tokens to `uint8` images `(B, H, W, 3)`, in the family's reference precision
-        (`decode_pixels`) whatever autocast the caller runs under."""
+        """VQ-decode `(B, N)` image tokens to `uint8` images `(B, H, W, 3)` with the (bare) model's
+        `decode_image_tokens` (transformers' Janus method; LlamaGen's model has its own), which decodes in the
+        precision of the family's reference code (Janus: the weights' dtype; LlamaGen: fp32), whatever autocast the
+        caller runs under."""
         with torch.autocast(image_tokens.device.type, enabled=False):
-            pixels = self.decode_pixels(model, image_tokens)
+            pixels = model.decode_image_tokens(image_tokens)
         return ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
     @classmethod

@@ -7,79 +7,10 @@ exactly like `JanusForConditionalGeneration.generate(generation_mode="image")`.
 """
 
 import torch
-from torch import nn
 from transformers import JanusForConditionalGeneration
-from transformers.cache_utils import Cache, DynamicLayer, StaticLayer
 
 from .base import Conditioning, DecodeState, ModelFamily, image_head_logits, static_cache_length
-
-
-class AttendedStaticLayer(StaticLayer):
-    """transformers' `StaticLayer` (fixed-shape buffers for `max_cache_len` positions, a tensor position counter, so
-    one compiled step serves every position) whose attention reads only its first `attended` positions
-    (`DecodeState.attend`): the step writes the new keys and values in place and returns views of those positions."""
-
-    def __init__(self, max_cache_len: int):
-        super().__init__(max_cache_len)
-        self.attended = max_cache_len
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        keys, values = super().update(key_states, value_states, *args, **kwargs)
-        return keys[:, :, : self.attended], values[:, :, : self.attended]
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.attended, 0
-
-
-class StaticDecodeCache(Cache):
-    """A `Cache` of `AttendedStaticLayer`s for the compiled decode, all attending over the same positions."""
-
-    def __init__(self, num_layers: int, max_length: int):
-        super().__init__(layers=[AttendedStaticLayer(max_length) for _ in range(num_layers)])
-        self.max_length = self.attended = max_length
-
-    def attend(self, length: int) -> None:
-        self.attended = length
-        for layer in self.layers:
-            layer.attended = length
-
-
-class PreallocatedLayer(DynamicLayer):
-    """A `DynamicLayer` whose keys and values live in buffers allocated once for `max_length` positions: `update`
-    writes the new positions in place and returns views of the positions so far, instead of concatenating the whole
-    cache at every step. Attention sees exactly the tensors a `DynamicLayer` would give it (same length, same
-    values), so the masks, positions and logits are those of `generate`'s `DynamicCache`."""
-
-    def __init__(self, max_length: int):
-        super().__init__()
-        self.max_length = max_length
-        self.length = 0
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.device = key_states.device
-        self.key_buffer = key_states.new_empty((*key_states.shape[:2], self.max_length, key_states.shape[-1]))
-        self.value_buffer = value_states.new_empty((*value_states.shape[:2], self.max_length, value_states.shape[-1]))
-        self.is_initialized = True
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        end = self.length + key_states.size(-2)
-        if end > self.max_length:
-            raise ValueError(f"The cache holds {self.max_length} positions; {end} were fed.")
-        self.key_buffer[:, :, self.length : end] = key_states
-        self.value_buffer[:, :, self.length : end] = value_states
-        self.length = end
-        self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
-        return self.keys, self.values
-
-    def get_seq_length(self) -> int:
-        return self.length
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self.is_initialized:
-            self.key_buffer, self.value_buffer = self.key_buffer[indices], self.value_buffer[indices]
-            self.keys, self.values = self.key_buffer[:, :, : self.length], self.value_buffer[:, :, : self.length]
+from .cache import PreallocatedCache
 
 
 class JanusFamily(ModelFamily):
@@ -166,22 +97,18 @@ class JanusFamily(ModelFamily):
     def prefill(self, model, conditioning, static=False, reuse=None):
         input_ids, attention_mask = conditioning.tensors["input_ids"], conditioning.tensors["attention_mask"]
         prompt_length = input_ids.size(1)
+        num_layers = model.config.get_text_config().num_hidden_layers
         if static:
-            state = reuse or self._new_static_state(model, len(input_ids), self.static_decode_length(conditioning))
-            state.cache.reset()  # in place: the buffers keep their addresses
-            state.cache.attend(
-                state.cache.max_length
-            )  # the prompt: the whole cache, as the decode steps do at the end
-            state.attention_mask.fill_(1)  # image positions, and the positions past the image (causality hides them)
-            state.attention_mask[:, :prompt_length] = attention_mask
-            state.length = prompt_length
+            max_length = self.static_decode_length(conditioning)
+            state = reuse or DecodeState.allocate_static(
+                num_layers, max_length, (len(input_ids), max_length), model.device
+            )
+            state.restart(attention_mask)
             # A static cache attends over all its positions (causality hides the ones not written yet).
             mask = state.attention_mask
         else:
             # Cache and mask are allocated once for the prompt and every image token (not grown at every step).
-            max_length = prompt_length + self.num_image_tokens
-            num_layers = model.config.get_text_config().num_hidden_layers
-            cache = Cache(layers=[PreallocatedLayer(max_length) for _ in range(num_layers)])
+            cache = PreallocatedCache(num_layers, prompt_length + self.num_image_tokens)
             full_mask = torch.cat([attention_mask, attention_mask.new_ones(len(input_ids), self.num_image_tokens)], 1)
             state = DecodeState(cache=cache, attention_mask=full_mask, length=prompt_length)
             mask = attention_mask
@@ -192,14 +119,6 @@ class JanusFamily(ModelFamily):
             use_cache=True,
         )
         return image_head_logits(model.model.generation_head, output.last_hidden_state[:, -1]), state
-
-    @staticmethod
-    def _new_static_state(model, rows: int, max_length: int) -> DecodeState:
-        """A `StaticDecodeCache` of `max_length` positions and their mask."""
-        cache = StaticDecodeCache(model.config.get_text_config().num_hidden_layers, max_length)
-        attention_mask = torch.ones(rows, max_length, dtype=torch.long, device=model.device)
-        torch._dynamo.mark_static_address(attention_mask)
-        return DecodeState(cache=cache, attention_mask=attention_mask, static=True)
 
     def step(self, model, image_tokens, state):
         if state.static:
@@ -218,7 +137,3 @@ class JanusFamily(ModelFamily):
     def similarity_embeddings(self, model, image_tokens):
         # the input embeddings of image generation (the paper's `prepare_gen_img_embeds`)
         return model.prepare_embeddings_for_image_generation(image_tokens)
-
-    def decode_pixels(self, model: nn.Module, image_tokens: torch.LongTensor) -> torch.Tensor:
-        # in the weights' dtype, as deepseek-ai/Janus decodes (the whole model in bf16, no autocast)
-        return model.decode_image_tokens(image_tokens)

@@ -4,29 +4,17 @@ The prompt ids TRL carries are the captions' T5 ids (left-padded, at most `capti
 runs inside the model, in the same forward for sampling and for teacher-forced scoring, so both see the same ids,
 padding and masks. A row of the conditioning is `(input_ids, attention_mask, null_caption)`: the unconditional row
 of a caption is the same ids and mask with `null_caption` set, which the model reads as LlamaGen's null caption
-under the caption's mask (LlamaGen's `generate`).
+under the caption's mask (LlamaGen's `generate`). A decode's state carries the caption's mask: every step passes it
+again, and the model finds the caption length and the grid cell of the new token from it.
 """
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ..base import Conditioning, DecodeState, ModelFamily, static_cache_length
+from ..cache import PreallocatedCache
 from . import captions
-from .modeling_llamagen import LlamaGenForImageGeneration, LlamaGenKVCache, StaticLlamaGenKVCache
-
-
-class LlamaGenDecodeState(DecodeState):
-    """A `DecodeState` that also carries the conditioning: every step passes the caption's mask again (the model
-    finds the caption length and the grid position of the new token from it)."""
-
-    def __init__(self, cache, conditioning: Conditioning, static: bool = False):
-        super().__init__(cache=cache, attention_mask=conditioning.tensors["attention_mask"], static=static)
-        self.conditioning = conditioning
-
-    def select_rows(self, index: torch.LongTensor) -> None:
-        super().select_rows(index)
-        self.conditioning = Conditioning({name: tensor[index] for name, tensor in self.conditioning.tensors.items()})
+from .modeling_llamagen import LlamaGenForImageGeneration
 
 
 class LlamaGenFamily(ModelFamily):
@@ -92,23 +80,19 @@ class LlamaGenFamily(ModelFamily):
         return static_cache_length(self.config.caption_length + self.num_image_tokens)
 
     def prefill(self, model, conditioning, static=False, reuse=None):
-        if not static:  # allocated once for the caption and every image token (not grown at every step)
-            cache = LlamaGenKVCache(conditioning.tensors["input_ids"].size(1) + self.num_image_tokens)
-            output = model(**conditioning.tensors, cache=cache, use_cache=True)
-            return output.logits[:, -1], LlamaGenDecodeState(cache, conditioning)
-        # Every step sees the caption's mask: one compiled step for every caption length.
-        conditioning = self._padded_to_caption_length(conditioning)
-        if reuse is None:
-            cache = StaticLlamaGenKVCache(self.static_decode_length(conditioning))
-            conditioning = Conditioning({name: tensor.clone() for name, tensor in conditioning.tensors.items()})
-            reuse = LlamaGenDecodeState(cache, conditioning, static=True)
-        else:  # in place: a compiled step reads these very tensors
-            for name, tensor in reuse.conditioning.tensors.items():
-                tensor.copy_(conditioning.tensors[name])
-        reuse.cache.reset(model.device)
-        reuse.length = self.config.caption_length  # positions before the image (`DecodeState.attend`)
-        output = model(**reuse.conditioning.tensors, cache=reuse.cache, use_cache=True)
-        return output.logits[:, -1], reuse
+        num_layers = self.config.num_hidden_layers
+        if static:  # every step sees a caption of `caption_length` tokens: one compiled step for every caption
+            conditioning = self._padded_to_caption_length(conditioning)
+            caption_mask = conditioning.tensors["attention_mask"]
+            max_length = self.static_decode_length(conditioning)
+            state = reuse or DecodeState.allocate_static(num_layers, max_length, caption_mask.shape, model.device)
+            state.restart(caption_mask)
+        else:  # allocated once for the caption and every image token (not grown at every step)
+            caption_mask = conditioning.tensors["attention_mask"]
+            cache = PreallocatedCache(num_layers, caption_mask.size(1) + self.num_image_tokens)
+            state = DecodeState(cache=cache, attention_mask=caption_mask, length=caption_mask.size(1))
+        output = model(**conditioning.tensors, cache=state.cache, use_cache=True)
+        return output.logits[:, -1], state
 
     def _padded_to_caption_length(self, conditioning: Conditioning) -> Conditioning:
         """The rows left-padded to `caption_length` T5 tokens. The same logits: padding is masked, caption positions
@@ -120,17 +104,15 @@ class LlamaGenFamily(ModelFamily):
         return Conditioning(padded)
 
     def step(self, model, image_tokens, state):
+        # the caption is in the cache: only its mask goes in again
         output = model(
-            **state.conditioning.tensors, image_tokens=image_tokens[:, None], cache=state.cache, use_cache=True
+            attention_mask=state.attention_mask, image_tokens=image_tokens[:, None], cache=state.cache, use_cache=True
         )
         return output.logits[:, -1]
 
     def similarity_embeddings(self, model, image_tokens):
         # the VQ codebook vectors the decoder starts from, l2-normalised (the paper's `decode_code` → z_q)
         return F.normalize(model.vqmodel.quantize.embedding(image_tokens), dim=-1)
-
-    def decode_pixels(self, model: nn.Module, image_tokens: torch.LongTensor) -> torch.Tensor:
-        return model.decode_image_tokens(image_tokens)  # in fp32, as LlamaGen decodes
 
 
 def _lowercased(text: str) -> str:

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationConfig, JanusVQVAE, PreTrainedModel, T5EncoderModel
 from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
@@ -39,150 +40,19 @@ from ..base import image_head_logits
 from .configuration_llamagen import LlamaGenConfig
 
 
-class LlamaGenKVCache:
-    """Keys and values of every layer so far (one `(B, H, S, D)` pair per layer).
-
-    With `max_length`, each layer's keys and values live in buffers allocated once for that many positions (the
-    caption and every image token): `update` writes in place and returns views of the positions so far, instead of
-    concatenating the whole cache at every step. Without it the cache grows by concatenation.
-    """
-
-    def __init__(self, max_length: int | None = None):
-        self.max_length = max_length
-        self.buffers: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.layers: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-    def __len__(self) -> int:
-        """Number of positions cached."""
-        return self.layers[0][0].size(2) if self.layers else 0
-
-    def past_length(self) -> int | torch.Tensor:
-        """Positions cached before the current forward (a tensor for a static cache)."""
-        return len(self)
-
-    @property
-    def is_empty(self) -> bool:
-        return len(self) == 0
-
-    @property
-    def key_length(self) -> int | None:
-        """Keys every layer's `update` returns when fixed (a static cache); `None`: the positions so far."""
-        return None
-
-    def advance(self, length: int) -> None:
-        """Called once a forward's `length` new positions are written by every layer (a static cache counts them)."""
-
-    def update(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append this call's keys and values of one layer; return all of that layer's so far."""
-        if self.max_length is None:
-            if layer_idx == len(self.layers):
-                self.layers.append((keys, values))
-            else:
-                past_keys, past_values = self.layers[layer_idx]
-                self.layers[layer_idx] = (torch.cat([past_keys, keys], 2), torch.cat([past_values, values], 2))
-            return self.layers[layer_idx]
-        if layer_idx == len(self.layers):
-            shape = (*keys.shape[:2], self.max_length, keys.shape[3])
-            self.buffers.append((keys.new_empty(shape), values.new_empty(shape)))
-            self.layers.append((keys[:, :, :0], values[:, :, :0]))
-        start = self.layers[layer_idx][0].size(2)
-        end = start + keys.size(2)
-        if end > self.max_length:
-            raise ValueError(f"The cache holds {self.max_length} positions; {end} were fed.")
-        key_buffer, value_buffer = self.buffers[layer_idx]
-        key_buffer[:, :, start:end] = keys
-        value_buffer[:, :, start:end] = values
-        self.layers[layer_idx] = (key_buffer[:, :, :end], value_buffer[:, :, :end])
-        return self.layers[layer_idx]
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        """Keep (or repeat) the rows `indices` of every layer (transformers' `Cache` method of the same name)."""
-        self.buffers = [(keys[indices], values[indices]) for keys, values in self.buffers]
-        length = len(self)
-        if self.buffers:
-            self.layers = [(keys[:, :, :length], values[:, :, :length]) for keys, values in self.buffers]
-        else:
-            self.layers = [(keys[indices], values[indices]) for keys, values in self.layers]
-
-
-class StaticLlamaGenKVCache(LlamaGenKVCache):
-    """A `LlamaGenKVCache` of fixed shapes, for a decode step compiled once (`torch.compile`, CUDA graphs): every
-    layer's buffers hold `max_length` positions and `update` returns their first `attended` ones (`attend`; causality
-    hides the positions not written yet), and the number of positions cached is a tensor advanced in place, not a
-    Python int. `reset` empties it in place, so that later decodes reuse the tensors a compiled step was captured
-    with."""
-
-    def __init__(self, max_length: int):
-        super().__init__(max_length)
-        self.position: torch.Tensor | None = None
-        self.filled = False
-        self.attended = max_length
-
-    def attend(self, length: int) -> None:
-        """Let the next forwards attend over the first `length` positions only."""
-        self.attended = length
-
-    def past_length(self) -> torch.Tensor:
-        return self.position
-
-    @property
-    def is_empty(self) -> bool:
-        return not self.filled
-
-    @property
-    def key_length(self) -> int:
-        return self.attended
-
-    def update(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if layer_idx == len(self.buffers):
-            # zeros, not garbage: a masked key's value still meets a zero attention weight, and NaN · 0 is NaN
-            shape = (*keys.shape[:2], self.max_length, keys.shape[3])
-            self.buffers.append((keys.new_zeros(shape), values.new_zeros(shape)))
-            _mark_static(*self.buffers[-1])
-        index = self.past_length() + torch.arange(keys.size(2), device=keys.device)
-        key_buffer, value_buffer = self.buffers[layer_idx]
-        key_buffer.index_copy_(2, index, keys)
-        value_buffer.index_copy_(2, index, values)
-        return key_buffer[:, :, : self.attended], value_buffer[:, :, : self.attended]
-
-    def advance(self, length: int) -> None:
-        self.position.add_(length)
-        self.filled = True
-
-    def reset(self, device: torch.device) -> None:
-        """Empty the cache in place (its buffers and position keep their addresses)."""
-        for keys, values in self.buffers:
-            keys.zero_()
-            values.zero_()
-        if self.position is None:
-            self.position = torch.zeros((), dtype=torch.long, device=device)
-            _mark_static(self.position)
-        self.position.zero_()
-        self.filled = False
-        self.attended = self.max_length
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        raise NotImplementedError("A static cache keeps its rows: prefill it with every row instead.")
-
-
-def _mark_static(*tensors: torch.Tensor) -> None:
-    # CUDA graphs must know that these tensors' addresses stay fixed from step to step.
-    for tensor in tensors:
-        torch._dynamo.mark_static_address(tensor)
-
-
 @dataclass
 class LlamaGenOutput(ModelOutput):
     """
     logits (`torch.FloatTensor` of shape `(batch_size, n, codebook_size)`):
-        fp32 image-head logits (computed in the head's dtype: fp32 once `LlamaGenFamily.upcast_image_head` ran). Without a cache: from the last caption position on, so `logits[:, i]` scores image
-        token `i`. With a cache: one per image token fed, scoring the next one.
-    cache (`LlamaGenKVCache`, *optional*):
+        fp32 image-head logits (computed in the head's dtype: fp32 once `LlamaGenFamily.upcast_image_head` ran).
+        With the caption (`input_ids`): from the last caption position on, so `logits[:, i]` scores image token `i`.
+        After it (a cached caption): one per image token fed, scoring the next one.
+    cache (`Cache`, *optional*):
         The cache, extended by this call, when `use_cache=True`.
     """
 
     logits: torch.FloatTensor | None = None
-    cache: LlamaGenKVCache | None = None
+    cache: Cache | None = None
 
 
 class LlamaGenRMSNorm(nn.Module):
@@ -237,14 +107,14 @@ class LlamaGenAttention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
         self.o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
 
-    def forward(self, hidden_states, cos, sin, attention_mask, cache: LlamaGenKVCache | None = None):
+    def forward(self, hidden_states, cos, sin, attention_mask, cache: Cache | None = None):
         batch_size, length, _ = hidden_states.shape
         shape = (batch_size, length, self.num_heads, self.head_dim)
         query = apply_rotary(self.q_proj(hidden_states).view(shape).transpose(1, 2), cos, sin)
         key = apply_rotary(self.k_proj(hidden_states).view(shape).transpose(1, 2), cos, sin)
         value = self.v_proj(hidden_states).view(shape).transpose(1, 2)
         if cache is not None:
-            key, value = cache.update(self.layer_idx, key, value)
+            key, value = cache.update(key, value, self.layer_idx)
         output = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)
         return self.o_proj(output.transpose(1, 2).reshape(batch_size, length, -1))
 
@@ -301,34 +171,34 @@ class LlamaGenTransformer(nn.Module):
         self.layers = nn.ModuleList(LlamaGenDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = LlamaGenRMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, inputs_embeds, caption_mask, cache: LlamaGenKVCache | None = None) -> torch.Tensor:
+    def forward(self, inputs_embeds, caption_mask, cache: Cache | None = None) -> torch.Tensor:
         """Hidden states of `inputs_embeds`, the positions after those already cached.
 
         `caption_mask` `(B, P)` is the mask of the caption, the first `P` positions of the whole sequence.
         """
-        past = cache.past_length() if cache is not None else 0
-        positions = torch.arange(inputs_embeds.size(1), device=inputs_embeds.device) + past
+        length = inputs_embeds.size(1)
+        # A static cache counts its positions in a tensor and attends over a fixed number of keys (`get_mask_sizes`):
+        # the same shapes at every position, for a compiled step.
+        past = cache.get_seq_length() if cache is not None else 0
+        key_length = cache.get_mask_sizes(length, 0)[0] if cache is not None else length
+        positions = torch.arange(length, device=inputs_embeds.device) + past
         cos, sin = grid_rotary_embedding(self.config, positions - caption_mask.size(1))
-        mask = attention_mask(caption_mask, positions, cache.key_length if cache is not None else None)
+        mask = attention_mask(caption_mask, positions, key_length)
         hidden_states = inputs_embeds
         for layer in self.layers:
             hidden_states = layer(hidden_states, cos=cos, sin=sin, attention_mask=mask, cache=cache)
-        if cache is not None:
-            cache.advance(inputs_embeds.size(1))
         return self.norm(hidden_states)
 
 
-def attention_mask(
-    caption_mask: torch.Tensor, query_positions: torch.Tensor, key_length: int | None = None
-) -> torch.Tensor:
-    """Boolean SDPA mask `(B, 1, S, K)` of the queries at `query_positions` over keys `0 … last query`, or over
-    `key_length` keys (a static cache's, where causality hides those past the last query).
+def attention_mask(caption_mask: torch.Tensor, query_positions: torch.Tensor, key_length: int) -> torch.Tensor:
+    """Boolean SDPA mask `(B, 1, S, K)` of the queries at `query_positions` over the first `key_length` keys (the
+    positions so far, or a static cache's attended positions, where causality hides those past the last query).
 
     Causal, padding positions of the caption masked as keys, and every position attends to itself (LlamaGen's
     identity diagonal, which keeps a padding query from attending to nothing).
     """
     batch_size, caption_length = caption_mask.shape
-    keys = torch.arange(key_length or int(query_positions[-1]) + 1, device=caption_mask.device)
+    keys = torch.arange(key_length, device=caption_mask.device)
     key_is_real = torch.cat(
         [caption_mask.bool(), caption_mask.new_ones(batch_size, len(keys) - caption_length).bool()], 1
     )
@@ -425,34 +295,37 @@ class LlamaGenForImageGeneration(LlamaGenPreTrainedModel):
 
     def forward(
         self,
-        input_ids: torch.LongTensor,
-        attention_mask: torch.LongTensor,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.LongTensor | None = None,
         null_caption: torch.BoolTensor | None = None,
         image_tokens: torch.LongTensor | None = None,
-        cache: LlamaGenKVCache | None = None,
+        cache: Cache | None = None,
         use_cache: bool = False,
         **kwargs,
     ) -> LlamaGenOutput:
         r"""
-        input_ids, attention_mask (`torch.LongTensor` of shape `(batch_size, P)`):
-            The captions' left-padded T5 ids and mask, at every call (with a non-empty cache the caption is already
-            in it, and only its mask is read).
+        input_ids (`torch.LongTensor` of shape `(batch_size, P)`, *optional*):
+            The captions' left-padded T5 ids, when the caption is not in `cache` yet (teacher forcing, a prefill);
+            `None` for the image tokens fed after a cached caption.
+        attention_mask (`torch.LongTensor` of shape `(batch_size, P)`):
+            The captions' mask, at every call (the caption length and the grid cell of each image token follow
+            from it).
         null_caption (`torch.BoolTensor` of shape `(batch_size,)`, *optional*):
             Rows that take the null caption (classifier-free guidance's unconditional rows).
         image_tokens (`torch.LongTensor` of shape `(batch_size, n)`, *optional*):
-            Image tokens after the caption: the first `n` of an image (teacher forcing, or a prompt), or with a cache
-            the next `n`.
-        cache (`LlamaGenKVCache`, *optional*):
-            Cache of the positions already run; with `use_cache=True` a new one is started when it is `None`.
+            Image tokens after the caption: the first `n` of an image (teacher forcing, or a prompt), or after a
+            cached caption the next `n`.
+        cache (`Cache`, *optional*):
+            Cache of the positions already run (the families' `PreallocatedCache` or `StaticDecodeCache`); with
+            `use_cache=True` a `DynamicCache` is started when it is `None`.
         """
-        cache = (cache if cache is not None else LlamaGenKVCache()) if use_cache else None
-        first_call = cache is None or cache.is_empty
-        embeds = [self.embed_captions(input_ids, attention_mask, null_caption)] if first_call else []
+        cache = (cache if cache is not None else DynamicCache()) if use_cache else None
+        embeds = [] if input_ids is None else [self.embed_captions(input_ids, attention_mask, null_caption)]
         if image_tokens is not None:
             embeds.append(self.transformer.embed_tokens(image_tokens))
         hidden_states = self.transformer(torch.cat(embeds, dim=1), attention_mask, cache)
         # From the last caption position on: the position before image token i scores it.
-        start = input_ids.size(1) - 1 if first_call else 0
+        start = 0 if input_ids is None else input_ids.size(1) - 1
         logits = image_head_logits(self.image_head, hidden_states[:, start:])
         return LlamaGenOutput(logits=logits, cache=cache)
 
@@ -473,4 +346,4 @@ class LlamaGenForImageGeneration(LlamaGenPreTrainedModel):
         return hidden_states.permute(0, 2, 3, 1)
 
 
-__all__ = ["LlamaGenForImageGeneration", "LlamaGenPreTrainedModel", "LlamaGenKVCache", "LlamaGenOutput"]
+__all__ = ["LlamaGenForImageGeneration", "LlamaGenPreTrainedModel", "LlamaGenOutput"]
