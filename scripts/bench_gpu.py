@@ -242,7 +242,7 @@ def train_steps(scale: Scale, overrides: dict, steps: int) -> dict:
     from transformers import TrainerCallback
 
     from trl_t2i import T2IGRPOConfig, T2IGRPOTrainer
-    from trl_t2i import trl_boundary as trl
+    from trl_t2i import trl_boundary as boundary
     from trl_t2i.rewards import colour_match
 
     class StepTimer(TrainerCallback):
@@ -253,7 +253,7 @@ def train_steps(scale: Scale, overrides: dict, steps: int) -> dict:
 
         def recorded(self) -> dict[str, list[float]]:
             self.trainer.flush_stage_times()
-            return {stage: trl.recorded_metric(self.trainer, f"time/{stage}") for stage in STAGES}
+            return {stage: boundary.recorded_metric(self.trainer, f"time/{stage}") for stage in STAGES}
 
         def on_step_begin(self, args, state, control, **kwargs):
             self.before = self.recorded()

@@ -31,7 +31,7 @@ import time
 import torch
 from transformers import TrainerCallback
 
-from trl_t2i import trl_boundary as trl
+from trl_t2i import trl_boundary as boundary
 from trl_t2i.memory import Architecture, janus_pro_1b
 
 
@@ -72,12 +72,12 @@ class StepTimer(TrainerCallback):
     def on_step_begin(self, args, state, control, **kwargs):
         self.start = time.perf_counter()
         self.trainer.flush_stage_times()
-        self.recorded = {stage: len(trl.recorded_metric(self.trainer, f"time/{stage}")) for stage in TIMED_STAGES}
+        self.recorded = {stage: len(boundary.recorded_metric(self.trainer, f"time/{stage}")) for stage in TIMED_STAGES}
 
     def on_step_end(self, args, state, control, **kwargs):
         self.trainer.flush_stage_times()
         stages = {
-            stage: sum(trl.recorded_metric(self.trainer, f"time/{stage}")[self.recorded[stage] :])
+            stage: sum(boundary.recorded_metric(self.trainer, f"time/{stage}")[self.recorded[stage] :])
             for stage in TIMED_STAGES
         }
         self.steps.append((time.perf_counter() - self.start, stages))

@@ -5,6 +5,7 @@ import torch
 from conftest import first_batch, loss_with_gradients, make_trainer, perturb_adapters, policy_token_logps
 
 from trl_t2i.trainer import SAMPLER_WEIGHTS
+from trl_t2i.trl_boundary import Batch
 
 
 def _ratio_weights(log_ratio: torch.Tensor, mode: str, low, high) -> torch.Tensor:
@@ -36,7 +37,7 @@ def test_the_weights_are_trls_truncated_importance_ratios(tmp_path, mode, low):
     batch["old_per_token_logps"] = old_logps
     batch["sampling_per_token_logps"] = old_logps - 0.3 * torch.randn_like(old_logps)
 
-    weights = trainer._sampler_weights(batch)
+    weights = trainer._sampler_weights(Batch.of(batch))
     log_ratio = old_logps - batch["sampling_per_token_logps"]
     torch.testing.assert_close(weights, _ratio_weights(log_ratio, mode, low, 1.3))
     assert (weights != _ratio_weights(log_ratio, mode, 0.0, torch.inf)).any()  # the bounds did act

@@ -14,7 +14,7 @@ from PIL import Image
 from trl import GRPOTrainer
 
 from trl_t2i import TINY_JANUS, T2IGRPOTrainer
-from trl_t2i import trl_boundary as trl
+from trl_t2i import trl_boundary as boundary
 from trl_t2i.models import load_model
 from trl_t2i.rewards import colour_match
 
@@ -47,11 +47,13 @@ def test_generate_returns_the_rollout_in_trls_slots(tmp_path):
 def test_metrics_buffers_are_averaged_and_cleared_by_log(tmp_path):
     trainer = make_trainer(tmp_path)
     trainer.model.train()
-    trl.record_metric(trainer, "probe", 1.0)
-    trl.record_metric(trainer, "probe", 3.0)
-    assert trl.recorded_metric(trainer, "probe") == [1.0, 3.0] and trl.recorded_metric(trainer, "absent") == []
-    trl.set_metric(trainer, "total", 5.0)
-    trl.set_metric(trainer, "total", 7.0)
+    boundary.record_metric(trainer, "probe", 1.0)
+    boundary.record_metric(trainer, "probe", 3.0)
+    assert (
+        boundary.recorded_metric(trainer, "probe") == [1.0, 3.0] and boundary.recorded_metric(trainer, "absent") == []
+    )
+    boundary.set_metric(trainer, "total", 5.0)
+    boundary.set_metric(trainer, "total", 7.0)
     trainer.log({})
     assert trainer.state.log_history[-1]["probe"] == 2.0 and trainer.state.log_history[-1]["total"] == 7.0
     assert "probe" not in trainer._metrics["train"]
@@ -65,7 +67,7 @@ def test_calculate_rewards_returns_every_ranks_rewards_in_rank_order(tmp_path):
     rewards = trainer._calculate_rewards(inputs, prompts, images, [[0]] * len(prompts))
     assert rewards.shape == (len(prompts), 1)
     torch.testing.assert_close(
-        trl.local_rows(trainer, rewards, len(prompts))[:, 0], torch.tensor(colour_match(prompts, images))
+        boundary.local_rows(trainer, rewards, len(prompts))[:, 0], torch.tensor(colour_match(prompts, images))
     )
     # TRL keeps this rank's rows of the gathered rewards and advantages with the same slice
     source = inspect.getsource(GRPOTrainer._generate_and_score_completions)
@@ -80,14 +82,14 @@ def test_logged_completions_feed_trls_table_as_images(tmp_path):
     trainer._generate_and_score_completions(_generation_batch(trainer))
     completions = list(trainer._logs["completion"])
     assert completions and all(isinstance(image, Image.Image) for image in completions)
-    trl.completions_as_images(trainer)
+    boundary.completions_as_images(trainer)
     assert list(trainer._logs["completion"]) == ["<image 8x8>"] * len(completions)
     assert [images[0] for images in trainer._logs["images"]] == completions
 
 
 def test_parameter_gathering_for_generation_is_a_context(tmp_path):
     trainer = make_trainer(tmp_path)
-    with trl.gathered_parameters(trainer):
+    with boundary.gathered_parameters(trainer):
         pass
 
 
@@ -151,7 +153,7 @@ def test_a_model_with_a_trained_adapter_keeps_it_as_the_reference_even_at_beta_z
         args=make_config(tmp_path, beta=0.0),
         train_dataset=Dataset.from_dict({"prompt": TRAINING_PROMPTS}),
     )
-    assert trl.reference_adapter_name(trainer.model) == "ref" and trainer.args.beta == 0.0
+    assert boundary.reference_adapter_name(trainer.model) == "ref" and trainer.args.beta == 0.0
     batch = first_batch(trainer)
     with torch.no_grad():
         policy = trainer._teacher_forced_logits(

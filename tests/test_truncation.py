@@ -70,7 +70,7 @@ def test_the_truncated_sampled_penalty_estimates_its_shifted_divergence_on_the_s
     truncated = truncate_logits(logits, trainer.args.sampling, trainer.args.cfg_logprobs).log_softmax(-1)
     policy_logps = truncated.clamp(min=MIN_LOGP)  # each of the 8 codes as a "position", as the trainer scores it
     full, reference = logits.log_softmax(-1), ref_logits.log_softmax(-1)
-    ratio = trainer._penalty_importance_ratio({"completion_mask": torch.ones(1, 8)}, policy_logps, full)
+    ratio = trainer._penalty_importance_ratio(None, torch.ones(1, 8), policy_logps, full)
     expectation = (truncated.exp() * ratio * trainer.divergence.sampled(full, reference)).sum()
 
     support = truncated > -math.inf

@@ -17,6 +17,8 @@ from transformers.trainer_utils import (
     sort_checkpoints,
 )
 
+from . import trl_boundary as boundary
+
 
 STAGING_DIR = ".checkpoint-staging"
 """Folder of the output directory where a checkpoint is written before it is renamed to `checkpoint-N`."""
@@ -97,11 +99,11 @@ def staged(trainer, trial=None):
     `checkpoint-N` once every process has written its part: a crash or a full disk never leaves a `checkpoint-N` that
     resuming would take for a complete one.
 
-    transformers' `_save_checkpoint` finds the run folder through `_get_output_dir` and pushes through
-    `_push_from_checkpoint`: both are redirected for the block. Pushing, rotating old checkpoints and the recorded best
-    checkpoint then use the final name.
+    transformers' `_save_checkpoint` is redirected into the staging folder for the block, without pushing
+    (`trl_boundary.checkpoint_saved_into`); pushing, rotating old checkpoints and the recorded best checkpoint then use
+    the final name.
     """
-    run_dir, name = trainer._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{trainer.state.global_step}"
+    run_dir, name = boundary.run_dir(trainer, trial), f"{PREFIX_CHECKPOINT_DIR}-{trainer.state.global_step}"
     checkpoint = os.path.join(run_dir, name)
     staging_dir = os.path.join(run_dir, STAGING_DIR)
     staged_checkpoint = os.path.join(staging_dir, name)
@@ -109,10 +111,9 @@ def staged(trainer, trial=None):
     if writer:
         shutil.rmtree(staging_dir, ignore_errors=True)  # left by a crash
     trainer.accelerator.wait_for_everyone()
-    trainer._get_output_dir = lambda trial=None: staging_dir
-    trainer._push_from_checkpoint = lambda folder: None
     try:
-        yield
+        with boundary.checkpoint_saved_into(trainer, staging_dir):
+            yield
     except Exception as error:
         disk_full = _disk_full(error, run_dir)  # before removing the partial checkpoint frees space
         if writer:
@@ -121,8 +122,6 @@ def staged(trainer, trial=None):
             message = f"no space left on device while saving {name} to {run_dir}; {_previous(run_dir)}"
             raise OSError(errno.ENOSPC, message) from error
         raise
-    finally:
-        del trainer._get_output_dir, trainer._push_from_checkpoint
     trainer.accelerator.wait_for_everyone()
     if writer:
         shutil.rmtree(checkpoint, ignore_errors=True)  # saved before, by a run resumed from an earlier checkpoint
@@ -133,7 +132,7 @@ def staged(trainer, trial=None):
         if writer:
             trainer.state.save_to_json(os.path.join(checkpoint, TRAINER_STATE_NAME))
     if trainer.args.push_to_hub:
-        trainer._push_from_checkpoint(checkpoint)
+        boundary.push_checkpoint(trainer, checkpoint)
     if writer:
         rotate_checkpoints(run_dir, trainer.args.save_total_limit, trainer.state.best_model_checkpoint, use_mtime=True)
 

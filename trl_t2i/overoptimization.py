@@ -22,7 +22,7 @@ import torch
 from accelerate.utils import gather_object
 from PIL import Image
 
-from . import trl_boundary as trl
+from . import trl_boundary as boundary
 from .metrics import pairwise_cosine_distance, pixel_features
 
 
@@ -133,10 +133,10 @@ class HeldOutScores:
             self.values.setdefault(name, []).extend(values)
             mean, std, _ = _statistics(values)
             if name == DIVERSITY:
-                trl.record_metric(trainer, DIVERSITY_METRIC, mean)
+                boundary.record_metric(trainer, DIVERSITY_METRIC, mean)
             elif name != TRAINED:  # TRL records the trained rewards itself
-                trl.record_metric(trainer, f"rewards/{name}/mean", mean)
-                trl.record_metric(trainer, f"rewards/{name}/std", std)
+                boundary.record_metric(trainer, f"rewards/{name}/mean", mean)
+                boundary.record_metric(trainer, f"rewards/{name}/std", std)
 
     def _watched_rewards(self, trainer, inputs, prompts, images) -> dict[str, list[float]]:
         """Each watched reward of the images of every process, called as TRL calls the trained ones."""

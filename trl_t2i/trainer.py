@@ -1,6 +1,6 @@
 import contextlib
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,7 +16,7 @@ from trl.trainer.callbacks import SyncRefModelCallback
 from trl.trainer.utils import disable_dropout_in_model, use_adapter
 
 from . import checkpoints, hub
-from . import trl_boundary as trl
+from . import trl_boundary as boundary
 from .beta_schedule import BetaSchedule
 from .config import T2IGRPOConfig
 from .data import fit_prompts
@@ -62,29 +62,20 @@ SAMPLER_WEIGHTS = "sampler_importance_weights"
 
 @dataclass
 class PolicyScores:
-    """What the policy forward inside TRL's `_compute_loss` computed, kept for the divergence penalty.
+    """Teacher-forced scores of a batch's image tokens under a model, from one forward (`T2IGRPOTrainer._score`).
 
     Attributes:
-        keep_tables: whether to keep the full tables (the exact estimator needs them).
-        logps: the per-token log-probs `(B, N)` TRL's loss used: of the sampled (possibly truncated) distribution,
-            floored at `MIN_LOGP` outside its support. One tensor per scored chunk, differentiable.
-        untruncated_logps: the same tokens' log-probs before top-k/top-p, which the penalty uses.
-        untruncated_tables: the `(B, N, V)` log-probs before top-k/top-p, when `keep_tables`.
-        weighted_inputs: with `dynamic_advantage`, the micro-batch whose `advantages` the policy forward weighs
-            (TRL reads them after that forward).
+        logps: `(B, N)` per-token log-probs of the sampled (possibly truncated) distribution, floored at `MIN_LOGP`
+            outside its support: what TRL's loss uses. Differentiable when scored with gradient.
+        entropies: `(B, N)` the entropy of that distribution at every position (TRL's loss logs it), when asked for.
+        untruncated_logps: the same tokens' log-probs before top-k/top-p, which the penalty uses, when asked for.
+        untruncated_table: the `(B, N, V)` log-probs before top-k/top-p (the exact estimator), when asked for.
     """
 
-    keep_tables: bool
-    weighted_inputs: dict | None = None
-    logps: list[torch.Tensor] = field(default_factory=list)
-    untruncated_logps: list[torch.Tensor] = field(default_factory=list)
-    untruncated_tables: list[torch.Tensor] = field(default_factory=list)
-
-    def add(self, logps: torch.Tensor, untruncated_logps: torch.Tensor, untruncated_table: torch.Tensor) -> None:
-        self.logps.append(logps)
-        self.untruncated_logps.append(untruncated_logps)
-        if self.keep_tables:
-            self.untruncated_tables.append(untruncated_table)
+    logps: torch.Tensor
+    entropies: torch.Tensor | None = None
+    untruncated_logps: torch.Tensor | None = None
+    untruncated_table: torch.Tensor | None = None
 
 
 class T2IGRPOTrainer(GRPOTrainer):
@@ -121,14 +112,15 @@ class T2IGRPOTrainer(GRPOTrainer):
       needs them (TRL's own KL, and so its reference pass, is always off: `self.beta == 0`);
     * `_get_per_token_logps_and_entropies`: teacher-forced image-token log-probs through the (wrapped) model's
       forward — TRL's own scorer would run image ids through the text head;
-    * `_compute_loss`: TRL's loss, plus `current_beta() · D` normalised like TRL's loss;
+    * `_compute_loss`: the policy forward, the advantages' weights (`sampler_correction`, `dynamic_advantage`), TRL's
+      loss over those scores, plus `current_beta() · D` normalised like TRL's loss;
     * `log`: images in `log_completions`; the over-optimisation alarm when an evaluation closes;
     * `_get_grad_norm`: a step whose loss or gradient is not finite stops the run (or is skipped) before the update;
     * `train`: resuming compares the checkpoint's `run_settings.json` with the run's settings;
     * `_save_checkpoint` / `_save`: atomic checkpoints, never non-finite weights, and `run_settings.json` at every
       save.
 
-    Every use of TRL's private surface goes through `trl_t2i.trl_boundary`.
+    Every use of TRL's and transformers' private surface goes through `trl_t2i.trl_boundary`.
 
     Args:
         model (`str` or `PreTrainedModel`):
@@ -214,7 +206,7 @@ class T2IGRPOTrainer(GRPOTrainer):
         reference = None
         if self.has_reference and not uses_adapters:
             reference = self._build_reference(model, model_init_kwargs)
-        with trl.init_settings(args, uses_adapters=uses_adapters, own_reference=reference is not None):
+        with boundary.init_settings(args, uses_adapters=uses_adapters, own_reference=reference is not None):
             super().__init__(
                 model=model,
                 reward_funcs=reward_funcs,
@@ -257,8 +249,6 @@ class T2IGRPOTrainer(GRPOTrainer):
                 args.overoptimization_threshold,
             )
         self.reward_scoring = RewardScoring(self.reward_func_names, args.max_unscored_steps, args.output_dir)
-        # Set by `_compute_loss` for the duration of TRL's loss, filled by the policy forward inside it, else `None`.
-        self._policy_scores: PolicyScores | None = None
         self._nonfinite = NonFiniteGuard(
             {
                 "logps": "the policy's log-probs of the sampled tokens",
@@ -343,7 +333,7 @@ class T2IGRPOTrainer(GRPOTrainer):
                 gradient_checkpointing_kwargs=self.args.activation_checkpointing_kwargs,
             ) as unwrapped_model,
             torch.no_grad(),
-            trl.gathered_parameters(self),
+            boundary.gathered_parameters(self),
             self.accelerator.autocast(),  # the same numerics as the scoring forward
         ):
             compiled_before = static_decoder(self.family).compile_seconds if self.compile_rollouts else 0.0
@@ -360,7 +350,9 @@ class T2IGRPOTrainer(GRPOTrainer):
                     compile=self.compile_rollouts,
                 )
             if self.compile_rollouts and static_decoder(self.family).compile_seconds > compiled_before:
-                trl.record_metric(self, "time/compile", static_decoder(self.family).compile_seconds - compiled_before)
+                boundary.record_metric(
+                    self, "time/compile", static_decoder(self.family).compile_seconds - compiled_before
+                )
             bare_model = unwrap_model(unwrapped_model)
             with self._timed("decoding"):  # a micro-batch at a time: the decoder's activations dwarf its weights
                 chunks = sample.image_tokens.split(self.args.per_device_train_batch_size)
@@ -369,8 +361,8 @@ class T2IGRPOTrainer(GRPOTrainer):
 
         if self.model.training:
             self.state.num_input_tokens_seen += self.accelerator.gather(prompt_mask.sum().to(device)).sum().item()
-        trl.set_metric(self, "num_tokens", self.state.num_input_tokens_seen)
-        rollout = trl.Rollout(
+        boundary.set_metric(self, "num_tokens", self.state.num_input_tokens_seen)
+        rollout = boundary.Rollout(
             prompt_ids=[ids[mask.bool()].tolist() for ids, mask in zip(prompt_ids, prompt_mask, strict=True)],
             image_tokens=sample.image_tokens.tolist(),
             images=images,
@@ -423,9 +415,9 @@ class T2IGRPOTrainer(GRPOTrainer):
             rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
         if self.model.training:  # the rewards are gathered: every process decides alike
             for name, fraction in self.reward_scoring.update(rewards, self.state.global_step).items():
-                trl.record_metric(self, f"rewards/{name}/scored", fraction)
+                boundary.record_metric(self, f"rewards/{name}/scored", fraction)
         if self.model.training and self.accelerator.is_main_process and self.args.image_log_steps:
-            local = trl.local_rows(self, rewards, len(prompts)).cpu()
+            local = boundary.local_rows(self, rewards, len(prompts)).cpu()
             values = {name: local[:, index].tolist() for index, name in enumerate(self.reward_func_names)}
             self.image_grids.add(completions, prompts, values)
         if not self.model.training and self.held_out is not None:
@@ -435,24 +427,27 @@ class T2IGRPOTrainer(GRPOTrainer):
     def _generate_and_score_completions(self, inputs):
         # TRL's, plus the per-token reference log-probs of the sampled estimator (the exact one recomputes the whole
         # reference distribution in `_compute_loss` instead).
-        batch = super()._generate_and_score_completions(inputs)
+        generated = super()._generate_and_score_completions(inputs)
+        batch = boundary.Batch.of(generated)
         if self.has_reference and (self.args.divergence_estimator == "sampled" or self.args.dynamic_advantage):
             with self._timed("reference"):
-                batch["ref_per_token_logps"] = self._reference_logps(batch)
+                boundary.set_reference_logps(generated, self._reference_logps(batch))
         if self.args.sampler_correction:
-            batch[SAMPLER_WEIGHTS] = self._sampler_weights(batch)
-        return batch
+            generated[SAMPLER_WEIGHTS] = self._sampler_weights(batch)
+        return generated
 
-    def _sampler_weights(self, batch: dict) -> torch.Tensor:
+    def _sampler_weights(self, batch: boundary.Batch) -> torch.Tensor:
         """`sampler_correction`: the truncated importance weight `π_old/π_sampler` of each token `(B, N)` (or each image
         `(B, 1)` at sequence level), as TRL's `vllm_importance_sampling_correction` computes it for vLLM's samples.
         `π_old` is the teacher-forced log-prob with the sampling weights: TRL's old log-probs, or computed here."""
-        old_logps = batch.get("old_per_token_logps")
+        old_logps = batch.old_logps
         if old_logps is None:
             with self._timed("old_logps"), torch.no_grad():
-                old_logps = self._teacher_forced_logps(batch)
-        mask = trl.loss_mask(batch)
-        log_ratio = (old_logps - batch["sampling_per_token_logps"]) * mask
+                old_logps = self._score(
+                    self.model, batch.prompt_ids, batch.prompt_mask, batch.image_tokens, self._device_batch_size()
+                ).logps
+        mask = batch.loss_mask
+        log_ratio = (old_logps - batch.sampling_logps) * mask
         args = self.args
         if args.sampler_correction_mode.startswith("sequence"):
             log_ratio, mask = log_ratio.sum(-1, keepdim=True), mask.amax(-1, keepdim=True)
@@ -463,28 +458,18 @@ class T2IGRPOTrainer(GRPOTrainer):
         else:
             weights = ratio.masked_fill((ratio < (low or 0.0)) | (ratio > high), 0.0)
         for name, value in (
-            ("min", trl.global_masked_min(self, ratio, mask)),
-            ("mean", trl.global_masked_mean(self, ratio, mask)),
-            ("max", trl.global_masked_max(self, ratio, mask)),
-            ("corrected", trl.global_masked_mean(self, (weights != ratio).float(), mask)),
+            ("min", boundary.global_masked_min(self, ratio, mask)),
+            ("mean", boundary.global_masked_mean(self, ratio, mask)),
+            ("max", boundary.global_masked_max(self, ratio, mask)),
+            ("corrected", boundary.global_masked_mean(self, (weights != ratio).float(), mask)),
         ):
-            trl.record_metric(self, f"sampling/importance_ratio/{name}", value)
+            boundary.record_metric(self, f"sampling/importance_ratio/{name}", value)
         return weights
 
-    def _teacher_forced_logps(self, batch: dict) -> torch.Tensor:
-        """The current policy's per-token log-probs `(B, N)` of a generation batch, through our scorer in chunks of the
-        device batch size (what TRL computes as old log-probs)."""
-        batch_size = (
-            self.args.per_device_train_batch_size if self.model.training else self.args.per_device_eval_batch_size
-        )
-        logps, _, _ = self._get_per_token_logps_and_entropies(
-            self.model,
-            torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1),
-            torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1),
-            batch["completion_ids"].size(1),
-            batch_size,
-        )
-        return logps
+    def _device_batch_size(self) -> int:
+        """Images per forward when a whole generation batch is scored: the device batch size of the current mode."""
+        training = self.model.training
+        return self.args.per_device_train_batch_size if training else self.args.per_device_eval_batch_size
 
     # ------------------------------------------------------------------ scoring
 
@@ -500,37 +485,49 @@ class T2IGRPOTrainer(GRPOTrainer):
         **multimodal_kwargs,
     ):
         # TRL's scorer would embed image ids with the text embedding and score them with the text head.
-        batch_size = batch_size or input_ids.size(0)
-        prompt_ids, prompt_mask = input_ids[:, :-logits_to_keep], attention_mask[:, :-logits_to_keep]
-        image_tokens = input_ids[:, -logits_to_keep:]
-        all_logps, all_entropies = [], []
-        for start in range(0, input_ids.size(0), batch_size):
+        scores = self._score(
+            model,
+            input_ids[:, :-logits_to_keep],
+            attention_mask[:, :-logits_to_keep],
+            input_ids[:, -logits_to_keep:],
+            batch_size or input_ids.size(0),
+            entropies=compute_entropy,
+        )
+        return scores.logps, scores.entropies, None
+
+    def _score(
+        self,
+        model,
+        prompt_ids,
+        prompt_mask,
+        image_tokens,
+        batch_size: int,
+        *,
+        entropies: bool = False,
+        untruncated: bool = False,
+        tables: bool = False,
+    ) -> PolicyScores:
+        """Teacher-forced scores of image tokens `(B, N)` under `model` (possibly wrapped), `batch_size` images per
+        forward, changing nothing: their log-probs and, where asked for, the entropies, the untruncated log-probs and
+        (with `untruncated`) the untruncated tables."""
+        chunks = []
+        for start in range(0, image_tokens.size(0), batch_size):
             rows = slice(start, start + batch_size)
-            logits = self._teacher_forced_logits(model, prompt_ids[rows], prompt_mask[rows], image_tokens[rows])
+            tokens = image_tokens[rows]
+            logits = self._teacher_forced_logits(model, prompt_ids[rows], prompt_mask[rows], tokens)
             truncated = truncate_logits(logits, self.args.sampling, self.args.cfg_logprobs)
             logp_table = truncated.log_softmax(dim=-1)
             # a token outside the current truncated support: log-prob -inf, floored (no gradient, ratio 0)
-            logps = gather_logps(logp_table, image_tokens[rows]).clamp(min=MIN_LOGP)
-            all_logps.append(logps)
-            if compute_entropy:
-                all_entropies.append(position_entropy(logp_table))
-            if self._policy_scores is not None:  # the policy forward of `_compute_loss`
+            chunk = {"logps": gather_logps(logp_table, tokens).clamp(min=MIN_LOGP)}
+            if entropies:
+                chunk["entropies"] = position_entropy(logp_table)
+            if untruncated:
                 untruncated_table = logp_table if truncated is logits else logits.log_softmax(dim=-1)
-                self._policy_scores.add(logps, gather_logps(untruncated_table, image_tokens[rows]), untruncated_table)
-        scores = self._policy_scores
-        if scores is not None and scores.weighted_inputs is not None:
-            self._weigh_advantages(scores.weighted_inputs, torch.cat(scores.untruncated_logps))
-        entropies = torch.cat(all_entropies) if compute_entropy else None
-        return torch.cat(all_logps), entropies, None
-
-    def _weigh_advantages(self, inputs: dict, logps: torch.Tensor) -> None:
-        """`dynamic_advantage`: the per-token advantages `A · w_t` with GCPO's differentiable weight (see
-        `trl_t2i.gcpo`); w > 0, so TRL's clipped objective scales by w exactly."""
-        weight = dynamic_advantage_weight(logps, inputs["ref_per_token_logps"], self.args.dynamic_advantage_clamp)
-        inputs["advantages"] = inputs["advantages"].reshape(len(logps), -1) * weight
-        trl.record_metric(
-            self, "dynamic_advantage/weight", trl.global_masked_mean(self, weight, inputs["completion_mask"])
-        )
+                chunk["untruncated_logps"] = gather_logps(untruncated_table, tokens)
+                if tables:
+                    chunk["untruncated_table"] = untruncated_table
+            chunks.append(chunk)
+        return PolicyScores(**{name: _joined([chunk[name] for chunk in chunks]) for name in chunks[0]})
 
     def _teacher_forced_logits(self, model, prompt_ids, prompt_mask, image_tokens) -> torch.Tensor:
         """Teacher-forced `(B, N, V)` logits of the distribution `cfg_logprobs` names, before top-k/top-p."""
@@ -548,20 +545,18 @@ class T2IGRPOTrainer(GRPOTrainer):
             model, context = self.ref_model, contextlib.nullcontext()
         else:
             peft_model = self.accelerator.unwrap_model(self.model)
-            model, context = self.model, use_adapter(peft_model, trl.reference_adapter_name(peft_model))
+            model, context = self.model, use_adapter(peft_model, boundary.reference_adapter_name(peft_model))
         with context, _activation_checkpointing_disabled(self.model, self.args.activation_checkpointing_kwargs):
             return self._teacher_forced_logits(model, prompt_ids, prompt_mask, image_tokens).log_softmax(dim=-1)
 
-    def _reference_logps(self, batch: dict) -> torch.Tensor:
+    def _reference_logps(self, batch: boundary.Batch) -> torch.Tensor:
         """Per-token reference log-probs `(B, N)` of a generation batch, scored in chunks of the device batch size."""
-        training = self.model.training
-        batch_size = self.args.per_device_train_batch_size if training else self.args.per_device_eval_batch_size
-        image_tokens = batch["completion_ids"]
+        batch_size, image_tokens = self._device_batch_size(), batch.image_tokens
         chunks = []
         for start in range(0, image_tokens.size(0), batch_size):
             rows = slice(start, start + batch_size)
             logp_table = self._reference_logp_table(
-                batch["prompt_ids"][rows], batch["prompt_mask"][rows], image_tokens[rows]
+                batch.prompt_ids[rows], batch.prompt_mask[rows], image_tokens[rows]
             )
             chunks.append(gather_logps(logp_table, image_tokens[rows]))
         return torch.cat(chunks)
@@ -578,65 +573,83 @@ class T2IGRPOTrainer(GRPOTrainer):
         return self.beta_schedule.value(self.state.global_step, self.state.max_steps)
 
     def _compute_loss(self, model, inputs):
-        # TRL's loss (clipping, importance sampling, `loss_type`), without its k3 KL; plus our divergence penalty.
-        inputs = dict(inputs)  # the buffered batch stays as it is when the advantages are weighted
-        if SAMPLER_WEIGHTS in inputs:  # TRL's loss is linear in the advantages: the same as weighing each term
-            inputs["advantages"] = _per_token(inputs["advantages"]) * inputs[SAMPLER_WEIGHTS]
-        self._policy_scores = PolicyScores(
-            keep_tables=self.args.divergence_estimator == "exact",
-            weighted_inputs=inputs if self.args.dynamic_advantage else None,
-        )
-        try:
-            with self._timed("policy_loss"):
-                loss = super()._compute_loss(model, inputs)
-            policy = self._policy_scores
-        finally:
-            self._policy_scores = None
-        policy_logps = torch.cat(policy.logps)
+        # TRL's loss (clipping, importance sampling, `loss_type`) without its k3 KL, plus our divergence penalty, in
+        # explicit steps: the policy forward, the advantages' weights (which need its log-probs), TRL's loss over it.
+        batch = boundary.Batch.of(inputs)
+        with self._timed("policy_loss"):
+            policy = self._score(
+                model,
+                batch.prompt_ids,
+                batch.prompt_mask,
+                batch.image_tokens,
+                len(batch.image_tokens),
+                entropies=True,
+                untruncated=True,
+                tables=self.args.divergence_estimator == "exact",
+            )
+            weighted = boundary.with_advantages(inputs, self._weighted_advantages(inputs, batch, policy))
+            with boundary.policy_scores_given(self, policy.logps, policy.entropies):
+                loss = super()._compute_loss(model, weighted)
+        policy.entropies = None  # TRL's loss alone reads them: their graph (about four (B, N, V) tables) goes now
         if self.model.training:
-            self._nonfinite.record("logps", policy_logps)
+            self._nonfinite.record("logps", policy.logps)
             self._nonfinite.record("loss", loss)
-        self._log_sampling_agreement(inputs, policy_logps.detach())
-        trl.record_metric(
+        self._log_sampling_agreement(batch, policy.logps.detach())
+        boundary.record_metric(
             self,
             "tokens/trained_fraction",
-            trl.global_masked_mean(self, trl.loss_mask(inputs).float(), inputs["completion_mask"]),
+            boundary.global_masked_mean(self, batch.loss_mask.float(), batch.image_mask),
         )
         if not self.has_reference:
             return loss
-        untruncated_table = _joined(policy.untruncated_tables) if policy.keep_tables else None
         with self._timed("penalty"):
-            penalty = self._divergence_penalty(
-                inputs, policy_logps, torch.cat(policy.untruncated_logps), untruncated_table
-            )
+            penalty = self._divergence_penalty(batch, policy)
         if self.model.training:
             self._nonfinite.record("penalty", penalty)
         return loss + penalty
 
-    def _divergence_penalty(self, inputs, policy_logps, untruncated_logps, untruncated_table) -> torch.Tensor:
+    def _weighted_advantages(self, inputs: dict, batch: boundary.Batch, policy: PolicyScores) -> torch.Tensor:
+        """The advantages TRL's loss weighs each token's term by: TRL's, per token `(B, N)` times the
+        `sampler_correction` weights and GCPO's differentiable `dynamic_advantage` weight (see `trl_t2i.gcpo`), where
+        they are on. TRL's loss is linear in the advantages, and both weights are positive, so under its clipping too
+        this weighs each token's term."""
+        advantages = batch.advantages
+        if SAMPLER_WEIGHTS in inputs:
+            advantages = _per_token(advantages) * inputs[SAMPLER_WEIGHTS]
+        if self.args.dynamic_advantage:
+            weight = dynamic_advantage_weight(
+                policy.untruncated_logps, batch.reference_logps, self.args.dynamic_advantage_clamp
+            )
+            advantages = advantages.reshape(len(weight), -1) * weight
+            boundary.record_metric(
+                self, "dynamic_advantage/weight", boundary.global_masked_mean(self, weight, batch.image_mask)
+            )
+        return advantages
+
+    def _divergence_penalty(self, batch: boundary.Batch, policy: PolicyScores) -> torch.Tensor:
         """`current_beta() · D`, normalised like TRL's loss; logs β, the penalty and every metric divergence.
 
         D is between the untruncated policy and reference distributions (with the sampler's guidance and
         temperature, without its top-k/top-p), which share their support, so it is finite for every divergence:
         exactly with the exact estimator, else one term per sampled token (see `_penalty_importance_ratio`).
         """
-        mask, image_mask = trl.loss_mask(inputs), inputs["completion_mask"]
-        ref_logps, ref_table = inputs.get("ref_per_token_logps"), None
+        mask, image_mask = batch.loss_mask, batch.image_mask
+        untruncated_logps, untruncated_table = policy.untruncated_logps, policy.untruncated_table
+        ref_logps, ref_table = batch.reference_logps, None
         if untruncated_table is not None:
             with self._timed("reference"):
-                ref_table = self._reference_logp_table(
-                    inputs["prompt_ids"], inputs["prompt_mask"], inputs["completion_ids"]
-                )
+                ref_table = self._reference_logp_table(batch.prompt_ids, batch.prompt_mask, batch.image_tokens)
             per_token = self.divergence.exact_penalty(untruncated_table, ref_table)
         else:
             per_token = self.divergence.sampled(untruncated_logps, ref_logps)
             if self.args.use_bias_correction_kl:  # makes the expected gradient that of the divergence
-                per_token = per_token * self._penalty_importance_ratio(inputs, policy_logps, untruncated_logps)
+                ratio = self._penalty_importance_ratio(batch.old_logps, mask, policy.logps, untruncated_logps)
+                per_token = per_token * ratio
 
         beta = self.current_beta()
-        trl.record_metric(self, "beta", beta)
-        penalty_mean = trl.global_masked_mean(self, per_token, mask)
-        trl.record_metric(self, f"divergence/{self.args.divergence}_penalty", penalty_mean)
+        boundary.record_metric(self, "beta", beta)
+        penalty_mean = boundary.global_masked_mean(self, per_token, mask)
+        boundary.record_metric(self, f"divergence/{self.args.divergence}_penalty", penalty_mean)
         with torch.no_grad():  # over every image token, whichever the loss covers
             for name, divergence in self.metric_divergences.items():
                 if ref_table is None:
@@ -647,18 +660,19 @@ class T2IGRPOTrainer(GRPOTrainer):
                     value = divergence.exact_penalty(untruncated_table, ref_table)  # chunked: no big temporaries
                 else:
                     continue
-                trl.record_metric(self, f"divergence/{name}", trl.global_masked_mean(self, value, image_mask))
+                boundary.record_metric(
+                    self, f"divergence/{name}", boundary.global_masked_mean(self, value, image_mask)
+                )
             if self.model.training and self.args.beta_schedule == "adaptive":
                 measured = (
                     per_token if ref_table is not None else self.divergence.sampled(untruncated_logps, ref_logps)
                 )
-                self.beta_schedule.measure(trl.global_masked_mean(self, measured, image_mask))
-        trl.record_metric(self, "divergence/exact", float(ref_table is not None))
+                self.beta_schedule.measure(boundary.global_masked_mean(self, measured, image_mask))
+        boundary.record_metric(self, "divergence/exact", float(ref_table is not None))
         if self.args.divergence_in == "reward":  # the prefix term: the sequence-level penalty's gradient
-            old_logps = inputs.get("old_per_token_logps")
-            old_logps = policy_logps.detach() if old_logps is None else old_logps
-            per_token = with_prefix_term(per_token, policy_logps, old_logps, mask)
-        return beta * trl.aggregate_like_trl(self, per_token, mask, inputs)
+            old_logps = policy.logps.detach() if batch.old_logps is None else batch.old_logps
+            per_token = with_prefix_term(per_token, policy.logps, old_logps, mask)
+        return beta * boundary.aggregate_like_trl(self, per_token, mask, batch)
 
     def _logs_this_step(self) -> bool:
         """Whether the optimizer step being computed will be logged (always in evaluation)."""
@@ -667,7 +681,7 @@ class T2IGRPOTrainer(GRPOTrainer):
         step = self.state.global_step + 1
         return step % max(int(self.state.logging_steps), 1) == 0 or (step == 1 and self.args.logging_first_step)
 
-    def _penalty_importance_ratio(self, inputs, policy_logps, untruncated_logps) -> torch.Tensor:
+    def _penalty_importance_ratio(self, old_logps, mask, policy_logps, untruncated_logps) -> torch.Tensor:
         """The sampled penalty's importance weight π/π_old, which makes its expected gradient the divergence's.
 
         Without top-k/top-p it is TRL's ratio (`coef_1`). With them, π is the untruncated policy and π_old the
@@ -675,29 +689,30 @@ class T2IGRPOTrainer(GRPOTrainer):
         Σ_{v∈S} π_ref(v)[f(u(v)) − f′(1)(u(v) − 1)] (u = π/π_ref), which is the part Σ_S π_ref f(u) of D(π‖π_ref) on
         S only where f′(1) = 0 (JS, Hellinger, α) or π and π_ref give S the same mass (not for either KL), and keeps
         pulling tokens that have since left the policy's truncated support. Its log is capped at `MAX_LOG_RATIO` (as
-        the sampled estimator's), and a token outside π_old's support counts 0.
+        the sampled estimator's), and a token outside π_old's support counts 0. `old_logps`: TRL's (`None`: the policy
+        has not moved since sampling); `mask`: the tokens the loss covers.
         """
-        mask = trl.loss_mask(inputs)
-        old_logps = inputs.get("old_per_token_logps")
         if not truncates(self.args.sampling, self.args.cfg_logprobs):
-            return trl.importance_ratio(self, policy_logps, old_logps, mask)
+            return boundary.importance_ratio(self, policy_logps, old_logps, mask)
         old_logps = policy_logps.detach() if old_logps is None else old_logps
         sampled = old_logps > MIN_LOGP
         capped = untruncated_logps.clamp(max=old_logps + MAX_LOG_RATIO)
-        return trl.importance_ratio(self, capped, old_logps, mask) * sampled
+        return boundary.importance_ratio(self, capped, old_logps, mask) * sampled
 
-    def _log_sampling_agreement(self, inputs, policy_logps) -> None:
+    def _log_sampling_agreement(self, batch: boundary.Batch, policy_logps) -> None:
         """How far the sampler's recorded log-probs are from teacher forcing with the same weights (numerics: ~1e-6
         in fp32, ~1e-2 under bf16 autocast), and the fraction of tokens outside the current truncated support."""
-        mask = inputs["completion_mask"].bool()
+        mask = batch.image_mask.bool()
         outside = policy_logps <= MIN_LOGP
-        trl.record_metric(self, "sampling/outside_support", trl.global_masked_mean(self, outside.float(), mask))
+        boundary.record_metric(
+            self, "sampling/outside_support", boundary.global_masked_mean(self, outside.float(), mask)
+        )
         # TRL's old log-probs are teacher-forced with the sampling weights; without them the policy is those weights
-        same_weights = inputs.get("old_per_token_logps", policy_logps)
-        gap = (same_weights - inputs["sampling_per_token_logps"]).abs()
+        same_weights = policy_logps if batch.old_logps is None else batch.old_logps
+        gap = (same_weights - batch.sampling_logps).abs()
         inside = mask & ~outside & (same_weights > MIN_LOGP)
-        trl.record_metric(self, "sampling/logp_gap_mean", trl.global_masked_mean(self, gap, inside))
-        trl.record_metric(self, "sampling/logp_gap_max", trl.global_masked_max(self, gap, inside))
+        boundary.record_metric(self, "sampling/logp_gap_mean", boundary.global_masked_mean(self, gap, inside))
+        boundary.record_metric(self, "sampling/logp_gap_max", boundary.global_masked_max(self, gap, inside))
 
     # ------------------------------------------------------------------ non-finite training
 
@@ -718,7 +733,7 @@ class T2IGRPOTrainer(GRPOTrainer):
             model.zero_grad(set_to_none=True)  # the optimizer skips parameters without a gradient
             guard.skipped += 1
             logger.warning(f"Skipped step {step}: {what} ({guard.skipped} of {self.args.skip_nonfinite_steps}).")
-            trl.record_metric(self, "nonfinite/skipped_steps", guard.skipped)
+            boundary.record_metric(self, "nonfinite/skipped_steps", guard.skipped)
             return
         latest = checkpoints.latest_checkpoint(self.args.output_dir)
         raise NonFiniteTrainingError(
@@ -733,20 +748,20 @@ class T2IGRPOTrainer(GRPOTrainer):
     def _timed(self, stage: str):
         """Log the seconds a stage of the step takes as `time/<stage>` (averaged over its calls between logs); on
         CUDA measured with CUDA events and read at logging time, so the step never waits for the GPU to be timed."""
-        return self._stage_times.time(stage, trl.mode(self))
+        return self._stage_times.time(stage, boundary.mode(self))
 
     def flush_stage_times(self) -> None:
         """Record the stage times measured since the last call into TRL's metrics (`log` calls it)."""
         for mode, stage, seconds in self._stage_times.flush():
-            trl.record_metric(self, f"time/{stage}", seconds, in_mode=mode)
+            boundary.record_metric(self, f"time/{stage}", seconds, in_mode=mode)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         self.flush_stage_times()
         if self.held_out is not None and self.held_out.pending:  # the log that closes an evaluation
             for name, value in self.held_out.end_evaluation(self.state.global_step).items():
-                trl.record_metric(self, name, value, in_mode="eval")
+                boundary.record_metric(self, name, value, in_mode="eval")
         # TRL writes completions to parquet/tables as text: give it captions and move the images to its image column.
-        trl.completions_as_images(self)
+        boundary.completions_as_images(self)
         super().log(logs, start_time)
 
     # ------------------------------------------------------------------ saving and sharing

@@ -1,26 +1,38 @@
-"""Every use of TRL's private `GRPOTrainer` surface, in one place.
+"""Every use of the private surface of TRL's `GRPOTrainer` and of transformers' `Trainer`, in one place.
 
-`T2IGRPOTrainer` overrides private methods of TRL's `GRPOTrainer` and relies on some of its private state. Each such
-assumption lives here, as a small function, and has a contract test in `tests/test_trl_boundary.py`: a TRL upgrade
-that changes one fails loudly there, not as a silently wrong loss. Written against trl 1.16 (pinned in
-`pyproject.toml`).
+`T2IGRPOTrainer` overrides private methods of both and relies on some of their private state. Each such assumption
+lives here, as a small function or class, and has a contract test in `tests/test_trl_boundary.py`: an upgrade that
+changes one fails loudly there, not as a silently wrong loss. Written against trl 1.16 and transformers 5.24 (pinned
+in `pyproject.toml`). Imported as `boundary`, never as `trl`: what it names is private to those packages.
 
-The assumptions:
+TRL's `GRPOTrainer`:
 
 * `_generate` returns an 8-tuple (`Rollout.to_trl` lays it out), whose `tool_mask` slot masks the loss only;
+* `_generate_and_score_completions` returns a batch of tensors under TRL's private key names (`Batch` reads them),
+  which TRL splits into micro-batches by rows, tensors added to it included (`set_reference_logps`, the trainer's
+  `sampler_correction` weights);
+* `_compute_loss` gets the policy's per-token log-probs and entropies from one call of
+  `_get_per_token_logps_and_entropies` (`policy_scores_given` answers it with scores computed already), and accepts
+  `(B, N)` advantages (`with_advantages`);
 * `_metrics[mode][name]` is a list of floats that `log` averages (and clears);
-* `_calculate_rewards` returns the rewards of every rank, gathered in rank order;
+* `_calculate_rewards` returns the rewards of every rank, gathered in rank order, of which TRL keeps this rank's rows
+  as `local_rows` does;
 * `_logs["completion"]` / `_logs["images"]` feed the completions table when `log_completions=True`;
 * `_dist.summon_full_params` gathers FSDP parameters for generation;
 * the importance ratio and the per-`loss_type` loss normalisers of `_compute_loss`, reproduced by `importance_ratio`
   and `aggregate_like_trl` so our penalty is weighted and normalised exactly like TRL's own KL term;
-* `_compute_loss` reads `inputs["advantages"]` after the policy forward, so that forward may weigh them
-  (`dynamic_advantage`, tested in `tests/test_gcpo.py`), and accepts `(B, N)` advantages;
 * `__init__` reads `args.beta`, `args.sync_ref_model` and `args.model_init_kwargs` to decide about the reference
-  model (see `init_settings`);
-* transformers' training loop calls `_get_grad_norm(model, grad_norm)` once per optimizer step, with the gradients
-  of every micro-batch accumulated (and clipped), before `optimizer.step()`: the trainer checks there that the step
-  is finite (`trl_t2i.nonfinite`).
+  model (see `init_settings`).
+
+transformers' `Trainer` (the second section below):
+
+* `_save_checkpoint(model, trial)` writes `checkpoint-N` into the folder `_get_output_dir(trial)` names and pushes
+  through `_push_from_checkpoint` only (`checkpoint_saved_into`, `push_checkpoint`: atomic checkpoints);
+* every save of the weights, `save_model` and checkpoints alike, goes through `_save(output_dir, state_dict)` (the
+  trainer's override refuses non-finite weights and writes `run_settings.json`);
+* the training loop calls `_get_grad_norm(model, grad_norm)` once per optimizer step, with the gradients of every
+  micro-batch accumulated (and clipped), before `optimizer.step()` (the trainer's override checks there that the step
+  is finite, `trl_t2i.nonfinite`).
 """
 
 import contextlib
@@ -28,6 +40,9 @@ from dataclasses import dataclass
 
 import torch
 from PIL import Image
+
+
+# ---------------------------------------------------------------------------------------------- TRL's GRPOTrainer
 
 
 @dataclass
@@ -56,10 +71,78 @@ class Rollout:
         return self.prompt_ids, self.image_tokens, self.loss_mask, self.images, self.sampling_logps, {}, None, []
 
 
-def loss_mask(inputs: dict) -> torch.Tensor:
-    """The tokens TRL's loss covers in a micro-batch: `completion_mask`, times `tool_mask` (our `Rollout.loss_mask`)."""
-    mask = inputs["completion_mask"]
-    return mask if "tool_mask" not in inputs else mask * inputs["tool_mask"]
+@dataclass(frozen=True)
+class Batch:
+    """A batch as TRL's `_generate_and_score_completions` returns it and `_compute_loss` reads it a micro-batch at a
+    time (a dict of tensors, one row per image, under TRL's private key names), read by name: `Batch.of(inputs)`.
+
+    Attributes:
+        prompt_ids, prompt_mask: `(B, P)` left-padded prompt ids (`Rollout.prompt_ids`) and their mask.
+        image_tokens: `(B, N)` the sampled image tokens (TRL's completion ids).
+        image_mask: `(B, N)` ones: every image token is real (TRL's completion mask; images have no EOS).
+        loss_mask: `(B, N)` the tokens TRL's loss covers: the image mask times TRL's tool mask, which carries our
+            `Rollout.loss_mask`.
+        advantages: `(B,)` TRL's advantages.
+        sampling_logps: `(B, N)` the log-probs the sampler recorded (`Rollout.sampling_logps`).
+        old_logps: `(B, N)` the policy's teacher-forced log-probs at sampling time, when TRL computes them (the
+            policy moves before the batch's last update); `None` otherwise: the policy has not moved since.
+        reference_logps: `(B, N)` the reference's log-probs, when the trainer added them (`set_reference_logps`).
+        num_items_in_batch: the tokens the loss covers in the whole generation batch, over every process.
+    """
+
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    image_tokens: torch.Tensor
+    image_mask: torch.Tensor
+    loss_mask: torch.Tensor
+    advantages: torch.Tensor
+    sampling_logps: torch.Tensor
+    old_logps: torch.Tensor | None
+    reference_logps: torch.Tensor | None
+    num_items_in_batch: torch.Tensor
+
+    @classmethod
+    def of(cls, inputs: dict) -> "Batch":
+        image_mask = inputs["completion_mask"]
+        return cls(
+            prompt_ids=inputs["prompt_ids"],
+            prompt_mask=inputs["prompt_mask"],
+            image_tokens=inputs["completion_ids"],
+            image_mask=image_mask,
+            loss_mask=image_mask if "tool_mask" not in inputs else image_mask * inputs["tool_mask"],
+            advantages=inputs["advantages"],
+            sampling_logps=inputs["sampling_per_token_logps"],
+            old_logps=inputs.get("old_per_token_logps"),
+            reference_logps=inputs.get("ref_per_token_logps"),
+            num_items_in_batch=inputs["num_items_in_batch"],
+        )
+
+
+def set_reference_logps(inputs: dict, reference_logps: torch.Tensor) -> None:
+    """Add the reference's per-token log-probs `(B, N)` to a generation batch, where TRL's own KL would read them."""
+    inputs["ref_per_token_logps"] = reference_logps
+
+
+def with_advantages(inputs: dict, advantages: torch.Tensor) -> dict:
+    """A micro-batch with other advantages for TRL's loss: `(B,)`, or `(B, N)` to weigh each token's term (TRL's loss is
+    linear in them). A copy: the buffered batch keeps TRL's, for the next iteration over it."""
+    return {**inputs, "advantages": advantages}
+
+
+@contextlib.contextmanager
+def policy_scores_given(trainer, logps: torch.Tensor, entropies: torch.Tensor):
+    """Context in which TRL's `_compute_loss` gets these policy log-probs and entropies `(B, N)`, computed already,
+    from its one call of `_get_per_token_logps_and_entropies` instead of running the forward again. The trainer's
+    own scorer is back in place when the block ends."""
+
+    def given(*args, **kwargs):
+        return logps, entropies, None
+
+    trainer._get_per_token_logps_and_entropies = given
+    try:
+        yield
+    finally:
+        del trainer._get_per_token_logps_and_entropies
 
 
 @contextlib.contextmanager
@@ -153,7 +236,7 @@ def importance_ratio(trainer, logps: torch.Tensor, old_logps: torch.Tensor | Non
     return torch.exp(log_ratio)
 
 
-def aggregate_like_trl(trainer, per_token: torch.Tensor, mask: torch.Tensor, inputs: dict) -> torch.Tensor:
+def aggregate_like_trl(trainer, per_token: torch.Tensor, mask: torch.Tensor, batch: Batch) -> torch.Tensor:
     """Reduce a per-token term exactly as TRL's `_compute_loss` reduces its per-token loss for `loss_type`."""
     train = trainer.model.training
     accumulation = trainer.current_gradient_accumulation_steps if train else 1.0
@@ -166,7 +249,7 @@ def aggregate_like_trl(trainer, per_token: torch.Tensor, mask: torch.Tensor, inp
     if loss_type == "dr_grpo":
         return masked.sum() / (per_token.size(0) * trainer.max_completion_length) / accumulation
     if loss_type in ("cispo", "dapo", "vespo"):
-        normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / trainer.accelerator.num_processes
+        normalizer = batch.num_items_in_batch.clamp(min=1.0) / trainer.accelerator.num_processes
         if train:
             normalizer = normalizer * trainer.current_gradient_accumulation_steps / trainer.args.steps_per_generation
         return masked.sum() / normalizer
@@ -185,3 +268,28 @@ def completions_as_images(trainer) -> None:
         placeholders = [f"<image {image.width}x{image.height}>" for image in completions]
         completions.clear()
         completions.extend(placeholders)
+
+
+# ---------------------------------------------------------------------------------------------- transformers' Trainer
+
+
+@contextlib.contextmanager
+def checkpoint_saved_into(trainer, run_dir: str):
+    """Context in which transformers' `_save_checkpoint` writes its `checkpoint-N` into `run_dir` (it finds the run's
+    folder through `_get_output_dir`) and pushes nothing (it pushes through `_push_from_checkpoint`)."""
+    trainer._get_output_dir = lambda trial=None: run_dir
+    trainer._push_from_checkpoint = lambda folder: None
+    try:
+        yield
+    finally:
+        del trainer._get_output_dir, trainer._push_from_checkpoint
+
+
+def run_dir(trainer, trial=None) -> str:
+    """The folder of a run's checkpoints (`output_dir`, or a trial's folder in it in a hyperparameter search)."""
+    return trainer._get_output_dir(trial)
+
+
+def push_checkpoint(trainer, checkpoint: str) -> None:
+    """Push a checkpoint as `_save_checkpoint` does when `push_to_hub` is set (following `hub_strategy`)."""
+    trainer._push_from_checkpoint(checkpoint)
