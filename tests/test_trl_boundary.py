@@ -1,9 +1,10 @@
-"""One contract test per assumption `trl_t2i.trl_boundary` makes about TRL's private `GRPOTrainer` surface.
+"""One contract test per assumption `trl_t2i.trl_boundary` makes about the private surface of TRL's `GRPOTrainer`
+and of transformers' `Trainer`.
 
-When a TRL upgrade breaks one, it fails here, naming the assumption, instead of training with a silently wrong loss.
+When an upgrade breaks one, it fails here, naming the assumption, instead of training with a silently wrong loss.
 """
 
-import inspect
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from datasets import Dataset
 from peft import LoraConfig, get_peft_model
 from PIL import Image
 from trl import GRPOTrainer
+from trl.trainer import grpo_trainer
 
 from trl_t2i import TINY_JANUS, T2IGRPOTrainer
 from trl_t2i import trl_boundary as boundary
@@ -24,24 +26,83 @@ def _generation_batch(trainer, prompts=TRAINING_PROMPTS[:2]):
     return [{"prompt": prompt} for prompt in prompts for _ in range(trainer.num_generations)]
 
 
-def test_generate_returns_the_rollout_in_trls_slots(tmp_path):
+def _spy_on_rollouts(trainer) -> list[tuple]:
+    """What `trainer._generate` returns, in TRL's slots, one entry per call."""
+    rollouts, generate = [], trainer._generate
+    trainer._generate = lambda prompts: rollouts.append(generate(prompts)) or rollouts[-1]
+    return rollouts
+
+
+# ---------------------------------------------------------------------------------------------- TRL's GRPOTrainer
+
+
+def test_trls_generation_batch_holds_the_rollout_as_the_named_layout_says(tmp_path):
     seen = {}
 
     def reward(prompts, completions, **kwargs):
         seen["completions"] = completions
         return colour_match(prompts, completions)
 
-    trainer = make_trainer(tmp_path, reward=reward)
-    rollouts = []
-    generate = trainer._generate
-    trainer._generate = lambda prompts: rollouts.append(generate(prompts)) or rollouts[-1]
-    batch = trainer._generate_and_score_completions(_generation_batch(trainer))
-    prompt_ids, image_tokens, _, images, sampling_logps, *_ = rollouts[0]
-    assert torch.equal(batch["completion_ids"], torch.tensor(image_tokens))
-    torch.testing.assert_close(batch["sampling_per_token_logps"], torch.tensor(sampling_logps))
+    # the policy moves before the batch's last update (old log-probs); a reference; a loss mask (critical tokens)
+    trainer = make_trainer(tmp_path, reward=reward, num_iterations=2, beta=0.1, token_selection="critical")
+    rollouts = _spy_on_rollouts(trainer)
+    batch = boundary.Batch.of(trainer._generate_and_score_completions(_generation_batch(trainer)))
+    prompt_ids, image_tokens, loss_mask, images, sampling_logps, *_ = rollouts[0]
     for row, ids in enumerate(prompt_ids):  # TRL left-pads the prompts
-        assert batch["prompt_ids"][row, -len(ids) :].tolist() == ids and batch["prompt_mask"][row].sum() == len(ids)
+        assert batch.prompt_ids[row, -len(ids) :].tolist() == ids and batch.prompt_mask[row].sum() == len(ids)
+    assert torch.equal(batch.image_tokens, torch.tensor(image_tokens)) and batch.image_mask.bool().all()
+    assert torch.equal(batch.loss_mask, torch.tensor(loss_mask)) and 0 < batch.loss_mask.float().mean() < 1
+    assert batch.num_items_in_batch == batch.loss_mask.sum()
+    torch.testing.assert_close(batch.sampling_logps, torch.tensor(sampling_logps))
+    # teacher-forced with the sampling weights, and the reference is the policy before any update
+    torch.testing.assert_close(batch.old_logps, batch.sampling_logps, atol=1e-5, rtol=0)
+    torch.testing.assert_close(batch.reference_logps, batch.sampling_logps, atol=1e-5, rtol=0)
+    groups = batch.advantages.view(-1, trainer.num_generations)  # one per image, normalised in its prompt's group
+    assert groups.abs().sum() > 0 and torch.allclose(groups.sum(-1), torch.zeros(len(groups)), atol=1e-4)
     assert seen["completions"] is images and all(isinstance(image, Image.Image) for image in images)
+
+
+def test_compute_loss_scores_the_policy_with_one_scorer_call_which_can_be_answered(tmp_path):
+    trainer = make_trainer(tmp_path, beta=0.0, num_iterations=2)
+    inputs = first_batch(trainer)
+    perturb_adapters(trainer.model)  # policy ≠ old policy: TRL's loss depends on the log-probs' values
+    trainer.current_gradient_accumulation_steps = 1
+    calls, scorer = [], trainer._get_per_token_logps_and_entropies
+    trainer._get_per_token_logps_and_entropies = lambda *args, **kwargs: (
+        calls.append((args, kwargs)) or scorer(*args, **kwargs)
+    )
+    scored = GRPOTrainer._compute_loss(trainer, trainer.model, inputs)
+    del trainer._get_per_token_logps_and_entropies
+    ((model, input_ids, attention_mask, logits_to_keep), kwargs) = calls[0]
+    assert len(calls) == 1 and kwargs["compute_entropy"] and logits_to_keep == inputs["completion_ids"].size(1)
+    assert torch.equal(input_ids, torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1))
+    assert torch.equal(attention_mask, torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1))
+
+    logps, entropies, _ = scorer(model, input_ids, attention_mask, logits_to_keep, compute_entropy=True)
+    with boundary.policy_scores_given(trainer, logps, entropies):
+        given = GRPOTrainer._compute_loss(trainer, trainer.model, inputs)
+    torch.testing.assert_close(given, scored)
+    assert "_get_per_token_logps_and_entropies" not in vars(trainer)  # the trainer's own scorer again
+    with boundary.policy_scores_given(trainer, logps + 0.1, torch.zeros_like(entropies)):
+        other = GRPOTrainer._compute_loss(trainer, trainer.model, inputs)
+    assert (other - given).abs() > 1e-3 and trainer._metrics["train"]["entropy"][-1] == 0.0  # TRL read both
+
+
+def test_compute_loss_weighs_each_token_by_per_token_advantages(tmp_path):
+    trainer = make_trainer(tmp_path, beta=0.0, loss_type="bnpo")
+    inputs = first_batch(trainer)
+    trainer.current_gradient_accumulation_steps = 1
+    advantages = inputs["advantages"]
+    per_token = advantages[:, None].expand_as(inputs["completion_ids"])
+    halved = per_token * (torch.arange(per_token.size(1)) % 2)  # every other token's term dropped
+    loss = GRPOTrainer._compute_loss(trainer, trainer.model, inputs)
+    torch.testing.assert_close(
+        GRPOTrainer._compute_loss(trainer, trainer.model, boundary.with_advantages(inputs, per_token)), loss
+    )
+    torch.testing.assert_close(
+        GRPOTrainer._compute_loss(trainer, trainer.model, boundary.with_advantages(inputs, halved)), loss / 2
+    )
+    assert inputs["advantages"] is advantages  # the buffered batch keeps TRL's
 
 
 def test_metrics_buffers_are_averaged_and_cleared_by_log(tmp_path):
@@ -59,22 +120,35 @@ def test_metrics_buffers_are_averaged_and_cleared_by_log(tmp_path):
     assert "probe" not in trainer._metrics["train"]
 
 
-def test_calculate_rewards_returns_every_ranks_rewards_in_rank_order(tmp_path):
-    trainer = make_trainer(tmp_path)
+def test_calculate_rewards_gathers_every_ranks_rewards_in_rank_order_and_trl_keeps_this_ranks_rows(
+    tmp_path, monkeypatch
+):
+    seen = []
+
+    def reward(prompts, completions, **kwargs):
+        seen.append(colour_match(prompts, completions))
+        return seen[-1]
+
+    trainer = make_trainer(tmp_path, reward=reward)
     inputs = _generation_batch(trainer)
-    prompts = [row["prompt"] for row in inputs]
-    images = [Image.new("RGB", (8, 8), (255, 0, 0))] * len(prompts)
-    rewards = trainer._calculate_rewards(inputs, prompts, images, [[0]] * len(prompts))
-    assert rewards.shape == (len(prompts), 1)
-    torch.testing.assert_close(
-        boundary.local_rows(trainer, rewards, len(prompts))[:, 0], torch.tensor(colour_match(prompts, images))
-    )
-    # TRL keeps this rank's rows of the gathered rewards and advantages with the same slice
-    source = inspect.getsource(GRPOTrainer._generate_and_score_completions)
-    assert (
-        "self.accelerator.process_index * len(prompts)" in source
-        and "gather(rewards_per_func)" in inspect.getsource(GRPOTrainer._calculate_rewards)
-    )
+    torch.manual_seed(0)
+    alone = trainer._generate_and_score_completions(inputs)
+
+    # As rank 1 of 2: the other rank's rewards (these, its prompt groups in reverse order) come first when gathered
+    gathered = []
+
+    def gather_two_ranks(tensor):
+        other = tensor.view(-1, trainer.num_generations, tensor.size(-1)).flip(0).reshape(tensor.shape)
+        gathered.append(torch.cat([other, tensor]))
+        return gathered[-1]
+
+    monkeypatch.setattr(grpo_trainer, "gather", gather_two_ranks)
+    monkeypatch.setattr(type(trainer.accelerator), "process_index", property(lambda accelerator: 1))
+    torch.manual_seed(0)
+    as_rank_1 = trainer._generate_and_score_completions(inputs)
+    assert len(gathered) == 1 and not torch.equal(gathered[0][: len(inputs)], gathered[0][len(inputs) :])
+    torch.testing.assert_close(as_rank_1["advantages"], alone["advantages"])  # TRL kept this rank's rows
+    torch.testing.assert_close(boundary.local_rows(trainer, gathered[0], len(inputs))[:, 0], torch.tensor(seen[-1]))
 
 
 def test_logged_completions_feed_trls_table_as_images(tmp_path):
@@ -168,6 +242,51 @@ def test_max_completion_length_comes_from_the_model(tmp_path):
     assert make_trainer(tmp_path).args.max_completion_length == 16  # the tiny Janus: 4 × 4 image tokens
     with pytest.raises(ValueError, match="`max_completion_length=512` does not match.*16 tokens"):
         make_trainer(tmp_path, max_completion_length=512)
+
+
+# ---------------------------------------------------------------------------------------------- transformers' Trainer
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A trainer after one optimizer step: it has the state and optimizer a checkpoint saves."""
+    trainer = make_trainer(tmp_path_factory.mktemp("run"), max_steps=1)
+    trainer.train()
+    return trainer
+
+
+def test_save_checkpoint_writes_where_get_output_dir_says_and_pushes_only_through_push_from_checkpoint(
+    trained, tmp_path, monkeypatch
+):
+    output_dir = Path(trained.args.output_dir)
+    monkeypatch.setattr(trained.args, "push_to_hub", True)  # what may reach the Hub: `_push_from_checkpoint` alone
+    with boundary.checkpoint_saved_into(trained, str(tmp_path)):
+        GRPOTrainer._save_checkpoint(trained, trained.model, None)
+    assert (tmp_path / "checkpoint-1" / "trainer_state.json").is_file() and not list(output_dir.glob("checkpoint-*"))
+    assert boundary.run_dir(trained) == str(output_dir)  # the trainer's own folder again
+
+    pushed = []
+    trained._push_from_checkpoint = pushed.append
+    try:
+        GRPOTrainer._save_checkpoint(trained, trained.model, None)
+    finally:
+        del trained._push_from_checkpoint
+    assert (
+        pushed == [str(output_dir / "checkpoint-1")] and (output_dir / "checkpoint-1" / "trainer_state.json").is_file()
+    )
+
+
+def test_every_save_of_the_weights_goes_through_save(trained, tmp_path):
+    saved, save = [], trained._save
+    trained._save = lambda output_dir=None, state_dict=None: saved.append(output_dir) or save(output_dir, state_dict)
+    try:
+        trained.save_model(str(tmp_path / "model"))
+        with boundary.checkpoint_saved_into(trained, str(tmp_path / "staging")):
+            GRPOTrainer._save_checkpoint(trained, trained.model, None)
+    finally:
+        del trained._save
+    assert saved == [str(tmp_path / "model"), str(tmp_path / "staging" / "checkpoint-1")]
+    assert all((Path(folder) / "adapter_model.safetensors").is_file() for folder in saved)
 
 
 def test_grad_norm_is_read_once_per_optimizer_step_with_the_gradients_before_the_update(tmp_path):
