@@ -7,15 +7,17 @@ against what a CPU run allocates.
 
 A recipe is read as `trl-t2i plan` reads it (`trl_t2i.cli.plan.read_recipe`): its YAML through the parser of
 `trl-t2i grpo`, the number of processes and the ZeRO stage from the accelerate config its header launches with
-(`--config_file`, `--num_processes`). `--check` runs one step of `T2IGRPOTrainer` and counts the bytes of the live tensors at the
-peak of each phase (`LiveTensorBytes`, what `torch.cuda.max_memory_allocated` would say), next to the model's
-prediction for the same reduced model.
+(`--config_file`, `--num_processes`). `--check` runs one step of `T2IGRPOTrainer` and counts the bytes of the live
+tensors at the peak of each phase (`LiveTensorBytes`, what `torch.cuda.max_memory_allocated` would say), next to the
+model's prediction for the same reduced model. `LiveTensorBytes` and `phase_peaks` are the instruments
+`tests/test_memory.py` measures the code with too.
 """
 
 import contextlib
 import functools
 import tempfile
 import time
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +26,8 @@ from unittest import mock
 import torch
 from datasets import Dataset
 from peft import LoraConfig
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 from transformers import HfArgumentParser, JanusForConditionalGeneration
 
 import trl_t2i.trainer as trainer_module
@@ -39,7 +43,6 @@ from trl_t2i.memory import (
     SAMPLING,
     SCORING,
     Architecture,
-    LiveTensorBytes,
     TrainingSetup,
     estimate,
     janus_pro_1b_config,
@@ -155,6 +158,49 @@ def write_headers() -> None:
 
 
 # ---------------------------------------------------------------------------------------------- --check
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """Counts the bytes of the tensors that the ops run inside it allocate, while they are alive, and their peak: what
+    `torch.cuda.max_memory_allocated` would report, for CPU runs. Tensors made before it was entered, and outputs that
+    alias an input (views, in-place ops), are not counted.
+
+    Example:
+        >>> with LiveTensorBytes() as live:
+        ...     y = torch.ones(1000).exp()  # `ones` is freed once `exp` has read it
+        >>> live.current, live.peak
+        (4000, 8000)
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.current = 0
+        self.peak = 0
+        self._counted = {}  # id of each counted storage → a weak reference whose callback uncounts it
+
+    def reset_peak(self) -> None:
+        """Start a new peak from what is alive now."""
+        self.peak = self.current
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        output = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for tensor in tree_leaves(output):
+            if isinstance(tensor, torch.Tensor) and tensor.untyped_storage().data_ptr() not in inputs:
+                self._count(tensor.untyped_storage())
+        return output
+
+    def _count(self, storage: torch.UntypedStorage) -> None:
+        key, size = id(storage), storage.nbytes()
+        if key in self._counted or size == 0:
+            return
+        self.current += size
+        self.peak = max(self.peak, self.current)
+        self._counted[key] = weakref.ref(storage, lambda _, key=key, size=size: self._uncount(key, size))
+
+    def _uncount(self, key: int, size: int) -> None:
+        self.current -= size
+        self._counted.pop(key, None)
 
 
 def dynamic_bytes(result, phase: str) -> float:

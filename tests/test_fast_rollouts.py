@@ -3,7 +3,7 @@ base weights while sampling."""
 
 import pytest
 import torch
-from conftest import FAMILY_CASES, TRAINING_PROMPTS, make_config, make_trainer, perturb_adapters
+from conftest import FAMILY_CASES, TRAINING_PROMPTS, load_script, make_config, make_trainer, perturb_adapters
 from datasets import Dataset
 from peft import LoraConfig, get_peft_model
 
@@ -201,7 +201,9 @@ def test_the_sample_command_compiles_on_request_and_writes_the_same_images(tmp_p
 
 
 def test_folding_allocates_one_copy_of_the_adapted_weights_as_the_memory_model_says(tiny_janus):
-    from trl_t2i.memory import Architecture, LiveTensorBytes
+    from trl_t2i.memory import Architecture
+
+    LiveTensorBytes = load_script("memory_model").LiveTensorBytes
 
     peft_model, _ = _lora_janus(tiny_janus)
     weights = [layer.get_base_layer().weight for layer in peft_model.modules() if hasattr(layer, "lora_A")]

@@ -1,13 +1,15 @@
 """The memory model (`trl_t2i.memory`) against what the code really holds: the parameters of real and tiny models,
-the KV cache the sampler allocates, 4-bit weights, and the live tensors of a layer, the training step's tables and
-the VQ decoder (counted on CPU with `LiveTensorBytes`)."""
+the KV cache the sampler allocates, 4-bit weights, and the live tensors of a layer, of the trainer's own loss and
+training step and of the VQ decoder (counted on CPU with `scripts/memory_model.py`'s `LiveTensorBytes`)."""
 
 import dataclasses
 from collections import Counter
+from unittest import mock
 
 import pytest
 import torch
-from conftest import load_script, make_config
+from conftest import first_batch, load_script, make_config
+from datasets import Dataset
 from peft import LoraConfig
 from transformers import JanusForConditionalGeneration, JanusVQVAE, JanusVQVAEConfig, LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
@@ -19,7 +21,6 @@ from trl_t2i.memory import (
     EXACT_CHUNK_TEMPORARIES,
     PHASES,
     Architecture,
-    LiveTensorBytes,
     TrainingSetup,
     _layer_activation_bytes,
     estimate,
@@ -45,8 +46,12 @@ from trl_t2i.models import (
     get_family,
     load_model,
 )
-from trl_t2i.sampling import MIN_LOGP, SamplingConfig, position_entropy, teacher_forced_logits
-from trl_t2i.trainer import METRIC_DIVERGENCES
+from trl_t2i.rewards import colour_match
+from trl_t2i.trainer import T2IGRPOTrainer
+
+
+MEMORY_SCRIPT = load_script("memory_model")
+LiveTensorBytes = MEMORY_SCRIPT.LiveTensorBytes
 
 
 FP32 = {"weight_dtype": "float32", "mixed_precision": False}
@@ -93,13 +98,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def wide_janus():
-    """A tiny Janus whose codebook (4096) makes the `(B, N, V)` tables dwarf everything else."""
-    model, processor = build_tiny_janus(codebook_size=4096)
-    return model, get_family(model, processor)
 
 
 @pytest.mark.parametrize("hidden_size, num_layers", [(32, 2), (64, 3), (48, 1)])
@@ -197,112 +195,110 @@ def test_4bit_estimate_keeps_the_skipped_modules_at_full_precision():
     assert zero2["generation head"] == 2 * architecture.components()["generation head"]
 
 
-def _replay_training_step(score_policy, score_reference, image_tokens, divergence, estimator, live) -> dict:
-    """The `(B, N, V)` work of a training micro-batch in the order of `T2IGRPOTrainer._compute_loss` on a logged step,
-    and the peak live bytes of each stage of `training_table_peaks`: the policy's logits (`score_policy()`), their
-    log-softmax, and the entropy TRL asks for, freed with the loop's logits; with the exact estimator the reference's
-    table (`score_reference()`) without gradient, the penalty and the other logged divergences; the backward.
-    `test_training_peaks_match_the_live_tensors_of_a_trainer_step` checks the trainer itself, for a few settings."""
-    peaks = {}
+CODEBOOKS = (1024, 4096)
+"""Two codebook sizes: what a stage of the loss holds per `(B, N, V)` table is the growth of its live bytes from one
+to the other, the rest (the language model's activations, masks, per-token values) being the same."""
+
+
+@pytest.fixture(scope="module", params=["fp32", "bf16 DeepSpeed"])
+def trainers_by_codebook(request, tmp_path_factory):
+    """LoRA trainers on a tiny Janus of each of `CODEBOOKS`, with their first micro-batch of 2 images. The image head
+    computes in fp32 (fp32 weights, or bf16 ones under autocast: the head is kept in fp32), or in bf16 (DeepSpeed's
+    bf16 model: `image_head_logits` casts the bf16 logits)."""
+    bf16 = request.param == "bf16 DeepSpeed"
+    trainers = {}
+    for codebook_size in CODEBOOKS:
+        model, processor = build_tiny_janus(codebook_size=codebook_size)
+        trainer = T2IGRPOTrainer(
+            model=model,
+            reward_funcs=colour_match,
+            args=make_config(
+                tmp_path_factory.mktemp("run"), per_device_train_batch_size=2, num_generations=2, bf16=bf16
+            ),
+            train_dataset=Dataset.from_dict({"prompt": ["a red cat", "a blue car"]}),
+            processing_class=processor,
+            peft_config=LoraConfig(r=4, lora_alpha=8),
+        )
+        if bf16:
+            trainer.model.get_submodule(f"base_model.model.{JanusFamily.image_head}").to(torch.bfloat16)
+        trainer.current_gradient_accumulation_steps = 1
+        trainers[codebook_size] = (trainer, first_batch(trainer))
+    return request.param, trainers
+
+
+def _loss_stage_peaks(trainer, inputs) -> dict[str, int]:
+    """The live tensor bytes at the peak of each stage of the trainer's own loss on a micro-batch and its backward,
+    named as `training_table_peaks` names them: `policy` (the policy forward and TRL's loss), `reference` (the
+    penalty, which with the exact estimator scores the reference's tables) and `backward`."""
+    peaks, live, penalty = {}, LiveTensorBytes(), trainer._divergence_penalty
 
     def end_stage(name):
         peaks[name] = live.peak
         live.reset_peak()
 
-    logits = score_policy()
-    table = logits.log_softmax(dim=-1)
-    logps = table.gather(-1, image_tokens[..., None]).squeeze(-1).clamp(min=MIN_LOGP)
-    entropy = position_entropy(table)
-    del entropy, logits
-    end_stage("policy")
-    if estimator == "exact":
-        with torch.no_grad():
-            reference = score_reference()
-        penalty = get_divergence(divergence).exact_penalty(table, reference)
-        with torch.no_grad():
-            for name in METRIC_DIVERGENCES:
-                if name != divergence:
-                    get_divergence(name).exact_penalty(table, reference)
-        del reference
-        end_stage("reference")
-    else:
-        penalty = get_divergence(divergence).sampled(logps, logps.detach() + 0.1)
-    loss = penalty.mean() - logps.mean()
-    del table, logps, penalty
-    loss.backward()
-    end_stage("backward")
+    def probed_penalty(*args, **kwargs):
+        end_stage("policy")
+        try:
+            return penalty(*args, **kwargs)
+        finally:
+            end_stage("reference")
+
+    with mock.patch.object(trainer, "_divergence_penalty", probed_penalty), live:
+        loss = trainer._compute_loss(trainer.model, inputs)
+        if "policy" not in peaks:  # no reference, no penalty
+            end_stage("policy")
+        live.reset_peak()
+        loss.backward()
+        end_stage("backward")
     return peaks
 
 
-HEADS = {  # how the logits reach the trainer: (dtype of the head, cast to fp32 at the forward's output)
-    "fp32": (torch.float32, False),  # fp32 weights, or bf16 ones under autocast: the head is kept in fp32
-    "bf16 DeepSpeed": (torch.bfloat16, True),  # a bf16 model: `image_head_logits` casts the bf16 logits
-}
-
-
-def _training_step_tables(family, divergence: str, estimator: str, guided: bool, head: str) -> dict[str, float]:
-    """Peak live bytes of each stage of a training micro-batch's tables, in `(B, N, V)` fp32 tables, scored with
-    the trainer's code (`teacher_forced_logits`, `log_softmax`) over a stand-in image head."""
-    batch_size, n, v = 2, family.num_image_tokens, family.codebook_size
-    conditioning = family.encode_prompts(["a red cat"] * batch_size)
-    tokens = torch.randint(v, (batch_size, n))
-    sampling = SamplingConfig(cfg_scale=5.0 if guided else 1.0)
-    rows = 2 * batch_size if guided else batch_size
-    head_dtype, fp32_outputs = HEADS[head]
-    weights = torch.randn(rows, n, v, dtype=head_dtype, requires_grad=True)
-    reference_weights = torch.randn(rows, n, v, dtype=head_dtype)
-
-    def score(head_weights):
-        def forward(**kwargs):  # new logits at every call, as a head computes them
-            logits = head_weights * 1
-            return logits.float() if fp32_outputs else logits
-
-        return teacher_forced_logits(family, forward, conditioning, tokens, sampling)
-
-    with LiveTensorBytes() as live:
-        peaks = _replay_training_step(
-            lambda: score(weights),
-            lambda: score(reference_weights).log_softmax(-1),
-            tokens,
-            divergence,
-            estimator,
-            live,
-        )
-    return {stage: peak / (batch_size * n * v * 4) for stage, peak in peaks.items()}
-
-
-@pytest.mark.parametrize("estimator, divergence", [("sampled", "js")] + [("exact", name) for name in DIVERGENCES])
+@pytest.mark.parametrize(
+    "estimator, divergence", [(None, None), ("sampled", "js")] + [("exact", name) for name in DIVERGENCES]
+)
 @pytest.mark.parametrize("guided", [True, False])
-@pytest.mark.parametrize("head", list(HEADS))
-def test_training_tables_match_the_live_tensors_of_the_step(
-    wide_janus, estimator, divergence, guided, head, monkeypatch
+def test_training_tables_match_the_live_tensors_of_the_trainers_loss(
+    trainers_by_codebook, monkeypatch, guided, estimator, divergence
 ):
-    model, family = wide_janus
+    head, trainers = trainers_by_codebook
     # One position per chunk: the penalty's chunk temporaries, which the model bounds from above, stay small here.
     monkeypatch.setattr(divergences, "EXACT_ROWS_PER_CHUNK", 1)
-    bf16 = HEADS[head][0] == torch.bfloat16
+    bf16 = head == "bf16 DeepSpeed"
     setup = TrainingSetup(
         rollout_images=2,
         micro_batch=2,
         guided_scoring=guided,
-        divergence_estimator=estimator,
+        divergence_estimator=estimator or "sampled",
+        reference=estimator is not None,  # without one, full fine-tuning at β = 0: no penalty
         mixed_precision=bf16,
         weight_dtype="bfloat16" if bf16 else "float32",
-        zero_stage=2 if head == "bf16 DeepSpeed" else 0,
+        zero_stage=2 if bf16 else 0,
     )
-    expected = training_table_peaks(Architecture.from_janus_config(model.config), setup)
-    measured = _training_step_tables(family, divergence, estimator, guided, head)
-    assert measured.keys() == expected.keys()
-    chunk_allowance = EXACT_CHUNK_TEMPORARIES / (2 * family.num_image_tokens) if estimator == "exact" else 0.0
-    for stage, tables in expected.items():
-        assert tables - chunk_allowance - 0.02 <= measured[stage] <= tables + 0.02, stage
+    peaks, tables = {}, {}
+    for codebook_size, (trainer, inputs) in trainers.items():
+        monkeypatch.setattr(trainer, "has_reference", estimator is not None)
+        monkeypatch.setattr(trainer.args, "cfg_scale", 5.0 if guided else 1.0)
+        monkeypatch.setattr(trainer.args, "divergence_estimator", estimator or "sampled")
+        monkeypatch.setattr(trainer.args, "divergence", divergence or "js")
+        monkeypatch.setattr(trainer, "divergence", get_divergence(divergence or "js"))
+        architecture = Architecture.from_janus_config(trainer.family.config)
+        peaks[codebook_size], tables[codebook_size] = (
+            _loss_stage_peaks(trainer, inputs),
+            table_bytes(architecture, setup),
+        )
+    expected = training_table_peaks(architecture, setup)
+    small, large = CODEBOOKS
+    chunk_allowance = EXACT_CHUNK_TEMPORARIES / (2 * trainer.family.num_image_tokens) if estimator == "exact" else 0.0
+    for stage, count in expected.items():
+        measured = (peaks[large][stage] - peaks[small][stage]) / (tables[large] - tables[small])
+        assert count - chunk_allowance - 0.01 <= measured <= count + 0.01, (stage, measured, count)
 
 
 @pytest.mark.parametrize(
     "estimator, cfg_scale, bf16", [("exact", 5.0, True), ("sampled", 1.0, False), ("sampled", 5.0, True)]
 )
 def test_training_peaks_match_the_live_tensors_of_a_trainer_step(tmp_path, monkeypatch, estimator, cfg_scale, bf16):
-    script = load_script("memory_model")
+    script = MEMORY_SCRIPT
     monkeypatch.setattr(
         divergences, "EXACT_ROWS_PER_CHUNK", 1
     )  # the chunk temporaries, bounded from above, stay small
@@ -426,7 +422,7 @@ def test_phases_that_do_not_coexist_are_not_added():
 def test_every_recipe_header_quotes_the_memory_model():
     # The headers are written by `python scripts/memory_model.py --write_headers`: a change of the model (or of a
     # recipe's settings) that moves a number fails here until they are rewritten.
-    script = load_script("memory_model")
+    script = MEMORY_SCRIPT
     recipes = [
         path for directory in script.RECIPE_DIRS for path in sorted((script.RECIPES / directory).glob("*.yaml"))
     ]

@@ -14,16 +14,13 @@ the largest phase total, not the sum of the items:
 
 The first four make up the rollout, the last two the training step. The numbers are estimates of what PyTorch
 allocates (`torch.cuda.max_memory_allocated` plus the CUDA context); allocator fragmentation and tensors of a few
-tens of megabytes at most (masks, per-token log-probs, the sampler's per-step logits) are not modelled. See `docs/memory.md` for the formulas, the recipes' tables and what was measured.
+tens of megabytes at most (masks, per-token log-probs, the sampler's per-step logits) are not modelled. See
+`docs/memory.md` for the formulas, the recipes' tables and what was measured.
 """
 
 import math
-import weakref
 from dataclasses import dataclass, field
 
-import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 from transformers import JanusConfig, JanusVisionConfig, JanusVQVAEConfig, T5Config
 
 from . import divergences
@@ -807,8 +804,9 @@ def training_table_peaks(arch: Architecture, setup: TrainingSetup) -> dict[str, 
     estimator), then the backward (the exact penalty's, then back through log-softmax and the guidance)."""
     forward = scoring_forward_tables(arch, setup)
     logits, _, _ = _scored_logits(arch, setup)
-    # back through log_softmax and the guidance: the table, its gradient, and two slice gradients of the logits
-    backward = 2 * logits + 2 if setup.guided_scoring else 3
+    # back through log_softmax and the guidance: the table, its gradient, and two slice gradients of the logits;
+    # unguided, the gradients of the table's two gathers (TRL's log-probs and the penalty's), their sum and the table
+    backward = 2 * logits + 2 if setup.guided_scoring else (4 if setup.reference else 3)
     peaks = {"policy": max(forward, 2 + POLICY_ENTROPY_TABLES)}  # the entropy, next to the fp32 logits and table
     if setup.divergence_estimator == "exact":
         peaks["reference"] = 1 + forward  # the reference scores while the policy's table is kept
@@ -889,50 +887,3 @@ def _working_weight_items(arch: Architecture, setup: TrainingSetup) -> list[Memo
         live = min(2 * largest, ZERO3_MAX_LIVE_PARAMETERS) * setup.weight_bytes
         items.append(MemoryItem("ZeRO-3: parameters gathered for a forward", live, (SCORING, LOSS, BACKWARD)))
     return items
-
-
-# ---------------------------------------------------------------------------------------------- measuring
-
-
-class LiveTensorBytes(TorchDispatchMode):
-    """Counts the bytes of the tensors that the ops run inside it allocate, while they are alive, and their peak: what
-    `torch.cuda.max_memory_allocated` would report, for CPU runs (`tests/test_memory.py`, `scripts/memory_model.py
-    --check`). Tensors made before it was entered, and outputs that alias an input (views, in-place ops), are not
-    counted.
-
-    Example:
-        >>> with LiveTensorBytes() as live:
-        ...     y = torch.ones(1000).exp()  # `ones` is freed once `exp` has read it
-        >>> live.current, live.peak
-        (4000, 8000)
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.current = 0
-        self.peak = 0
-        self._counted = {}  # id of each counted storage → a weak reference whose callback uncounts it
-
-    def reset_peak(self) -> None:
-        """Start a new peak from what is alive now."""
-        self.peak = self.current
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        output = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
-        for tensor in tree_leaves(output):
-            if isinstance(tensor, torch.Tensor) and tensor.untyped_storage().data_ptr() not in inputs:
-                self._count(tensor.untyped_storage())
-        return output
-
-    def _count(self, storage: torch.UntypedStorage) -> None:
-        key, size = id(storage), storage.nbytes()
-        if key in self._counted or size == 0:
-            return
-        self.current += size
-        self.peak = max(self.peak, self.current)
-        self._counted[key] = weakref.ref(storage, lambda _, key=key, size=size: self._uncount(key, size))
-
-    def _uncount(self, key: int, size: int) -> None:
-        self.current -= size
-        self._counted.pop(key, None)
