@@ -5,9 +5,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import load_script
 
 
+@pytest.mark.slow
 def test_bench_sampler_prints_every_table_for_each_width(capsys):
     load_script("bench_sampler").main(images=2, repeats=1, threads=1, widths=["tiny"])
     printed = capsys.readouterr().out
@@ -25,6 +27,7 @@ def test_the_chunked_exact_penalty_saves_less_for_backward_than_autograd():
     assert chunked_saved < 0.5 * autograd_saved
 
 
+@pytest.mark.slow
 def test_bench_gpu_smoke_runs_every_part_and_writes_its_numbers(tmp_path):
     output = tmp_path / "bench_gpu.json"
     script = Path(__file__).parents[1] / "scripts" / "bench_gpu.py"

@@ -276,6 +276,7 @@ def test_cli_without_a_valid_command_fails_with_the_listing(argv, problem):
     assert all(help in message for help in COMMANDS.values())
 
 
+@pytest.mark.slow
 def test_resumed_run_matches_an_uninterrupted_one(tmp_path):
     common = [
         "--config",
@@ -330,6 +331,7 @@ torch.save(
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["cpu_demo.yaml", "llamagen_demo.yaml"])
 def test_two_process_cpu_ddp_ends_with_identical_weights(tmp_path, recipe):
     probe = tmp_path / "probe.py"
@@ -355,6 +357,7 @@ def test_two_process_cpu_ddp_ends_with_identical_weights(tmp_path, recipe):
     assert any(param.abs().sum() > 0 for name, param in params_0.items() if "lora_B" in name)  # it trained
 
 
+@pytest.mark.slow
 def test_installed_cli_samples_images_with_a_trained_adapter(tmp_path):
     run = main(
         *_parse(

@@ -290,6 +290,7 @@ def test_runs_trained_with_another_sampling_distribution_are_flagged(tmp_path, t
             _evaluate(tmp_path, [trained_run], cfg_scale=2.0)
 
 
+@pytest.mark.slow
 def test_frontier_sweep_trains_evaluates_and_skips_finished_runs(tmp_path, monkeypatch):
     held_out = tmp_path / "held_out.txt"
     held_out.write_text("a pink ball\na white house\na grey cup\n")

@@ -25,6 +25,7 @@ from trl_t2i.rewards import HPSv2Reward
 ROOT = Path(__file__).parents[1]
 
 
+@pytest.mark.slow
 def test_make_demo_prints_no_warnings(tmp_path):
     venv = Path(sys.prefix)  # the environment running the tests; `-o` keeps make from reinstalling it
     flags = f"--max_steps 2 --per_device_train_batch_size 16 --output_dir {tmp_path / 'demo'}"
@@ -36,10 +37,17 @@ def test_make_demo_prints_no_warnings(tmp_path):
     assert "were not passed to `accelerate launch`" not in result.stderr, result.stderr
 
 
-def test_ci_runs_the_linters_before_the_tests():
-    steps = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line and not line.startswith("#")]
-    assert steps[0] == "set -euo pipefail"
-    assert steps.index("make lint") < steps.index("make test")
+def test_ci_runs_the_linters_then_the_tests_and_stops_at_the_first_failure(tmp_path):
+    calls = tmp_path / "calls"
+    make = tmp_path / "make"  # records the targets CI asks for; fails the one named by $FAIL
+    make.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n[ "$1" != "$FAIL" ]\n')
+    make.chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"}
+    subprocess.run([str(ROOT / ".ci" / "run")], env=env, check=True)
+    assert calls.read_text().split() == ["lint", "test"]
+    calls.unlink()
+    assert subprocess.run([str(ROOT / ".ci" / "run")], env={**env, "FAIL": "lint"}).returncode != 0
+    assert calls.read_text().split() == ["lint"]
     venv = Path(sys.prefix)
     result = subprocess.run(
         ["make", "--dry-run", "-o", str(venv / ".installed"), "lint", f"VENV={venv}"],

@@ -19,6 +19,7 @@ from trl_t2i.preemption import PreemptionCallback
 ROOT = Path(__file__).parents[1]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform != "linux", reason="the launcher's end reaches the run through Linux's prctl")
 @pytest.mark.parametrize("accelerate_config", ["cpu.yaml", "cpu_ddp.yaml"])
 def test_sigterm_to_accelerate_launch_saves_a_checkpoint_and_ends_the_run(tmp_path, accelerate_config):

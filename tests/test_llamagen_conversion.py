@@ -355,6 +355,7 @@ def test_the_cli_converts_into_a_folder_that_load_model_reads(checkpoints, tmp_p
     assert converted.keys() == reloaded.keys() and all(torch.equal(converted[k], reloaded[k]) for k in converted)
 
 
+@pytest.mark.slow
 def test_a_converted_checkpoint_trains_end_to_end_through_accelerate_launch(checkpoints, tmp_path):
     directory, _, _ = checkpoints
     root = Path(__file__).parents[1]

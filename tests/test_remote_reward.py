@@ -134,6 +134,7 @@ def replying(*replies):
     return app
 
 
+@pytest.mark.slow
 def test_remote_scores_are_the_served_rewards(server):
     url = server.url()
     expected = colour_match(CAPTIONS, images())
@@ -143,6 +144,7 @@ def test_remote_scores_are_the_served_rewards(server):
     assert reward.__name__ == f"remote_127_0_0_1_{url.split(':')[-1].split('/')[0]}_score"
 
 
+@pytest.mark.slow
 def test_training_against_a_reward_server_logs_the_in_process_rewards(server, tmp_path):
     url = server.url()
 
@@ -176,6 +178,7 @@ class KillAfterFirstStep(TrainerCallback):
             self.server.kill()
 
 
+@pytest.mark.slow
 def test_a_server_killed_mid_run_scores_none_with_on_error_none(server, tmp_path, caplog):
     url = server.url()
     reward = RemoteReward(url, name="colour_remote", on_error="none", **FAST_RETRIES)

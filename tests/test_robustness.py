@@ -272,6 +272,7 @@ with locked(sys.argv[1]):
 """
 
 
+@pytest.mark.slow
 def test_second_run_into_a_locked_output_dir_fails_naming_the_first_and_a_killed_run_frees_it(
     tmp_path,
     no_model_loading,  # noqa: F811
@@ -448,6 +449,7 @@ def test_full_disk_while_saving_leaves_no_checkpoint_and_says_so(tmp_path, monke
 # ------------------------------------------------------------------ preemption
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_saves_a_checkpoint_prints_the_resume_command_exits_non_zero_and_the_run_resumes(
     tmp_path, monkeypatch, capsys, signum
@@ -481,6 +483,7 @@ def test_a_signal_saves_a_checkpoint_prints_the_resume_command_exits_non_zero_an
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_under_accelerate_launch_a_preempted_run_exits_143_and_prints_the_launch_command(tmp_path):
     # As `make demo` starts it: the launcher by a relative path, with its config file. SIGTERM goes to the run itself
     # (the launcher's own handling of signals is accelerate's).

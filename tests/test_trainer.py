@@ -24,6 +24,7 @@ def test_lora_run_changes_only_adapter_weights(tmp_path):
     assert all(name in changed for name in before if "lora_B" in name)
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_gives_the_same_run(tmp_path):
     def history(checkpointing):
         trainer = make_trainer(tmp_path / str(checkpointing), activation_checkpointing=checkpointing)
@@ -202,6 +203,7 @@ def test_every_divergence_estimator_and_cfg_mode_trains_and_logs(tmp_path, diver
     assert second["divergence/reverse_kl"] > 1e-4 and second[f"divergence/{divergence}_penalty"] > 0
 
 
+@pytest.mark.slow
 def test_a_large_beta_keeps_the_policy_closer_to_the_reference(tmp_path):
     def final_divergence(beta):
         trainer = make_trainer(
@@ -327,6 +329,7 @@ def _reverse_kl_and_beta(trainer):
     return [log["divergence/reverse_kl"] for log in logs], {log["step"]: log["beta"] for log in logs}
 
 
+@pytest.mark.slow
 def test_adaptive_beta_steers_the_divergence_to_its_target(tmp_path):
     def settled_divergence(target):
         trainer = make_trainer(tmp_path / str(target), divergence_target=target, **ADAPTIVE)
@@ -343,6 +346,7 @@ def test_adaptive_beta_steers_the_divergence_to_its_target(tmp_path):
     assert high < unconstrained / 2
 
 
+@pytest.mark.slow
 def test_adaptive_beta_resumes_from_the_checkpoint(tmp_path):
     settings = {**ADAPTIVE, "divergence_target": 0.3, "max_steps": 12, "save_strategy": "steps", "save_steps": 6}
     trainer = make_trainer(tmp_path, **settings)
@@ -377,6 +381,7 @@ def test_image_grids_reach_tensorboard(tmp_path):
     assert {"train/divergence/reverse_kl", "train/divergence/js", "train/beta"} <= set(accumulator.Tags()["scalars"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", [TINY_JANUS, TINY_LLAMAGEN])
 def test_learning_raises_the_colour_reward(tmp_path, model):
     """Deterministic short run on a tiny model: the reward of samples on held-out captions and seeds rises clearly."""

@@ -80,6 +80,7 @@ def test_the_truncated_sampled_penalty_estimates_its_shifted_divergence_on_the_s
         assert (expectation - (rho * f(u)).sum()).abs() > 0.05
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("estimator", ["sampled", "exact"])
 def test_the_penalty_still_pulls_a_truncated_policy_back(tmp_path, estimator):
     def final_divergence(beta):
