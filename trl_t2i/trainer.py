@@ -508,8 +508,8 @@ class T2IGRPOTrainer(GRPOTrainer):
         tables: bool = False,
     ) -> PolicyScores:
         """Teacher-forced scores of image tokens `(B, N)` under `model` (possibly wrapped), `batch_size` images per
-        forward, changing nothing: their log-probs and, where asked for, the entropies, the untruncated log-probs and
-        (with `untruncated`) the untruncated tables."""
+        forward, changing nothing: their log-probs and, where asked for, their entropies (`entropies`), their
+        untruncated log-probs (`untruncated`) and with these the untruncated `(B, N, V)` tables (`tables`)."""
         chunks = []
         for start in range(0, image_tokens.size(0), batch_size):
             rows = slice(start, start + batch_size)
@@ -910,9 +910,10 @@ def _per_token(advantages: torch.Tensor) -> torch.Tensor:
     return advantages[:, None] if advantages.dim() == 1 else advantages
 
 
-def _joined(tables: list[torch.Tensor]) -> torch.Tensor:
-    """The chunks of a micro-batch's `(B, N, V)` table as one, without copying the usual single chunk."""
-    return tables[0] if len(tables) == 1 else torch.cat(tables)
+def _joined(chunks: list[torch.Tensor]) -> torch.Tensor:
+    """Scores of consecutive chunks of rows as one tensor, without copying the usual single chunk (a micro-batch's
+    `(B, N, V)` table)."""
+    return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
 
 
 def _check_eval_reward_funcs(eval_reward_funcs, reward_funcs: list, args: T2IGRPOConfig) -> list:
