@@ -25,6 +25,17 @@ from trl_t2i.rewards import HPSv2Reward
 ROOT = Path(__file__).parents[1]
 
 
+def _make_dry_run(target: str, env: dict[str, str] | None = None) -> str:
+    """What `make --dry-run <target>` would run, as printed, with this environment's venv (`-o`: no reinstall).
+
+    Under `make test` the variables of the outer make would turn this into a sub-make that prints "make[1]: Entering
+    directory" lines; dropping them keeps the output the recipe's alone."""
+    env = {key: value for key, value in (env or os.environ).items() if key not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
+    venv = Path(sys.prefix)
+    command = ["make", "--dry-run", "--no-print-directory", "-o", str(venv / ".installed"), target, f"VENV={venv}"]
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout
+
+
 def test_make_demo_prints_no_warnings(tmp_path):
     venv = Path(sys.prefix)  # the environment running the tests; `-o` keeps make from reinstalling it
     flags = f"--max_steps 2 --per_device_train_batch_size 16 --output_dir {tmp_path / 'demo'}"
@@ -41,11 +52,8 @@ def test_ci_runs_the_linters_before_the_tests():
     assert steps[0] == "set -euo pipefail"
     assert steps.index("make lint") < steps.index("make test")
     venv = Path(sys.prefix)
-    result = subprocess.run(
-        ["make", "--dry-run", "-o", str(venv / ".installed"), "lint", f"VENV={venv}"],
-        cwd=ROOT, capture_output=True, text=True, check=True,
-    )  # fmt: skip
-    assert f"{venv}/bin/ruff check ." in result.stdout and f"{venv}/bin/ruff format --check ." in result.stdout
+    printed = _make_dry_run("lint")
+    assert f"{venv}/bin/ruff check ." in printed and f"{venv}/bin/ruff format --check ." in printed
 
 
 def test_the_demo_runs_one_cpu_thread_however_many_cores_the_machine_has(tmp_path):
@@ -53,10 +61,7 @@ def test_the_demo_runs_one_cpu_thread_however_many_cores_the_machine_has(tmp_pat
     getconf = tmp_path / "getconf"
     getconf.write_text("#!/bin/sh\necho 64\n")
     getconf.chmod(0o755)
-    venv = Path(sys.prefix)
-    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"}
-    command = ["make", "--dry-run", "-o", str(venv / ".installed"), "demo", f"VENV={venv}"]
-    printed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout
+    printed = _make_dry_run("demo", env={**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"})
     assert "--num_cpu_threads_per_process 1 " in printed, printed
 
 
@@ -115,9 +120,7 @@ def test_push_of_a_missing_directory_names_it(tmp_path, no_hub):
 
 
 def test_demo_frontier_sweeps_js_and_reverse_kl_with_one_thread():
-    venv = Path(sys.prefix)
-    command = ["make", "--dry-run", "-o", str(venv / ".installed"), "demo-frontier", f"VENV={venv}"]
-    printed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    printed = _make_dry_run("demo-frontier")
     words = shlex.split(printed.replace("\\\n", " "))
     assert words[0] == "OMP_NUM_THREADS=1"  # torch reads it at start-up: one thread, as `make demo`
     (args,) = frontier.make_parser().parse_args_and_config(words[words.index("scripts/frontier_t2i.py") + 1 :])
