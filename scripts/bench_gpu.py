@@ -100,7 +100,8 @@ def smoke_scale() -> Scale:
         generations=2,
         steps=3,
         gap_images=2,
-        limits={"decode_1b": 40, "decode_7b": 40, "step": 60, "gap": 30},
+        # generous: a cold compile on a busy CPU; the parts take about 50 s in all on a warm 2-core machine
+        limits={"decode_1b": 120, "decode_7b": 90, "step": 90, "gap": 60},
     )
 
 

@@ -2,6 +2,9 @@
 (`test_family_contract.py`) run for each, so a new family gets them by adding its case here."""
 
 import importlib.util
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -228,6 +231,19 @@ def train_tiny_recipe(output_dir, *flags) -> T2IGRPOTrainer:
     """`trl-t2i grpo` on the tiny demo recipe with `QUICK_FLAGS`, then `flags` (which win), into `output_dir`."""
     argv = ["--config", str(DEMO_RECIPE), *QUICK_FLAGS, "--output_dir", str(output_dir), *flags]
     return grpo.main(*grpo.make_parser().parse_args_and_config(argv))
+
+
+def make_dry_run(target: str, env: dict[str, str] | None = None) -> str:
+    """What `make --dry-run <target>` would run, as printed, with this environment's venv (`-o`: no reinstall).
+
+    Under `make test` the variables of the outer make would turn this into a sub-make that prints "make[1]: Entering
+    directory" lines; dropping them keeps the output the recipe's alone."""
+    env = {key: value for key, value in (env or os.environ).items() if key not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
+    venv = Path(sys.prefix)
+    command = ["make", "--dry-run", "--no-print-directory", "-o", str(venv / ".installed"), target, f"VENV={venv}"]
+    return subprocess.run(
+        command, cwd=Path(__file__).parents[1], env=env, capture_output=True, text=True, check=True
+    ).stdout
 
 
 def load_script(name: str):

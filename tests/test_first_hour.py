@@ -12,7 +12,7 @@ from fnmatch import fnmatch
 from pathlib import Path
 
 import pytest
-from conftest import make_trainer
+from conftest import make_dry_run, make_trainer
 from PIL import Image
 
 from trl_t2i.cli import frontier, grpo
@@ -49,11 +49,8 @@ def test_ci_runs_the_linters_then_the_tests_and_stops_at_the_first_failure(tmp_p
     assert subprocess.run([str(ROOT / ".ci" / "run")], env={**env, "FAIL": "lint"}).returncode != 0
     assert calls.read_text().split() == ["lint"]
     venv = Path(sys.prefix)
-    result = subprocess.run(
-        ["make", "--dry-run", "-o", str(venv / ".installed"), "lint", f"VENV={venv}"],
-        cwd=ROOT, capture_output=True, text=True, check=True,
-    )  # fmt: skip
-    assert f"{venv}/bin/ruff check ." in result.stdout and f"{venv}/bin/ruff format --check ." in result.stdout
+    printed = make_dry_run("lint")
+    assert f"{venv}/bin/ruff check ." in printed and f"{venv}/bin/ruff format --check ." in printed
 
 
 def test_the_demo_runs_one_cpu_thread_however_many_cores_the_machine_has(tmp_path):
@@ -61,10 +58,7 @@ def test_the_demo_runs_one_cpu_thread_however_many_cores_the_machine_has(tmp_pat
     getconf = tmp_path / "getconf"
     getconf.write_text("#!/bin/sh\necho 64\n")
     getconf.chmod(0o755)
-    venv = Path(sys.prefix)
-    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"}
-    command = ["make", "--dry-run", "-o", str(venv / ".installed"), "demo", f"VENV={venv}"]
-    printed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout
+    printed = make_dry_run("demo", env={**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"})
     assert "--num_cpu_threads_per_process 1 " in printed, printed
 
 
@@ -138,9 +132,7 @@ def test_push_of_a_missing_directory_names_it(tmp_path, no_hub):
 
 
 def test_demo_frontier_sweeps_js_and_reverse_kl_with_one_thread():
-    venv = Path(sys.prefix)
-    command = ["make", "--dry-run", "-o", str(venv / ".installed"), "demo-frontier", f"VENV={venv}"]
-    printed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    printed = make_dry_run("demo-frontier")
     words = shlex.split(printed.replace("\\\n", " "))
     assert words[0] == "OMP_NUM_THREADS=1"  # torch reads it at start-up: one thread, as `make demo`
     (args,) = frontier.make_parser().parse_args_and_config(words[words.index("scripts/frontier_t2i.py") + 1 :])

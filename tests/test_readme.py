@@ -3,11 +3,11 @@
 import json
 import re
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import make_dry_run
 from peft import PeftModel
 
 from trl_t2i import TINY_JANUS, load_model
@@ -59,9 +59,8 @@ def test_make_demo_runs_the_readmes_demo_command_which_trains_what_the_readme_sa
     text = README.read_text()
     command = re.search(r"`make demo` runs .*?```bash\n(.*?)```", text, re.DOTALL).group(1)
     words = shlex.split(command.replace("\\\n", " "))
-    venv = Path(sys.prefix)  # `-o` keeps make from reinstalling it
-    dry_run = ["make", "--dry-run", "-o", str(venv / ".installed"), "demo", f"VENV={venv}"]
-    printed = subprocess.run(dry_run, cwd=README.parent, capture_output=True, text=True, check=True).stdout
+    venv = Path(sys.prefix)
+    printed = make_dry_run("demo")
     assert shlex.split(printed.replace("\\\n", " ")) == [f"{venv}/bin/{words[0]}", *words[1:]]
     script_args, training_args, model_args = grpo.make_parser().parse_args_and_config(
         words[words.index("scripts/grpo_t2i.py") + 1 :]
