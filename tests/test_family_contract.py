@@ -308,3 +308,26 @@ def test_a_group_of_copies_of_a_prompt_is_prefilled_once_and_samples_like_the_re
     torch.testing.assert_close(
         scored.gather(-1, sample.image_tokens[..., None]).squeeze(-1), sample.logps, atol=1e-5, rtol=0
     )
+
+
+def test_an_fp32_image_head_takes_the_hidden_states_of_a_bf16_model(tiny_family):
+    # the H200 run: transformers' own `generate` of a bf16 Janus failed once `load_model` kept its head in fp32
+    model, _, family, _ = tiny_family
+    model = copy.deepcopy(model).to(torch.bfloat16)
+    family.upcast_image_head(model)
+    family.upcast_image_head(model)  # once is enough: a second call changes nothing
+    head = model.get_submodule(family.image_head)
+    hidden = torch.randn(2, 3, model.config.get_text_config().hidden_size, dtype=torch.bfloat16)
+    logits = head(hidden)
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, head(hidden.float()), rtol=0, atol=0)
+
+
+def test_transformers_generate_runs_on_a_bf16_janus_loaded_with_its_fp32_head(tmp_path):
+    from trl_t2i import TINY_JANUS, load_model, load_processor
+
+    model = load_model(TINY_JANUS, dtype=torch.bfloat16)
+    processor = load_processor(TINY_JANUS)
+    inputs = processor(text=["a red cat"], generation_mode="image", return_tensors="pt")
+    images = model.generate(**inputs, generation_mode="image", do_sample=True, guidance_scale=5.0)
+    assert images.shape == (1, get_family(model, processor).num_image_tokens)

@@ -234,8 +234,12 @@ class ModelFamily(ABC):
         """Keep the image head's weights in fp32, so that it computes the logits in fp32 (`image_head_logits`), when
         sampling and when scoring alike. In bf16 a logit is off by up to half an ulp (0.06 at |l| = 16), and guidance
         multiplies the error by about `cfg_scale`: the two paths then round differently (see the README's
-        "On-policy in bf16")."""
-        unwrap_model(model).get_submodule(cls.image_head).float()
+        "On-policy in bf16"). The head then casts what it is given to its own dtype, so that code calling it with the
+        bf16 hidden states of the model around it (transformers' own `generate`) gets the fp32 logits too."""
+        head = unwrap_model(model).get_submodule(cls.image_head).float()
+        if not getattr(head, "t2i_casts_inputs", False):
+            head.register_forward_pre_hook(_inputs_in_head_dtype)
+            head.t2i_casts_inputs = True
 
     def encode_prompts(self, texts: list[str]) -> Conditioning:
         """Raw captions to their conditional rows (tokenize, then build the conditioning)."""
@@ -280,6 +284,11 @@ class ModelFamily(ABC):
                 f"`family.patch_forward(model)` on every model (policy and reference) before scoring."
             )
         return logits
+
+
+def _inputs_in_head_dtype(head: nn.Module, args: tuple) -> tuple:
+    dtype = next(head.parameters()).dtype
+    return tuple(arg.to(dtype) if torch.is_tensor(arg) and arg.is_floating_point() else arg for arg in args)
 
 
 def image_head_logits(head: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
