@@ -285,7 +285,8 @@ class StaticDecoder:
         if buffers is None:
             logger.warning(
                 f"Compiling the image decode step for batches of {len(padded)} images (once per batch shape and run; "
-                "up to a minute on GPU)."
+                "about a minute for Janus-Pro-1B on an H200, longer for larger models; `compile_rollouts`/`--compile "
+                "false` decodes eagerly)."
             )
             buffers = DecodeBuffers.allocate(
                 logits, len(padded), num_tokens, return_conditional_logps, return_entropies
