@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import QUICK_FLAGS, train_tiny_recipe
+from conftest import QUICK_FLAGS, prompt_length, prompt_limit, train_tiny_recipe
 from peft import LoraConfig, get_peft_model
 from PIL import Image
 
@@ -19,7 +19,15 @@ from trl_t2i.data import load_prompt_dataset
 from trl_t2i.decoding import sample_image_tokens
 from trl_t2i.images import to_pil
 from trl_t2i.metrics import diversity_summary, pixel_features
-from trl_t2i.models import TINY_JANUS, TINY_LLAMAGEN, build_tiny_janus, get_family, load_model, load_processor
+from trl_t2i.models import (
+    TINY_JANUS,
+    TINY_LLAMAGEN,
+    build_tiny_janus,
+    get_family,
+    load_family,
+    load_model,
+    load_processor,
+)
 from trl_t2i.rewards import colour_match
 from trl_t2i.run_settings import RUN_SETTINGS_FILE, RunSettings
 from trl_t2i.sampling import image_logp_table
@@ -491,3 +499,24 @@ def test_a_curve_is_read_where_it_first_reaches_a_reward_coming_from_the_base_mo
     assert row["reward"] == pytest.approx(0.65)
     assert row["js"] == pytest.approx(0.6 - 0.3 * 0.15 / 0.3)  # on the way from the base model, not the way back
     assert evaluation.at_matched_rewards(summary[:3], "reward", "diversity") == []  # one divergence: nothing to match
+
+
+def test_evaluate_refuses_a_caption_longer_than_the_model_takes_before_loading_it(tmp_path, no_model_loading):
+    family = load_family(TINY_JANUS)
+    long = "red " * prompt_limit(family)
+    message = (
+        f"The evaluation prompts, prompt 2: the caption has {prompt_length(family, long)} prompt tokens, more than "
+        f"the {prompt_limit(family)} the model takes"
+    )
+    with pytest.raises(ValueError, match=message):
+        _evaluate(tmp_path, [], prompts=["a red cat", long], num_prompts=None)
+
+
+def test_sample_refuses_a_caption_longer_than_the_model_takes_before_loading_it(tmp_path, no_model_loading):
+    family = load_family(TINY_LLAMAGEN)
+    long = "red " * prompt_limit(family)
+    arguments = sample.SampleArguments(
+        model_name_or_path=TINY_LLAMAGEN, prompts=[long], device="cpu", output_dir=str(tmp_path)
+    )
+    with pytest.raises(ValueError, match=f"The prompts, prompt 1: the caption has {prompt_length(family, long)}"):
+        sample.main(arguments)

@@ -39,11 +39,12 @@ from tqdm.auto import tqdm
 
 from .benchmarks import write_geneval, write_plain
 from .checkpoints import damage, latest_checkpoint
+from .data import check_prompts_fit
 from .decoding import compile_setting, resolve_compile, sample_image_tokens
 from .images import make_grid, to_pil
 from .merged_adapters import merged_adapters, why_not_mergeable
 from .metrics import ImageFeatureModel, diversity_summary, pixel_features, token_entropy
-from .models import get_family, load_config, load_model, load_processor
+from .models import get_family, load_config, load_family, load_model, load_processor
 from .pretrained import default_device
 from .run_settings import RUN_SETTINGS_FILE, RunSettings
 from .sampling import SamplingConfig, image_logp_table
@@ -179,6 +180,7 @@ def evaluate_runs(
         raise ValueError(f"{len(geneval_metadata)} GenEval metadata lines for {len(prompts)} prompts: one per prompt.")
     for run in runs:
         check_base_model(run, model_name_or_path)
+    check_prompts_fit(prompts, load_family(model_name_or_path), "The evaluation prompts")
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import torch
 
+from ..data import check_prompts_fit
 from ..decoding import compile_setting, resolve_compile, sample_image_tokens
 from ..images import make_grid, to_pil
-from ..models import TINY_JANUS, get_family, load_model, load_processor
+from ..models import TINY_JANUS, get_family, load_family, load_model, load_processor
 from ..pretrained import default_device
 from .arguments import SamplingArguments
 from .parsing import RecipeParser
@@ -54,6 +55,7 @@ def main(args: SampleArguments) -> Path:
     sampling = args.sampling  # bad settings fail before the model loads
     if args.adapter:
         check_adapter(args.adapter, args.model_name_or_path)
+    check_prompts_fit(args.prompts, load_family(args.model_name_or_path))
     model = load_model(args.model_name_or_path, dtype=getattr(torch, args.dtype)).to(args.device).eval()
     if args.adapter:
         from peft import PeftModel

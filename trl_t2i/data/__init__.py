@@ -135,6 +135,13 @@ def fit_prompts(
     return dataset
 
 
+def check_prompts_fit(captions: list[str], family: "ModelFamily", source: str = "The prompts") -> None:
+    """`fit_prompts` for a list of captions that are sampled as given (no cutting): a longer one is an error naming
+    its place (`prompt i`, from 1)."""
+    places = [f"prompt {number}" for number in range(1, len(captions) + 1)]
+    fit_prompts(Dataset.from_dict({"prompt": captions}), family, source=source, places=places)
+
+
 _FITTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 """The datasets `fit_prompts` returned, with the processing class and lengths they were fitted to: the trainer does
 not tokenize again the captions that the command line checked (naming their lines) before the model loaded."""
