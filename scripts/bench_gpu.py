@@ -8,8 +8,8 @@
 
 Random weights at the real Janus-Pro architectures (`trl_t2i.memory.janus_pro_*_config`, built on the device in
 bf16), CFG 5, top-k off, 576 image tokens. Each part runs in its own forked process under its own time limit, so a
-part that runs out of time or memory is reported as such and the others go on; results are printed as they come and
-written to `--output` as JSON.
+part that runs out of time or memory is reported as such, with what it had measured, and the others go on; results
+are printed as they come and written to `--output` as JSON.
 
 * `decode_1b` / `decode_7b`: ms per decode step of transformers' `generate`, our eager decode and our compiled decode
   (`compile=True`: static KV cache, the position step compiled, a CUDA graph), at 16 images (32 CFG rows) for 1B and
@@ -174,6 +174,7 @@ def least_interleaved(functions: dict[str, Callable], repeats: int, device: str)
     for _ in range(repeats):
         for name, function in functions.items():
             times[name].append(seconds(function, device))
+            progress(**{f"{name}_s": min(times[name])})
     return {name: min(record) for name, record in times.items()}
 
 
@@ -197,9 +198,12 @@ def decode_part(scale: Scale, size: str) -> dict:
         "eager": lambda: sample_image_tokens(family, model, conditioning, sampling),
         "compiled": lambda: sample_image_tokens(family, model, conditioning, sampling, compile=True),
     }
-    compile_seconds = seconds(functions["compiled"], scale.device)  # the first call compiles and captures
-    least = least_interleaved(functions, repeats=scale.decode_repeats, device=scale.device)
     steps = family.num_image_tokens
+    compile_seconds = seconds(functions["compiled"], scale.device)  # the first call compiles and captures
+    progress(
+        compile_s=compile_seconds, compiled_ms_per_step=1000 * seconds(functions["compiled"], scale.device) / steps
+    )
+    least = least_interleaved(functions, repeats=scale.decode_repeats, device=scale.device)
     result = {f"{name}_ms_per_step": 1000 * t / steps for name, t in least.items()}
     result |= {"images": images, "rows": 2 * images, "tokens": steps, "compile_s": compile_seconds}
     result["generate_over_compiled"] = least["generate"] / least["compiled"]
@@ -241,10 +245,14 @@ def step_part(scale: Scale) -> dict:
         "sampled estimator": ({"divergence_estimator": "sampled"}, scale.steps - 1),
         "rollouts not compiled": ({"compile_rollouts": "false"}, 2),
     }
-    return {label: train_steps(scale, overrides, steps) for label, (overrides, steps) in settings.items()}
+    results = {}
+    for label, (overrides, steps) in settings.items():
+        results[label] = train_steps(scale, overrides, steps, label)
+        progress(**{label: results[label]})
+    return results
 
 
-def train_steps(scale: Scale, overrides: dict, steps: int) -> dict:
+def train_steps(scale: Scale, overrides: dict, steps: int, label: str) -> dict:
     """`steps` GRPO steps at the 1B size: the first step, the median later step and its stages, peak memory."""
     from datasets import Dataset
     from peft import LoraConfig
@@ -272,6 +280,7 @@ def train_steps(scale: Scale, overrides: dict, steps: int) -> dict:
             step = time.perf_counter() - self.start
             stages = {stage: sum(values[len(self.before[stage]) :]) for stage, values in self.recorded().items()}
             self.steps.append((step, stages))
+            progress(**{f"{label} step {len(self.steps)} (s)": step})
 
     cuda = torch.device(scale.device).type == "cuda"
     model, processor = build_janus(scale.configs["1b"](), scale)
@@ -355,20 +364,26 @@ def gap_part(scale: Scale) -> dict:
     family.patch_forward(model)
     conditioning = family.encode_prompts(["a red cat on a table", "a blue dog"] * (scale.gap_images // 2))
     conditioning = conditioning.to(scale.device)
-    results = {"fp32": logp_gap(family, model, conditioning, autocast=False)}
+    results = {}
+
+    def measure(label: str, model, autocast: bool = True, fold=None) -> None:
+        results[label] = logp_gap(family, model, conditioning, autocast, fold)
+        progress(**{label: results[label]})
+
+    measure("fp32", model, autocast=False)
     model.to(torch.bfloat16)
     JanusFamily.upcast_image_head(model)
-    results["bf16"] = logp_gap(family, model, conditioning, autocast=True)
+    measure("bf16", model)
     model.model.generation_head.to(torch.bfloat16)
-    results["bf16, image head in bf16"] = logp_gap(family, model, conditioning, autocast=True)
+    measure("bf16, image head in bf16", model)
     JanusFamily.upcast_image_head(model)
     peft_model = get_peft_model(model, LoraConfig(r=32, lora_alpha=64, target_modules=family.lora_target_modules))
     with torch.no_grad():
         for name, parameter in peft_model.named_parameters():
             if "lora_B" in name:
                 parameter.normal_(0.0, 0.02)
-    results["bf16, LoRA active"] = logp_gap(family, peft_model, conditioning, autocast=True)
-    results["bf16, LoRA folded"] = logp_gap(family, peft_model, conditioning, autocast=True, fold=merged_adapters)
+    measure("bf16, LoRA active", peft_model)
+    measure("bf16, LoRA folded", peft_model, fold=merged_adapters)
     return results
 
 
@@ -399,7 +414,20 @@ def run_part(name: str, scale: Scale) -> dict:
     return {"step": step_part, "gap": gap_part}[name](scale)
 
 
+_progress = None
+"""The running part's end of the pipe to the parent (set in the part's own process)."""
+
+
+def progress(**measured) -> None:
+    """Send the parent what the running part has measured so far: a part that then runs out of time or memory still
+    reports it."""
+    if _progress is not None:
+        _progress.send({"partial": measured})
+
+
 def _child(name: str, scale: Scale, threads: int, connection) -> None:
+    global _progress
+    _progress = connection
     torch.set_num_threads(threads)
     try:
         connection.send({"result": run_part(name, scale)})
@@ -408,18 +436,37 @@ def _child(name: str, scale: Scale, threads: int, connection) -> None:
 
 
 def run_isolated(name: str, scale: Scale, threads: int) -> dict:
-    """Run a part in a forked process under its time limit: `{"result": ...}`, `{"error": ...}` or a time-out.
-    The parent never initialises CUDA, so forking is safe; the child inherits the imported modules."""
+    """Run a part in a forked process under its time limit: `{"result": ...}`, `{"error": ...}`, a time-out or the
+    process' end, with `"partial"`: what it measured before (`progress`). The parent never initialises CUDA, so
+    forking is safe; the child inherits the imported modules."""
     context = multiprocessing.get_context("fork")
     receive, send = context.Pipe(duplex=False)
     process = context.Process(target=_child, args=(name, scale, threads, send))
     start = time.perf_counter()
     process.start()
-    limit = scale.limits[name]
-    outcome = receive.recv() if receive.poll(limit) else {"error": f"timed out after {limit} s"}
+    send.close()  # the child's end alone: its death ends the pipe
+    limit, partial, outcome = scale.limits[name], {}, None
+    while outcome is None:
+        if not receive.poll(max(0.0, start + limit - time.perf_counter())):
+            outcome = {"error": f"timed out after {limit} s"}
+            break
+        try:
+            message = receive.recv()
+        except EOFError:
+            process.join(5)
+            outcome = {"error": f"its process ended with exit code {process.exitcode}"}
+            break
+        if "partial" in message:
+            partial |= message["partial"]
+        else:
+            outcome = message
+    if outcome.get("error", "").startswith("timed out"):
+        process.kill()  # its device time is what the next part needs
     process.join(5)
     if process.is_alive():
         process.kill()
+    if partial and "result" not in outcome:
+        outcome["partial"] = partial
     outcome["seconds"] = time.perf_counter() - start
     return outcome
 
@@ -428,7 +475,9 @@ def report(name: str, outcome: dict) -> str:
     """Markdown for one part's outcome."""
     if "error" in outcome:
         where = "".join(outcome.get("traceback", "").splitlines(keepends=True)[-4:-1])
-        return f"\n**{name}**: {outcome['error']} ({outcome['seconds']:.0f} s)\n{where}"
+        measured = ", ".join(f"{key} {value:.4g}" for key, value in _numbers(outcome.get("partial", {})).items())
+        measured = f"measured before it stopped: {measured}\n" if measured else ""
+        return f"\n**{name}**: {outcome['error']} ({outcome['seconds']:.0f} s)\n{measured}{where}"
     result, lines = outcome["result"], [f"\n**{name}** ({outcome['seconds']:.0f} s)\n"]
     if name.startswith("decode_"):
         lines += [
@@ -457,6 +506,17 @@ def report(name: str, outcome: dict) -> str:
         lines += ["| setting | mean gap (nats/token) | max gap |", "|---|---|---|"]
         lines += [f"| {label} | {r['mean']:.2e} | {r['max']:.2e} |" for label, r in result.items()]
     return "\n".join(lines)
+
+
+def _numbers(measured: dict, prefix: str = "") -> dict[str, float]:
+    """The numbers of a (nested) partial result, by dotted key."""
+    numbers = {}
+    for key, value in measured.items():
+        if isinstance(value, dict):
+            numbers |= _numbers(value, f"{prefix}{key}.")
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            numbers[f"{prefix}{key}"] = value
+    return numbers
 
 
 def main(parts: list[str], scale: Scale, threads: int, output: Path | None) -> dict:

@@ -1,8 +1,11 @@
 """The benchmark scripts run (on the tiny model) and print what the README quotes from them."""
 
+import dataclasses
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -43,3 +46,26 @@ def test_bench_gpu_smoke_runs_every_part_and_writes_its_numbers(tmp_path):
     gap = outcomes["gap"]["result"]
     assert gap["fp32"]["max"] < 1e-5 < gap["bf16"]["mean"]  # fp32 is on-policy to round-off; bf16 is not
     assert "| generate (ms/step) |" in printed and "| setting | mean gap (nats/token) | max gap |" in printed
+
+
+@pytest.mark.parametrize(
+    ("ending", "error"), [("stalls", "timed out after 2 s"), ("dies", "its process ended with exit code 3")]
+)
+def test_a_gpu_part_that_runs_out_of_time_or_dies_still_reports_what_it_measured(monkeypatch, ending, error):
+    # The H200 run of 2026-12-04: three parts ran past their limits and reported nothing of what they had measured
+    bench_gpu = load_script("bench_gpu")
+
+    def part(name, scale):
+        bench_gpu.progress(compile_s=61.5)
+        bench_gpu.progress(compiled_ms_per_step=3.0)
+        if ending == "stalls":
+            time.sleep(60)
+        os._exit(3)  # as the out-of-memory killer would end it
+
+    monkeypatch.setattr(bench_gpu, "run_part", part)
+    scale = dataclasses.replace(bench_gpu.smoke_scale(), limits={"decode_1b": 2})
+    started = time.perf_counter()
+    outcome = bench_gpu.run_isolated("decode_1b", scale, threads=1)
+    assert time.perf_counter() - started < 10
+    assert outcome["error"] == error and outcome["partial"] == {"compile_s": 61.5, "compiled_ms_per_step": 3.0}
+    assert "compile_s 61.5, compiled_ms_per_step 3" in bench_gpu.report("decode_1b", outcome)
