@@ -18,7 +18,8 @@ are printed as they come and written to `--output` as JSON.
 * `step`: GRPO steps of Janus-Pro-1B with LoRA r32 (the 1B recipe's), 16 images (2 prompts × 8), JS β 0.04: the
   default settings (compiled rollouts, exact penalty), the sampled estimator, and rollouts not compiled; the first
   step (which compiles), the median later step and its stages (`time/<stage>`), peak memory against the memory
-  model's estimate.
+  model's estimate, the compile time and the log-prob gap as the trainer records them (`time/compile`,
+  `sampling/logp_gap_mean|max`).
 * `gap`: |sampler log-prob − teacher-forced log-prob| per token (mean, max) for 4 images at 1B width: fp32; bf16 as
   trained (bf16 weights, autocast, the image head in fp32); the image head in bf16 (before); LoRA r32 active and
   folded into the weights (what rollouts do).
@@ -47,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).parent))  # the other benchmark scripts, a
 
 PARTS = ("decode_1b", "decode_7b", "step", "gap")
 STAGES = ("sampling", "decoding", "rewards", "reference", "policy_loss", "penalty")  # the trainer's `time/<stage>`
+RECORDED = ("time/compile", "sampling/logp_gap_mean", "sampling/logp_gap_max")  # the trainer's metrics a step reports
 PROMPT = "a red cat on a table"
 
 
@@ -263,7 +265,8 @@ def train_steps(scale: Scale, overrides: dict, steps: int, label: str) -> dict:
     from trl_t2i.rewards import colour_match
 
     class StepTimer(TrainerCallback):
-        """Wall time of every optimizer step, and the trainer's stage times during it (the run never logs)."""
+        """Wall time of every optimizer step, the trainer's stage times during it, and its `RECORDED` metrics (the run
+        never logs)."""
 
         def __init__(self):
             self.steps = []
@@ -280,6 +283,8 @@ def train_steps(scale: Scale, overrides: dict, steps: int, label: str) -> dict:
             step = time.perf_counter() - self.start
             stages = {stage: sum(values[len(self.before[stage]) :]) for stage, values in self.recorded().items()}
             self.steps.append((step, stages))
+            # what the trainer recorded since the run began (it logs only at the end)
+            self.metrics = {name: boundary.recorded_metric(self.trainer, name) for name in RECORDED}
             progress(**{f"{label} step {len(self.steps)} (s)": step})
 
     cuda = torch.device(scale.device).type == "cuda"
@@ -324,6 +329,9 @@ def train_steps(scale: Scale, overrides: dict, steps: int, label: str) -> dict:
         "step_s": statistics.median(t for t, _ in later),
         "stages_s": {name: statistics.median(s.get(name, 0.0) for _, s in later) for name in later[0][1]},
         "compiled": trainer.compile_rollouts,
+        "compile_s": sum(timer.metrics["time/compile"]),
+        "logp_gap_mean": statistics.mean(timer.metrics["sampling/logp_gap_mean"]),
+        "logp_gap_max": max(timer.metrics["sampling/logp_gap_max"]),
     }
     if cuda:
         result["peak_allocated_gb"] = torch.cuda.max_memory_allocated() / 1e9
@@ -494,14 +502,21 @@ def report(name: str, outcome: dict) -> str:
             lines += ["", "| kernel (compiled decode) | calls | total ms |", "|---|---|---|"]
             lines += [f"| `{k['kernel']}` | {k['calls']} | {k['total_ms']:.1f} |" for k in result["kernels"]]
     elif name == "step":
-        lines += ["| setting | first step (s) | step (s) | stages (s) | peak (GB) | memory model (GB) |"]
-        lines += ["|---|---|---|---|---|---|"]
+        lines += [
+            "| setting | first step (s) | compile (s) | step (s) | stages (s) | peak (GB) | memory model (GB) "
+            "| log-prob gap mean / max |"
+        ]
+        lines += ["|---|---|---|---|---|---|---|---|"]
         for label, r in result.items():
             stages = ", ".join(f"{stage} {value:.2f}" for stage, value in r["stages_s"].items())
             peak = (
                 f"{r['peak_allocated_gb']:.1f} | {r['memory_model_gb']:.1f}" if "peak_allocated_gb" in r else "– | –"
             )
-            lines.append(f"| {label} | {r['first_step_s']:.1f} | {r['step_s']:.2f} | {stages} | {peak} |")
+            gap = f"{r['logp_gap_mean']:.3g} / {r['logp_gap_max']:.3g}"
+            lines.append(
+                f"| {label} | {r['first_step_s']:.1f} | {r['compile_s']:.1f} | {r['step_s']:.2f} | {stages} | {peak} "
+                f"| {gap} |"
+            )
     elif name == "gap":
         lines += ["| setting | mean gap (nats/token) | max gap |", "|---|---|---|"]
         lines += [f"| {label} | {r['mean']:.2e} | {r['max']:.2e} |" for label, r in result.items()]

@@ -43,6 +43,7 @@ def test_bench_gpu_smoke_runs_every_part_and_writes_its_numbers(tmp_path):
     assert decode["compile_s"] > 0 and decode["compiled_ms_per_step"] > 0 and decode["tokens"] == 16
     step = outcomes["step"]["result"]
     assert step["rollouts not compiled"]["compiled"] is False and step["default"]["step_s"] > 0
+    assert 0 <= step["default"]["logp_gap_mean"] <= step["default"]["logp_gap_max"] < 1e-5  # fp32 on CPU
     gap = outcomes["gap"]["result"]
     assert gap["fp32"]["max"] < 1e-5 < gap["bf16"]["mean"]  # fp32 is on-policy to round-off; bf16 is not
     assert "| generate (ms/step) |" in printed and "| setting | mean gap (nats/token) | max gap |" in printed
