@@ -451,6 +451,18 @@ def test_frontier_rejects_unknown_divergences_before_training(tmp_path, monkeypa
         frontier.main(frontier.FrontierArguments(frontier_x="pickscore", output_dir=str(tmp_path)))
 
 
+def test_frontier_checks_its_evaluation_prompts_before_training(tmp_path, monkeypatch):
+    monkeypatch.setattr(frontier.grpo, "main", lambda *args: pytest.fail("trained despite bad input"))
+    family = load_family(TINY_JANUS)
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_text(f"a pink ball\n{'red ' * prompt_limit(family)}\n")
+    arguments = frontier.FrontierArguments(
+        training_overrides=[f"eval_dataset_name={held_out}"], output_dir=str(tmp_path)
+    )
+    with pytest.raises(ValueError, match=f"'{held_out}', line 2: the caption has"):
+        frontier.main(arguments)
+
+
 def test_prompt_generators_depend_only_on_seed_and_prompt_index():
     def draw(seed, index):
         return torch.rand(4, generator=evaluation.prompt_generator(seed, index, "cpu"))

@@ -34,6 +34,7 @@ from ..evaluation import (
     print_table,
     read_run,
 )
+from ..models import load_family
 from ..rewards import get_rewards
 from ..sweep import check_finished_run, is_finished, run_name, sweep
 from . import grpo
@@ -160,6 +161,16 @@ def main(args: FrontierArguments) -> list[dict]:
         compile=args.compile,
     )
 
+    held_out = script_args.eval_dataset_name  # the recipe's held-out prompts, if it has any
+    dataset = load_prompt_dataset(
+        held_out or script_args.dataset_name,
+        (script_args.dataset_test_split or "train") if held_out else script_args.dataset_train_split,
+        script_args.prompt_column,
+        script_args.dataset_config,
+        load_family(model_args.model_name_or_path),  # every caption fits the model, checked before any training
+    )
+    prompts = list(dataset["prompt"])[: args.num_prompts]
+
     pairs = sweep(args.divergences, args.betas, args.match_curvature)
     run_dirs, timings = [], {}
     for divergence, beta in pairs:
@@ -183,17 +194,10 @@ def main(args: FrontierArguments) -> list[dict]:
         gc.collect()
 
     start = time.perf_counter()
-    held_out = script_args.eval_dataset_name  # the recipe's held-out prompts, if it has any
-    dataset = load_prompt_dataset(
-        held_out or script_args.dataset_name,
-        (script_args.dataset_test_split or "train") if held_out else script_args.dataset_train_split,
-        script_args.prompt_column,
-        script_args.dataset_config,
-    )
     summary = evaluate_runs(
         model_args.model_name_or_path,
         [Run(BASE)] + [read_run(str(run_dir)) for run_dir in run_dirs],
-        list(dataset["prompt"])[: args.num_prompts],
+        prompts,
         reward_funcs,
         output_dir / "eval",
         training_args.sampling,
