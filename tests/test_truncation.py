@@ -20,6 +20,9 @@ SHIFTED_GENERATORS = [
     ("reverse_kl", lambda u: u * u.log(), 1.0),
     ("forward_kl", lambda u: -u.log(), -1.0),
     ("js", lambda u: 0.5 * (u * u.log() - (u + 1) * ((u + 1) / 2).log()), 0.0),
+    ("jeffreys", lambda u: (u - 1) * u.log(), 0.0),
+    ("hellinger", lambda u: (u.sqrt() - 1) ** 2, 0.0),
+    ("alpha", lambda u: (u**0.5 - 0.5 * u - 0.5) / (0.5 * (0.5 - 1)), 0.0),  # α = 0.5, the default
 ]
 
 
