@@ -687,10 +687,10 @@ class T2IGRPOTrainer(GRPOTrainer):
         Without top-k/top-p it is TRL's ratio (`coef_1`). With them, π is the untruncated policy and π_old the
         truncated distribution that sampled, on the codes S it could draw: the term then estimates
         Σ_{v∈S} π_ref(v)[f(u(v)) − f′(1)(u(v) − 1)] (u = π/π_ref), which is the part Σ_S π_ref f(u) of D(π‖π_ref) on
-        S only where f′(1) = 0 (JS, Hellinger, α) or π and π_ref give S the same mass (not for either KL), and keeps
-        pulling tokens that have since left the policy's truncated support. Its log is capped at `MAX_LOG_RATIO` (as
-        the sampled estimator's), and a token outside π_old's support counts 0. `old_logps`: TRL's (`None`: the policy
-        has not moved since sampling); `mask`: the tokens the loss covers.
+        S only where f′(1) = 0 (JS, Jeffreys, Hellinger, α) or π and π_ref give S the same mass (not for either KL),
+        and keeps pulling tokens that have since left the policy's truncated support. Its log is capped at
+        `MAX_LOG_RATIO` (as the sampled estimator's), and a token outside π_old's support counts 0. `old_logps`: TRL's
+        (`None`: the policy has not moved since sampling); `mask`: the tokens the loss covers.
         """
         if not truncates(self.args.sampling, self.args.cfg_logprobs):
             return boundary.importance_ratio(self, policy_logps, old_logps, mask)
