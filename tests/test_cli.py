@@ -20,6 +20,7 @@ from trl_t2i.cli.parsing import RECIPES, field_names, find_recipe
 from trl_t2i.config import UNSUPPORTED_SETTINGS, T2IGRPOConfig
 from trl_t2i.data import PROMPT_SETS
 from trl_t2i.rewards import REWARDS
+from trl_t2i.trainer import T2IGRPOTrainer
 
 
 ROOT = Path(__file__).parents[1]
@@ -373,3 +374,11 @@ def test_installed_cli_samples_images_with_a_trained_adapter(tmp_path):
     assert "Warning" not in result.stderr, result.stderr
     written = sorted(path.name for path in (tmp_path / "samples").iterdir())
     assert written == ["0000.png", "0001.png", "0002.png", "0003.png", "0004.png", "0005.png", "grid.png"]
+
+
+def test_grpo_ends_the_trainer_as_trls_script_does(tmp_path, monkeypatch):
+    # trainer.end() finishes the trackers and destroys the process group (TRL's scripts/grpo.py calls it)
+    ended, end = [], T2IGRPOTrainer.end
+    monkeypatch.setattr(T2IGRPOTrainer, "end", lambda trainer: ended.append(trainer) or end(trainer))
+    trainer = main(*_parse("--config", str(DEMO_RECIPE), *QUICK_FLAGS, "--output_dir", str(tmp_path)))
+    assert ended == [trainer]
