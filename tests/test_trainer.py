@@ -1,3 +1,4 @@
+import copy
 import math
 
 import pytest
@@ -508,3 +509,23 @@ def test_exact_metric_divergences_are_computed_only_for_logged_steps(tmp_path):
     logged = [log for log in trainer.state.log_history if "loss" in log]
     assert [log["step"] for log in logged] == [2, 4]
     assert all(log["divergence/reverse_kl"] > 0 and log["divergence/js"] > 0 for log in logged)
+
+
+def test_the_scorer_changes_neither_the_trainer_nor_its_inputs(tmp_path):
+    # TRL's scorer returns values and changes nothing; ours once recorded into the trainer and rewrote the advantages
+    trainer = make_trainer(tmp_path)
+    inputs = first_batch(trainer)
+    inputs_before = {key: value.clone() if torch.is_tensor(value) else value for key, value in inputs.items()}
+    attributes_before, metrics_before = dict(vars(trainer)), copy.deepcopy(trainer._metrics)
+    input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+    attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+    logps, entropies, _ = trainer._get_per_token_logps_and_entropies(
+        trainer.model, input_ids, attention_mask, inputs["completion_ids"].shape[1], compute_entropy=True
+    )
+    assert logps.shape == entropies.shape == inputs["completion_ids"].shape
+    assert vars(trainer).keys() == attributes_before.keys()
+    assert all(vars(trainer)[name] is value for name, value in attributes_before.items())
+    assert trainer._metrics == metrics_before
+    assert inputs.keys() == inputs_before.keys()
+    for key, value in inputs_before.items():
+        assert torch.equal(inputs[key], value) if torch.is_tensor(value) else inputs[key] == value, key
