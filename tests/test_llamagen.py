@@ -59,6 +59,17 @@ def test_a_bf16_model_decodes_in_fp32_as_llamagen_does(tiny):
     torch.testing.assert_close(pixels, expected, atol=1e-6, rtol=0)
 
 
+def test_a_bf16_load_keeps_the_vq_model_in_fp32_and_decodes_as_the_fp32_model(tiny, tmp_path):
+    # LlamaGen's sample_t2i.py keeps its VQ model in fp32: loaded in bf16 (every GPU recipe), its weights are not
+    # rounded, so the images are those of the fp32 model, bit for bit
+    model, tokenizer, _, tokens = tiny
+    model.save_pretrained(tmp_path)
+    loaded = load_model(str(tmp_path), dtype=torch.bfloat16)
+    assert {parameter.dtype for parameter in loaded.vqmodel.parameters()} == {torch.float32}
+    assert {parameter.dtype for parameter in loaded.transformer.parameters()} == {torch.bfloat16}
+    torch.testing.assert_close(loaded.decode_image_tokens(tokens), model.decode_image_tokens(tokens), atol=0, rtol=0)
+
+
 def test_the_tiny_llamagen_loads_by_name():
     model, tokenizer = load_model(TINY_LLAMAGEN), load_processor(TINY_LLAMAGEN, padding_side="left")
     assert isinstance(model, LlamaGenForImageGeneration) and tokenizer.pad_token_id == 0

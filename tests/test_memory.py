@@ -383,22 +383,31 @@ def test_vq_decoding_peak_matches_the_live_tensors_of_the_decoder(dtype):
     assert live.peak == pytest.approx(vq_decode_bytes(architecture, setup), rel=0.02)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_llamagen_fp32_decoding_matches_the_live_tensors(dtype):
-    # LlamaGen decodes in fp32 whatever its weights' dtype: over bf16 weights, on fp32 copies of the decoder's
+@pytest.mark.parametrize(
+    ("dtype", "zero_stage"),
+    [(torch.float32, 0), (torch.bfloat16, 0), (torch.bfloat16, 2)],
+    ids=["fp32", "bf16 with its fp32 VQ model", "bf16 cast down whole by DeepSpeed"],
+)
+def test_llamagen_fp32_decoding_matches_the_live_tensors(dtype, zero_stage):
+    # LlamaGen decodes in fp32 whatever the model's dtype: a bf16 model keeps its VQ model in fp32
+    # (`_keep_in_fp32_modules_strict`); one that DeepSpeed cast down whole decodes on fp32 copies of the decoder's
+    # weights
     vq_config = {"base_channels": 32, "latent_channels": 64, "channel_multiplier": [1, 1, 2, 2, 4]}
     model = LlamaGenForImageGeneration(
         LlamaGenConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, codebook_size=16384,
                        image_grid_size=4, text_encoder_config={"d_model": 32, "num_layers": 1, "num_heads": 4},
                        vq_config=vq_config)
     ).to(dtype)  # fmt: skip
+    if zero_stage == 0:
+        model.vqmodel.float()  # as `from_pretrained(..., dtype=torch.bfloat16)` leaves it
     architecture = Architecture.from_llamagen_config(model.config)
     assert architecture.vq_decoder_params == sum(
         param.numel() for name, param in model.vqmodel.named_parameters() if name.startswith(("post_quant", "decoder"))
     )
     with LiveTensorBytes() as live:
         model.decode_image_tokens(torch.randint(16384, (2, 16)))
-    setup = TrainingSetup(rollout_images=2, micro_batch=2, weight_dtype=str(dtype).removeprefix("torch."))
+    weight_dtype = str(dtype).removeprefix("torch.")
+    setup = TrainingSetup(rollout_images=2, micro_batch=2, weight_dtype=weight_dtype, zero_stage=zero_stage)
     decoding = [item.bytes for item in estimate(architecture, setup).items if "decod" in item.name]
     assert live.peak == pytest.approx(sum(decoding), rel=0.05)
 

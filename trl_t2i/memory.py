@@ -103,9 +103,9 @@ class Architecture:
         vq_params (`int`), vq_decoder_params (`int`):
             The VQ-VAE (encoder, codebook, decoder), and its decoder part (`post_quant_conv` and the decoder).
         vq_decodes_in_fp32 (`bool`):
-            Whether the VQ decoder runs in fp32 whatever the weights' dtype (LlamaGen, as its reference code does:
-            over bf16 weights, on fp32 copies of the decoder's); else in the weights' dtype (Janus). Never under
-            autocast.
+            Whether the VQ decoder runs in fp32 whatever the model's dtype (LlamaGen, as its reference code does: its
+            VQ model keeps fp32 weights in a bf16 model, or decodes on fp32 copies where DeepSpeed cast them down);
+            else in the weights' dtype (Janus). Never under autocast.
         vq_decoder_channels (`int`), image_size (`int`):
             Channels of the VQ decoder's last (full-resolution) level and pixels per image side: its largest
             activations.
@@ -509,6 +509,12 @@ class TrainingSetup:
         to bf16 (and FSDP, not modelled, keeps one dtype)."""
         return self.zero_stage == 0
 
+    @property
+    def fp32_vq(self) -> bool:
+        """Whether a VQ model that decodes in fp32 (LlamaGen's) keeps fp32 weights in a bf16 model
+        (`_keep_in_fp32_modules_strict`, as the reference code keeps it): DeepSpeed casts the whole model to bf16."""
+        return self.zero_stage == 0
+
 
 @dataclass(frozen=True)
 class RewardModel:
@@ -618,6 +624,8 @@ def weight_bytes(architecture: Architecture, setup: TrainingSetup) -> dict[str, 
     sizes = {name: params * setup.weight_bytes for name, params in architecture.components().items()}
     if setup.fp32_image_head:
         sizes["generation head"] = architecture.generation_head_params * 4
+    if architecture.vq_decodes_in_fp32 and setup.fp32_vq:
+        sizes["VQ-VAE"] = architecture.vq_params * 4
     if setup.load_in_4bit:
         sizes["LM linears"] = architecture.num_layers * sum(
             nf4_bytes(i * o, setup.double_quant) for i, o in architecture.lm_linear_shapes().values()
@@ -651,7 +659,7 @@ def _weight_items(arch: Architecture, setup: TrainingSetup) -> list[MemoryItem]:
             "generation aligner",
             "generation head",
         ],
-        f"VQ-VAE ({dtype})": ["VQ-VAE"],
+        f"VQ-VAE ({'fp32' if arch.vq_decodes_in_fp32 and setup.fp32_vq else dtype})": ["VQ-VAE"],
     }
     items = [
         MemoryItem(f"weights: {name}{sharded}", sum(sizes.get(c, 0) for c in components) / shards)
@@ -718,7 +726,7 @@ def _rollout_items(arch: Architecture, setup: TrainingSetup) -> list[MemoryItem]
     items.append(
         MemoryItem(f"VQ decoding, {decoded} images at a time", vq_decode_bytes(arch, setup, decoded), (DECODING,))
     )
-    if arch.vq_decodes_in_fp32 and setup.weight_bytes != 4:
+    if arch.vq_decodes_in_fp32 and setup.weight_bytes != 4 and not setup.fp32_vq:
         copies = arch.vq_decoder_params * 4
         items.append(MemoryItem("VQ decoder: fp32 copies of its weights while decoding", copies, (DECODING,)))
     reward = REWARD_MODELS.get(setup.reward)

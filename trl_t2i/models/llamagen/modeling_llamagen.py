@@ -213,6 +213,8 @@ class LlamaGenPreTrainedModel(PreTrainedModel):
     base_model_prefix = "transformer"
     supports_gradient_checkpointing = True
     _no_split_modules = ["LlamaGenDecoderLayer", "T5Block", "JanusVQVAEResnetBlock", "JanusVQVAEAttnBlock"]
+    # LlamaGen's sample_t2i.py keeps its VQ model in fp32: loaded in bf16, the images would be another model's
+    _keep_in_fp32_modules_strict = ["vqmodel"]
     _supports_sdpa = True
 
     def _init_weights(self, module):
