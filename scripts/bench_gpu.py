@@ -496,7 +496,8 @@ def report(name: str, outcome: dict) -> str:
             "|---|---|---|---|---|---|",
             f"| {result['generate_ms_per_step']:.2f} | {result['eager_ms_per_step']:.2f} "
             f"| {result['compiled_ms_per_step']:.2f} | {result['generate_over_compiled']:.2f}× "
-            f"| {result.get('weights_read_ms', float('nan')):.2f} | {result.get('compiled_over_bound', float('nan')):.2f}× |",
+            f"| {result.get('weights_read_ms', float('nan')):.2f} "
+            f"| {result.get('compiled_over_bound', float('nan')):.2f}× |",
         ]
         if "kernels" in result:
             lines += ["", "| kernel (compiled decode) | calls | total ms |", "|---|---|---|"]

@@ -1,4 +1,5 @@
-"""Evaluate a base model and trained runs on reward and diversity, and draw the frontier (the same as `trl-t2i evaluate`)."""
+"""Evaluate a base model and trained runs on reward and diversity, and draw the frontier
+(the same as `trl-t2i evaluate`)."""
 
 from trl_t2i.cli.evaluate import main, make_parser
 

@@ -98,7 +98,8 @@ def describe(architecture: Architecture, setup: TrainingSetup) -> str:
     estimator = f"{setup.divergence_estimator} estimator"
     return (
         f"{architecture.name} ({architecture.num_params / 1e9:.2f} B params), {training}, {weights} weights, "
-        f"{setup.num_processes} process{'es' if setup.num_processes > 1 else ''}{zero}; per process: rollout of {setup.rollout_images} images "
+        f"{setup.num_processes} process{'es' if setup.num_processes > 1 else ''}{zero}; "
+        f"per process: rollout of {setup.rollout_images} images "
         f"({rows * setup.rollout_images} rows), micro-batch of {setup.micro_batch} images "
         f"({train_rows * setup.micro_batch} rows), {estimator}, "
         f"reward model: {setup.reward or 'none'}; prompts of {architecture.prompt_length} positions."
@@ -128,7 +129,8 @@ def memory_header(architecture: Architecture, setup: TrainingSetup, largest: int
     result = estimate(architecture, setup)
     lines = [
         HEADER_MARKER,
-        f"{HEADER_LINE}block, docs/memory.md explains it): peak {result.peak / GB:.1f} GB in the {result.peak_phase} phase, "
+        f"{HEADER_LINE}block, docs/memory.md explains it): "
+        f"peak {result.peak / GB:.1f} GB in the {result.peak_phase} phase, "
         f"training {result.training_peak / GB:.1f} GB. Largest items:",
     ]
     for item in sorted(result.items, key=lambda item: -item.bytes)[:largest]:

@@ -339,8 +339,10 @@ def test_two_process_cpu_ddp_ends_with_identical_weights(tmp_path, recipe):
     probe.write_text(PROBE)
     output_dir = tmp_path / "ddp"
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(RECIPES / "accelerate" / "cpu_ddp.yaml"),
-        str(probe), "--config", str(RECIPES / "tiny" / recipe), *QUICK_FLAGS, "--max_steps", "3", "--output_dir", str(output_dir),
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", str(RECIPES / "accelerate" / "cpu_ddp.yaml"),
+        str(probe), "--config", str(RECIPES / "tiny" / recipe), *QUICK_FLAGS,
+        "--max_steps", "3", "--output_dir", str(output_dir),
         "--divergence", "js", "--image_log_steps", "0", "--save_strategy", "no",
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

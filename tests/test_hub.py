@@ -42,7 +42,11 @@ class FakeHub:
 
 def _install(monkeypatch, fake: FakeHub) -> FakeHub:
     monkeypatch.setattr(HfApi, "create_repo", lambda api, repo_id, **kw: fake.create_repo(api, repo_id, **kw))
-    monkeypatch.setattr(HfApi, "create_commit", lambda api, repo_id, operations, **kw: fake.create_commit(api, repo_id, operations, **kw))  # fmt: skip
+    monkeypatch.setattr(
+        HfApi,
+        "create_commit",
+        lambda api, repo_id, operations, **kw: fake.create_commit(api, repo_id, operations, **kw),
+    )
     return fake
 
 

@@ -69,7 +69,8 @@ def test_lora_or_qlora_only_when_the_recipes_way_does_not_fit():
     qlora = plan(single, (least["LoRA"] + least["QLoRA"]) / 2)
     assert qlora.mode == "QLoRA"
     assert qlora.flags()[-8:] == [
-        "--use_peft", "true", "--lora_r", str(recipe.lora_r), "--load_in_4bit", "true", "--use_bnb_nested_quant", "true"
+        "--use_peft", "true", "--lora_r", str(recipe.lora_r),
+        "--load_in_4bit", "true", "--use_bnb_nested_quant", "true",
     ]  # fmt: skip
     assert qlora.estimate.peak <= qlora.gpu_memory_gb * GB
 

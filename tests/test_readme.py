@@ -97,8 +97,12 @@ def test_the_readme_prompt_files_load_as_its_commands_say(tmp_path, monkeypatch)
 REFUSALS = {
     "a file that is not there": ({}, "my_prompts.txt", "prompt"),
     "a file without a caption": ({"my_prompts.txt": "\n \n"}, "my_prompts.txt", "prompt"),
-    "only empty captions": ({"my_prompts.jsonl": '{"caption": ""}\n{"caption": " "}\n'}, "my_prompts.jsonl", "caption"),
-    "no such column": ({"my_prompts.jsonl": '{"caption": "a red cat", "colour": "red"}\n'}, "my_prompts.jsonl", "prompt"),
+    "only empty captions": (
+        {"my_prompts.jsonl": '{"caption": ""}\n{"caption": " "}\n'}, "my_prompts.jsonl", "caption"
+    ),
+    "no such column": (
+        {"my_prompts.jsonl": '{"caption": "a red cat", "colour": "red"}\n'}, "my_prompts.jsonl", "prompt"
+    ),
     "a file of another type": ({"my_prompts.tsv": "prompt\na red cat\n"}, "my_prompts.tsv", "prompt"),
     "neither a prompt set nor a file, and not on the Hub": ({}, "colour_object", "prompt"),
 }  # fmt: skip

@@ -43,7 +43,8 @@ def read_geneval_metadata(path: str | Path) -> list[str]:
             prompt = None
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError(
-                f"Line {number} of {str(path)!r} is not a GenEval metadata object with a `prompt` string: {line[:120]!r}"
+                f"Line {number} of {str(path)!r} is not a GenEval metadata object with a `prompt` string: "
+                f"{line[:120]!r}"
             )
     if not lines:
         raise ValueError(f"GenEval metadata {str(path)!r} holds no prompts.")

@@ -60,9 +60,9 @@ class T2IGRPOConfig(GRPOConfig):
     `True` (sampling and scoring must see the same network), `max_completion_length` defaults to `None`, which the
     trainer sets to the model's number of image tokens (any other value is rejected), and the text-generation
     settings that cannot apply to images (vLLM, tools, `mask_truncated_completions`, `min_p`, `repetition_penalty`,
-    …) are rejected with a message instead of being silently ignored. `temperature`, `top_k` and `top_p` are the image sampler's; with `cfg_scale` they make up
-    `sampling`, the `SamplingConfig` that the trainer samples and scores with. NaN is refused in every numeric setting,
-    and infinity wherever it means nothing (`FINITE_SETTINGS`).
+    …) are rejected with a message instead of being silently ignored. `temperature`, `top_k` and `top_p` are the image
+    sampler's; with `cfg_scale` they make up `sampling`, the `SamplingConfig` that the trainer samples and scores with.
+    NaN is refused in every numeric setting, and infinity wherever it means nothing (`FINITE_SETTINGS`).
 
     Parameters:
         > Parameters that control the divergence penalty
@@ -271,7 +271,8 @@ class T2IGRPOConfig(GRPOConfig):
     token_selection: str = field(
         default="all",
         metadata={
-            "help": "Tokens the loss covers: `all`, or `critical` (GCPO's ~30%% critical tokens, as the paper's code).",
+            "help": "Tokens the loss covers: `all`, or `critical` "
+            "(GCPO's ~30%% critical tokens, as the paper's code).",
             "choices": list(TOKEN_SELECTIONS),
         },
     )
@@ -460,9 +461,9 @@ class T2IGRPOConfig(GRPOConfig):
             and not self.use_bias_correction_kl
         ):
             raise ValueError(
-                "`divergence_in='reward'` adds the prefix term to a per-token penalty whose gradient is the position's "
-                "divergence gradient; the sampled estimator has that gradient only with `use_bias_correction_kl=True` "
-                "(or use `divergence_estimator='exact'`)."
+                "`divergence_in='reward'` adds the prefix term to a per-token penalty whose gradient is the "
+                "position's divergence gradient; the sampled estimator has that gradient only with "
+                "`use_bias_correction_kl=True` (or use `divergence_estimator='exact'`)."
             )
         if self.beta < 0 or (self.beta_end is not None and self.beta_end < 0):
             raise ValueError(f"`beta` and `beta_end` must be >= 0, got beta={self.beta}, beta_end={self.beta_end}.")

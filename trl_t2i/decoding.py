@@ -250,7 +250,8 @@ class StaticDecoder:
         """Seconds spent in the first calls of each new shape (compilation and CUDA-graph capture)."""
 
     def padded_size(self, num_images: int) -> int:
-        """The batch a decode of `num_images` runs at: the smallest one already compiled that holds them, or its own."""
+        """The batch a decode of `num_images` runs at: the smallest one already compiled that holds them, or its
+        own."""
         compiled = [key[0] for key in self.shapes if key[0] >= num_images]
         return min(compiled, default=num_images)
 

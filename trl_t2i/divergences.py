@@ -169,9 +169,10 @@ class Divergence:
         self, logp_table: torch.Tensor, ref_logp_table: torch.Tensor, rows_per_chunk: int | None = None
     ) -> torch.Tensor:
         """`exact` with its gradient towards `logp_table` only, computed in one pass per chunk of `rows_per_chunk`
-        positions (default `EXACT_ROWS_PER_CHUNK`): the value without autograd, the gradient in closed form (`exact_logp_gradient`) at backward. No
-        `(..., V)` temporary outlives a chunk and autograd keeps none (`exact` keeps several full tables per
-        divergence for its backward). `ref_logp_table` must not require a gradient (the reference is frozen)."""
+        positions (default `EXACT_ROWS_PER_CHUNK`): the value without autograd, the gradient in closed form
+        (`exact_logp_gradient`) at backward. No `(..., V)` temporary outlives a chunk and autograd keeps none (`exact`
+        keeps several full tables per divergence for its backward). `ref_logp_table` must not require a gradient (the
+        reference is frozen)."""
         if ref_logp_table.requires_grad:
             raise ValueError("`exact_penalty` differentiates towards the policy only; detach the reference table.")
         return _ExactPenalty.apply(self, logp_table, ref_logp_table, rows_per_chunk or EXACT_ROWS_PER_CHUNK)

@@ -1,4 +1,5 @@
-"""Evaluate a base text-to-image model and trained runs on reward and diversity, and draw the reward–diversity frontier.
+"""Evaluate a base text-to-image model and trained runs on reward and diversity, and draw the reward–diversity
+frontier.
 
 Every run (and the base model) samples `num_images_per_prompt` images for each prompt with the same noise: the
 sampler's generator for prompt `i` is seeded from `(seed, i)`, and the sampling distribution (one `SamplingConfig`) is

@@ -101,7 +101,8 @@ def model_card(
         "",
         f"# {repo.split('/')[-1]}",
         "",
-        f"{'A LoRA adapter for' if is_adapter else 'A fine-tune of'} {_model_link(base_model)}, post-trained with GRPO and a `{settings.divergence}` divergence penalty using trl_t2i "
+        f"{'A LoRA adapter for' if is_adapter else 'A fine-tune of'} {_model_link(base_model)}, "
+        f"post-trained with GRPO and a `{settings.divergence}` divergence penalty using trl_t2i "
         f"(method: [arXiv 2606.21498]({PAPER})).",
         "",
     ]

@@ -11,10 +11,13 @@ Example (a LoRA run of Janus-Pro-7B does not fit in 24 GB; as QLoRA it does):
     >>> from trl_t2i.memory import TrainingSetup, janus_pro_7b
     >>> from trl_t2i.memory_plan import BatchSettings, RecipeMemory, plan
     >>> batch = BatchSettings(micro_batch=2, steps_per_generation=4, gradient_accumulation_steps=16, num_generations=8)
-    >>> recipe = RecipeMemory(janus_pro_7b(), batch.apply(TrainingSetup(rollout_images=8, micro_batch=2, lora_r=16)), batch)
+    >>> recipe = RecipeMemory(
+    ...     janus_pro_7b(), batch.apply(TrainingSetup(rollout_images=8, micro_batch=2, lora_r=16)), batch
+    ... )
     >>> result = plan(recipe, gpu_memory_gb=24)
-    >>> result.mode, result.flags()
-    ('QLoRA', ['--per_device_train_batch_size', '16', '--steps_per_generation', '1', '--gradient_accumulation_steps', '2', '--load_in_4bit', 'true', '--use_bnb_nested_quant', 'true'])
+    >>> result.mode, result.flags()  # doctest: +NORMALIZE_WHITESPACE
+    ('QLoRA', ['--per_device_train_batch_size', '16', '--steps_per_generation', '1',
+     '--gradient_accumulation_steps', '2', '--load_in_4bit', 'true', '--use_bnb_nested_quant', 'true'])
 """
 
 import dataclasses

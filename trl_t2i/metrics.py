@@ -373,7 +373,8 @@ def _float_images(images: list[Image.Image] | torch.Tensor) -> list[torch.Tensor
 
 
 def _colour_histogram(image: torch.Tensor, bins: int) -> torch.Tensor:
-    """Unit-norm joint RGB histogram `(bins³,)` of a float `(H, W, 3)` image, with linear votes to the nearest levels."""
+    """Unit-norm joint RGB histogram `(bins³,)` of a float `(H, W, 3)` image, with linear votes to the nearest
+    levels."""
     levels = torch.linspace(0.0, 1.0, bins)
     # Triangular kernels of half-width 1/(bins − 1) centred on the levels sum to 1 at every value in [0, 1].
     votes = (1.0 - (image.reshape(-1, 3, 1) - levels).abs() * (bins - 1)).clamp(min=0.0)
@@ -385,5 +386,6 @@ def _layout(image: torch.Tensor, size: int) -> torch.Tensor:
     """Mean-removed `size × size` area-averaged thumbnail `(3·size²,)`, unit norm unless its contrast is faint."""
     thumbnail = F.adaptive_avg_pool2d(image.permute(2, 0, 1), size)
     layout = (thumbnail - thumbnail.mean(dim=(1, 2), keepdim=True)).flatten() / math.sqrt(thumbnail.numel())
-    # The norm is now the RMS contrast; dividing by max(contrast, MIN_CONTRAST) keeps the map continuous at flat images.
+    # The norm is now the RMS contrast; dividing by max(contrast, MIN_CONTRAST) keeps the map continuous at flat
+    # images.
     return layout / max(layout.norm().item(), MIN_CONTRAST)

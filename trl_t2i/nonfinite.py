@@ -57,7 +57,8 @@ def _kind(nan: float, inf: float) -> str:
 
 
 def check_weights(named_tensors: Iterable[tuple[str, torch.Tensor]], output_dir: str) -> None:
-    """Raise `NonFiniteTrainingError` naming the tensors that are not finite, instead of saving them to `output_dir`."""
+    """Raise `NonFiniteTrainingError` naming the tensors that are not finite, instead of saving them to
+    `output_dir`."""
     bad = [name for name, tensor in named_tensors if tensor.is_floating_point() and not tensor.isfinite().all()]
     if bad:
         listed = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")

@@ -1,10 +1,11 @@
 """The distribution image tokens are sampled from, and the matching teacher-forced log-probs.
 
 `SamplingConfig` names that distribution (guidance scale, temperature, top-k, top-p) once, for the trainer and every
-command. The sampler (`decoding.py`) and teacher forcing (here) build it with the same function, `token_logits`: the guided logits `l_u + s·(l_c − l_u)` (or the
-conditional logits alone) in fp32, then temperature, top-k and top-p, in the order `transformers`' `generate` applies
-them. So the log-prob the sampler records for a token equals the log-prob that teacher forcing computes for it (to
-float round-off), which is what makes GRPO's importance ratios exactly 1 on the first update.
+command. The sampler (`decoding.py`) and teacher forcing (here) build it with the same function, `token_logits`: the
+guided logits `l_u + s·(l_c − l_u)` (or the conditional logits alone) in fp32, then temperature, top-k and top-p, in
+the order `transformers`' `generate` applies them. So the log-prob the sampler records for a token equals the log-prob
+that teacher forcing computes for it (to float round-off), which is what makes GRPO's importance ratios exactly 1 on
+the first update.
 
 `cfg_logprobs` chooses the distribution that training scores:
 

@@ -437,9 +437,10 @@ class T2IGRPOTrainer(GRPOTrainer):
         return generated
 
     def _sampler_weights(self, batch: boundary.Batch) -> torch.Tensor:
-        """`sampler_correction`: the truncated importance weight `π_old/π_sampler` of each token `(B, N)` (or each image
-        `(B, 1)` at sequence level), as TRL's `vllm_importance_sampling_correction` computes it for vLLM's samples.
-        `π_old` is the teacher-forced log-prob with the sampling weights: TRL's old log-probs, or computed here."""
+        """`sampler_correction`: the truncated importance weight `π_old/π_sampler` of each token `(B, N)` (or each
+        image `(B, 1)` at sequence level), as TRL's `vllm_importance_sampling_correction` computes it for vLLM's
+        samples. `π_old` is the teacher-forced log-prob with the sampling weights: TRL's old log-probs, or computed
+        here."""
         old_logps = batch.old_logps
         if old_logps is None:
             with self._timed("old_logps"), torch.no_grad():

@@ -124,8 +124,8 @@ def set_reference_logps(inputs: dict, reference_logps: torch.Tensor) -> None:
 
 
 def with_advantages(inputs: dict, advantages: torch.Tensor) -> dict:
-    """A micro-batch with other advantages for TRL's loss: `(B,)`, or `(B, N)` to weigh each token's term (TRL's loss is
-    linear in them). A copy: the buffered batch keeps TRL's, for the next iteration over it."""
+    """A micro-batch with other advantages for TRL's loss: `(B,)`, or `(B, N)` to weigh each token's term (TRL's
+    loss is linear in them). A copy: the buffered batch keeps TRL's, for the next iteration over it."""
     return {**inputs, "advantages": advantages}
 
 

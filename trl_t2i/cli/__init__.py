@@ -27,7 +27,8 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
 # (both are pinned in pyproject.toml). Remove once they call the `activation_checkpointing` names.
 warnings.filterwarnings(
     "ignore",
-    message=r"`(is_gradient_checkpointing|gradient_checkpointing_enable|gradient_checkpointing_disable)` is deprecated",
+    message=r"`(is_gradient_checkpointing|gradient_checkpointing_enable|gradient_checkpointing_disable)` "
+    r"is deprecated",
     category=FutureWarning,
     module="transformers.modeling_utils",
 )

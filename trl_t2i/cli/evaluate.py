@@ -1,11 +1,13 @@
-"""Evaluate a base text-to-image model and trained runs on reward and diversity, and draw the reward–diversity frontier.
+"""Evaluate a base text-to-image model and trained runs on reward and diversity, and draw the reward–diversity
+frontier.
 
     trl-t2i evaluate --runs outputs/js-beta0.1 reverse_kl=outputs/rkl-beta0.1 --num_images_per_prompt 8
     trl-t2i evaluate --model_name_or_path deepseek-community/Janus-Pro-7B --dtype bfloat16 \\
         --runs js=outputs/janus-js kl=outputs/janus-kl --dataset_name simple_scenes \\
         --reward_funcs pickscore hpsv2 --feature_model openai/clip-vit-large-patch14
-    trl-t2i evaluate --model_name_or_path deepseek-community/Janus-Pro-7B --dtype bfloat16 --runs js=outputs/janus-js \\
-        --geneval_metadata geneval/prompts/evaluation_metadata.jsonl --output_dir outputs/geneval-eval
+    trl-t2i evaluate --model_name_or_path deepseek-community/Janus-Pro-7B --dtype bfloat16 \\
+        --runs js=outputs/janus-js --geneval_metadata geneval/prompts/evaluation_metadata.jsonl \\
+        --output_dir outputs/geneval-eval
 
 Every run (and the base model) samples `num_images_per_prompt` images per prompt with the same noise, guidance and
 temperature, so runs differ only by their weights. A run is a directory written by `trl-t2i grpo` (its
@@ -17,8 +19,8 @@ With `--geneval_metadata`, the prompts are GenEval's and every run's images are 
 reads them, `output_dir/geneval/<run>/<00000>/{metadata.jsonl, samples/0000.png, ...}` (4 images per prompt unless
 `--num_images_per_prompt` says otherwise); then, in a GenEval checkout with its Mask2Former detector:
 
-    python evaluation/evaluate_images.py <output_dir>/geneval/<run> --outfile <output_dir>/geneval/<run>/results.jsonl \\
-        --model-path <OBJECT_DETECTOR_FOLDER>
+    python evaluation/evaluate_images.py <output_dir>/geneval/<run> \\
+        --outfile <output_dir>/geneval/<run>/results.jsonl --model-path <OBJECT_DETECTOR_FOLDER>
     python evaluation/summary_scores.py <output_dir>/geneval/<run>/results.jsonl
 
 `--save_images` writes every image as `output_dir/images/<run>/<prompt>_<image>.png` (see `trl_t2i.benchmarks`).

@@ -165,7 +165,8 @@ class ModelFamily(ABC):
 
     @abstractmethod
     def prompt_limit(self) -> tuple[int, str]:
-        """The most prompt tokens (`tokenize_prompts`'s) the model takes, and why, for messages ("its context of ...")."""
+        """The most prompt tokens (`tokenize_prompts`'s) the model takes, and why, for messages
+        ("its context of ...")."""
 
     def prompt_lengths(self, texts: list[str]) -> list[int]:
         """Each caption's prompt length in tokens, as `tokenize_prompts` makes it but never truncated (families whose

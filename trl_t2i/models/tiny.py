@@ -65,11 +65,11 @@ COLOURS = ["red", "green", "blue", "yellow", "cyan", "magenta", "white", "black"
 WORDS = (
     COLOURS
     + (
-        "a an the of in on with and at by photo picture painting drawing image render sketch cat dog bird horse fish car "
-        "bus train boat plane house tree flower apple banana cake cup chair table ball hat shoe sky sea sun moon mountain "
-        "city street forest field river beach room wall door window book lamp clock robot person man woman child big small "
-        "tall bright dark old new shiny soft wooden metal glass two three four happy sitting standing flying running "
-        "under over near beside sunset night day"
+        "a an the of in on with and at by photo picture painting drawing image render sketch cat dog bird horse fish "
+        "car bus train boat plane house tree flower apple banana cake cup chair table ball hat shoe sky sea sun moon "
+        "mountain city street forest field river beach room wall door window book lamp clock robot person man woman "
+        "child big small tall bright dark old new shiny soft wooden metal glass two three four happy sitting standing "
+        "flying running under over near beside sunset night day"
     ).split()
 )
 PUNCTUATION = list(".,:;!?'\"-()")
@@ -113,7 +113,8 @@ def build_tiny_janus(
     """Build a tiny random Janus and its processor, deterministically from `seed`.
 
     Images are `image_tokens_per_side²` tokens over a codebook of `codebook_size` codes and decode to
-    `2·image_tokens_per_side` pixels per side. Defaults: 0.73 M parameters (0.68 M of them in the VQ model), 16 tokens, 64 codes, 8×8 px.
+    `2·image_tokens_per_side` pixels per side. Defaults: 0.73 M parameters (0.68 M of them in the VQ model),
+    16 tokens, 64 codes, 8×8 px.
     """
     tokenizer = build_tiny_tokenizer()
     patch_size = 4

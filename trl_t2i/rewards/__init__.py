@@ -96,7 +96,8 @@ def get_reward(name: str, /, **kwargs) -> Callable:
 
 
 def get_rewards(names: list[str], reward_kwargs: dict[str, dict] | str | None = None) -> list[Callable]:
-    """Build several rewards with [`get_reward`], each with its own keyword arguments (the `reward_kwargs` of a recipe).
+    """Build several rewards with [`get_reward`], each with its own keyword arguments (the `reward_kwargs` of a
+    recipe).
 
     Args:
         names (`list[str]`):
@@ -114,7 +115,8 @@ def get_rewards(names: list[str], reward_kwargs: dict[str, dict] | str | None = 
             reward_kwargs = json.loads(reward_kwargs)
         except json.JSONDecodeError as err:
             raise ValueError(
-                f'reward_kwargs must be a JSON object such as \'{{"pickscore": {{"model_id": "/models/PickScore"}}}}\', '
+                "reward_kwargs must be a JSON object such as "
+                f'\'{{"pickscore": {{"model_id": "/models/PickScore"}}}}\', '
                 f"got {reward_kwargs!r} ({err})."
             ) from err
     reward_kwargs = reward_kwargs or {}

@@ -99,8 +99,8 @@ class LlamaGenConfig(PreTrainedConfig):
         """Part of `@strict`'s validation: the parts must agree with each other."""
         if self.hidden_size % self.num_attention_heads or (self.hidden_size // self.num_attention_heads) % 4:
             raise ValueError(
-                f"`hidden_size` ({self.hidden_size}) must split into {self.num_attention_heads} heads whose width is a "
-                "multiple of 4 (2D RoPE rotates pairs, half of them along rows and half along columns)."
+                f"`hidden_size` ({self.hidden_size}) must split into {self.num_attention_heads} heads whose width is "
+                "a multiple of 4 (2D RoPE rotates pairs, half of them along rows and half along columns)."
             )
         if self.vq_config is not None and self.vq_config.num_embeddings != self.codebook_size:
             raise ValueError(
