@@ -1,6 +1,7 @@
 """`trl-t2i plan` (`trl_t2i.memory_plan`): the largest batches that fit a GPU, keeping a recipe's optimizer step."""
 
 import dataclasses
+import doctest
 import re
 import shlex
 from pathlib import Path
@@ -8,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from trl_t2i import memory_plan
 from trl_t2i.cli import main as cli_main
 from trl_t2i.cli import plan as plan_command
 from trl_t2i.cli.grpo import make_parser as grpo_parser
@@ -143,3 +145,8 @@ def test_the_readme_shows_what_the_command_prints(capsys):
     command, printed = re.search(r"```bash\n(trl-t2i plan [^\n]*)\n```\n\n```\n(.*?)\n```", readme, re.DOTALL).groups()
     cli_main(shlex.split(command)[1:])
     assert capsys.readouterr().out.rstrip("\n") == printed
+
+
+def test_the_modules_example_is_what_plan_gives():
+    # the docstring's example had drifted from the memory model (no test ran it)
+    assert doctest.testmod(memory_plan).failed == 0

@@ -16,8 +16,8 @@ Example (a LoRA run of Janus-Pro-7B does not fit in 24 GB; as QLoRA it does):
     ... )
     >>> result = plan(recipe, gpu_memory_gb=24)
     >>> result.mode, result.flags()  # doctest: +NORMALIZE_WHITESPACE
-    ('QLoRA', ['--per_device_train_batch_size', '16', '--steps_per_generation', '1',
-     '--gradient_accumulation_steps', '2', '--load_in_4bit', 'true', '--use_bnb_nested_quant', 'true'])
+    ('QLoRA', ['--per_device_train_batch_size', '8', '--steps_per_generation', '2',
+     '--gradient_accumulation_steps', '4', '--load_in_4bit', 'true', '--use_bnb_nested_quant', 'true'])
 """
 
 import dataclasses
