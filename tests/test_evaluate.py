@@ -408,6 +408,27 @@ def test_an_adapter_of_another_family_is_refused_before_loading_the_model(tmp_pa
         sample.main(sample.SampleArguments(adapter=str(llamagen_run), output_dir=str(tmp_path / "samples")))
 
 
+def test_an_adapter_that_does_not_fit_the_base_model_is_named_with_its_own_base(tmp_path, zero_adapter):
+    # Bare PEFT adapters (no run_settings.json, their base not a local folder): nothing says their family before PEFT
+    # tries them, which said only "Target modules ... not found in the base model"
+    named = shutil.copytree(zero_adapter, tmp_path / "named")
+    adapter_config = json.loads((named / "adapter_config.json").read_text())
+    (named / "adapter_config.json").write_text(json.dumps({**adapter_config, "base_model_name_or_path": TINY_JANUS}))
+    message = f"The adapter '{named}' does not fit the base model '{TINY_LLAMAGEN}': it was trained on '{TINY_JANUS}'"
+    with pytest.raises(ValueError, match=message):
+        sample.main(
+            sample.SampleArguments(
+                model_name_or_path=TINY_LLAMAGEN, adapter=str(named), output_dir=str(tmp_path / "samples")
+            )
+        )
+    message = (
+        f"Run 'zero' \\(the adapter '{zero_adapter}'\\) does not fit the base model '{TINY_LLAMAGEN}': load it on "
+        "the base model it was trained on"
+    )
+    with pytest.raises(ValueError, match=message):
+        _evaluate(tmp_path / "eval", [f"zero={zero_adapter}"], model_name_or_path=TINY_LLAMAGEN)
+
+
 @pytest.mark.parametrize(
     ("file", "damage", "error", "message"),
     [

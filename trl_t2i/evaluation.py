@@ -45,7 +45,7 @@ from .decoding import compile_setting, resolve_compile, sample_image_tokens
 from .images import make_grid, to_pil
 from .merged_adapters import merged_adapters, why_not_mergeable
 from .metrics import ImageFeatureModel, diversity_summary, pixel_features, token_entropy
-from .models import get_family, load_config, load_family, load_model, load_processor
+from .models import get_family, load_adapter, load_config, load_family, load_model, load_processor
 from .pretrained import default_device
 from .run_settings import RUN_SETTINGS_FILE, RunSettings
 from .sampling import SamplingConfig, image_logp_table
@@ -196,7 +196,7 @@ def evaluate_runs(
 
     per_image, per_prompt = [], []
     for run in runs:
-        model = attach_run(base_model, family, run, settings)
+        model = attach_run(base_model, family, run, settings, model_name_or_path)
         samples = generate(family, model, prompts, sampling, settings, run.label)
         image_rows, prompt_rows = score(
             run.label, prompts, samples, reward_funcs, extract_features, family.codebook_size
@@ -372,14 +372,15 @@ def frontier_axes(frontier_x: str | None, frontier_y: str, reward_names: list[st
     return frontier_x, frontier_y
 
 
-def attach_run(base_model: torch.nn.Module, family, run: Run, settings: EvaluationSettings) -> torch.nn.Module:
+def attach_run(
+    base_model: torch.nn.Module, family, run: Run, settings: EvaluationSettings, model_name_or_path: str
+) -> torch.nn.Module:
     """The model of `run`: the base, the base with the run's LoRA layers (undone by `unload()`), or a full model."""
     if run.kind == "base":
         return base_model
     if run.kind == "peft":
-        from peft import PeftModel
-
-        return PeftModel.from_pretrained(base_model, run.path).eval()
+        what = f"Run {run.label!r} (the adapter {str(run.path)!r})"
+        return load_adapter(base_model, str(run.path), model_name_or_path, what).eval()
     model = load_model(str(run.path), dtype=getattr(torch, settings.dtype)).to(settings.device).eval()
     family.patch_forward(model)  # a full fine-tune is of the base model's family
     return model

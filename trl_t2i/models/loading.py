@@ -145,6 +145,30 @@ def load_model(name_or_path: str, fp32_image_head: bool = True, **model_kwargs) 
     return model
 
 
+def load_adapter(model: PreTrainedModel, adapter: str, model_name_or_path: str, what: str | None = None):
+    """`PeftModel.from_pretrained(model, adapter)`, where an adapter whose layers `model` lacks (one trained on a
+    model of another family) is an error naming the adapter, the base model and the one it was trained on, not PEFT's
+    "Target modules ... not found". `what` names the adapter in the error (default: "The adapter '<adapter>'")."""
+    from peft import PeftConfig, PeftModel
+
+    try:
+        return PeftModel.from_pretrained(model, adapter)
+    except ValueError as error:
+        if "not found in the base model" not in str(error):
+            raise
+        trained_on = PeftConfig.from_pretrained(adapter).base_model_name_or_path
+        origin = (
+            f"it was trained on {trained_on!r} (its adapter_config.json's `base_model_name_or_path`): pass that as "
+            "`--model_name_or_path`"
+            if trained_on
+            else "load it on the base model it was trained on (`--model_name_or_path`)"
+        )
+        raise ValueError(
+            f"{what or f'The adapter {adapter!r}'} does not fit the base model {model_name_or_path!r}: {origin}. "
+            f"(PEFT: {error})"
+        ) from error
+
+
 @_naming_a_missing_model
 def load_processor(name_or_path: str, **kwargs):
     """Load the processing class (processor or tokenizer) that goes with `load_model(name_or_path)`."""
