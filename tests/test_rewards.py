@@ -12,7 +12,7 @@ from PIL import Image
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
 
 from trl_t2i import pretrained
-from trl_t2i.cli import grpo
+from trl_t2i.cli import evaluate, grpo
 from trl_t2i.metrics import ImageFeatureModel
 from trl_t2i.rewards import (
     REWARDS,
@@ -425,3 +425,11 @@ def test_reward_kwargs_flag_and_recipe_key_reach_the_rewards(tiny_clip_dir, tmp_
         script_args, _, _ = grpo.make_parser().parse_args_and_config(argv)
         (reward,) = get_rewards(script_args.reward_funcs, script_args.reward_kwargs)
         assert reward.model_id == tiny_clip_dir
+
+
+def test_evaluate_scores_with_the_weights_reward_kwargs_names(tiny_clip_dir, tmp_path):
+    argv = ["--reward_funcs", "clip_score", "--reward_kwargs", json.dumps({"clip_score": {"model_id": tiny_clip_dir}})]
+    argv += ["--num_prompts", "2", "--num_images_per_prompt", "2", "--grid_prompts", "0", "--device", "cpu"]
+    (args,) = evaluate.make_parser().parse_args_and_config([*argv, "--output_dir", str(tmp_path)])
+    (row,) = evaluate.main(args)  # the base model: scored by the tiny CLIP, with no network
+    assert np.isfinite(row["clip_score_mean"])
