@@ -504,15 +504,10 @@ class TrainingSetup:
         return 2 if self.mixed_precision else self.weight_bytes
 
     @property
-    def fp32_image_head(self) -> bool:
-        """Whether the image head's weights are fp32 (`ModelFamily.upcast_image_head`): DeepSpeed casts the whole model
-        to bf16 (and FSDP, not modelled, keeps one dtype)."""
-        return self.zero_stage == 0
-
-    @property
-    def fp32_vq(self) -> bool:
-        """Whether a VQ model that decodes in fp32 (LlamaGen's) keeps fp32 weights in a bf16 model
-        (`_keep_in_fp32_modules_strict`, as the reference code keeps it): DeepSpeed casts the whole model to bf16."""
+    def keeps_fp32_modules(self) -> bool:
+        """Whether the modules a bf16 model keeps in fp32 stay so: the image head (`ModelFamily.upcast_image_head`)
+        and a VQ model that decodes in fp32 (LlamaGen's, `_keep_in_fp32_modules_strict`, as its reference code keeps
+        it). DeepSpeed casts the whole model to bf16 (and FSDP, not modelled, keeps one dtype)."""
         return self.zero_stage == 0
 
 
@@ -622,9 +617,9 @@ def estimate(architecture: Architecture, setup: TrainingSetup) -> MemoryEstimate
 def weight_bytes(architecture: Architecture, setup: TrainingSetup) -> dict[str, float]:
     """Bytes of each component's weights on one process (before any ZeRO-3 sharding)."""
     sizes = {name: params * setup.weight_bytes for name, params in architecture.components().items()}
-    if setup.fp32_image_head:
+    if setup.keeps_fp32_modules:
         sizes["generation head"] = architecture.generation_head_params * 4
-    if architecture.vq_decodes_in_fp32 and setup.fp32_vq:
+    if architecture.vq_decodes_in_fp32 and setup.keeps_fp32_modules:
         sizes["VQ-VAE"] = architecture.vq_params * 4
     if setup.load_in_4bit:
         sizes["LM linears"] = architecture.num_layers * sum(
@@ -654,12 +649,12 @@ def _weight_items(arch: Architecture, setup: TrainingSetup) -> list[MemoryItem]:
         f"text embeddings and lm_head ({dtype})": ["text embeddings", "lm_head"],
         f"vision tower and aligner, unused by T2I ({dtype})": ["vision tower", "vision aligner"],
         f"T5 caption encoder and caption MLP ({dtype})": ["caption encoder", "caption aligner"],
-        f"image embeddings, aligner ({dtype}) and head ({'fp32' if setup.fp32_image_head else dtype})": [
+        f"image embeddings, aligner ({dtype}) and head ({'fp32' if setup.keeps_fp32_modules else dtype})": [
             "generation embeddings",
             "generation aligner",
             "generation head",
         ],
-        f"VQ-VAE ({'fp32' if arch.vq_decodes_in_fp32 and setup.fp32_vq else dtype})": ["VQ-VAE"],
+        f"VQ-VAE ({'fp32' if arch.vq_decodes_in_fp32 and setup.keeps_fp32_modules else dtype})": ["VQ-VAE"],
     }
     items = [
         MemoryItem(f"weights: {name}{sharded}", sum(sizes.get(c, 0) for c in components) / shards)
@@ -726,7 +721,7 @@ def _rollout_items(arch: Architecture, setup: TrainingSetup) -> list[MemoryItem]
     items.append(
         MemoryItem(f"VQ decoding, {decoded} images at a time", vq_decode_bytes(arch, setup, decoded), (DECODING,))
     )
-    if arch.vq_decodes_in_fp32 and setup.weight_bytes != 4 and not setup.fp32_vq:
+    if arch.vq_decodes_in_fp32 and setup.weight_bytes != 4 and not setup.keeps_fp32_modules:
         copies = arch.vq_decoder_params * 4
         items.append(MemoryItem("VQ decoder: fp32 copies of its weights while decoding", copies, (DECODING,)))
     reward = REWARD_MODELS.get(setup.reward)
@@ -801,7 +796,7 @@ def _scored_logits(arch: Architecture, setup: TrainingSetup) -> tuple[float, flo
     `image_head_logits`), fp32 copies made after it (none), and the peak of the forward's own cast to fp32 when the
     head computes in bf16 (DeepSpeed's bf16 model: the bf16 logits and their fp32 copy)."""
     rows = 2 if setup.guided_scoring else 1  # rows per image
-    if setup.fp32_image_head:
+    if setup.keeps_fp32_modules:
         return rows, 0, 0
     return rows, 0, rows * setup.act_bytes / 4 + rows
 
