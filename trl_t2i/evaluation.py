@@ -45,7 +45,7 @@ from .decoding import compile_setting, resolve_compile, sample_image_tokens
 from .images import make_grid, to_pil
 from .merged_adapters import merged_adapters, why_not_mergeable
 from .metrics import ImageFeatureModel, diversity_summary, pixel_features, token_entropy
-from .models import get_family, load_adapter, load_config, load_family, load_model, load_processor
+from .models import get_family, load_adapter, load_config, load_family, load_model
 from .pretrained import default_device
 from .run_settings import RUN_SETTINGS_FILE, RunSettings
 from .sampling import SamplingConfig, image_logp_table
@@ -181,12 +181,13 @@ def evaluate_runs(
         raise ValueError(f"{len(geneval_metadata)} GenEval metadata lines for {len(prompts)} prompts: one per prompt.")
     for run in runs:
         check_base_model(run, model_name_or_path)
-    check_prompts_fit(prompts, load_family(model_name_or_path), "The evaluation prompts")
+    family = load_family(model_name_or_path)  # its config and processor: the prompts are checked before any weights
+    check_prompts_fit(prompts, family, "The evaluation prompts")
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 
     base_model = load_model(model_name_or_path, dtype=getattr(torch, settings.dtype)).to(settings.device).eval()
-    family = get_family(base_model, load_processor(model_name_or_path))
+    family = get_family(base_model, family.processing_class)
     family.patch_forward(base_model)  # teacher-forced log-probs, for the policy's token entropy
     # Held for the whole evaluation: a feature model is loaded once (and shared with a reward on the same checkpoint).
     if settings.feature_model:

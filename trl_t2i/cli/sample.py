@@ -16,7 +16,7 @@ import torch
 from ..data import check_prompts_fit
 from ..decoding import compile_setting, resolve_compile, sample_image_tokens
 from ..images import make_grid, to_pil
-from ..models import TINY_JANUS, get_family, load_adapter, load_family, load_model, load_processor
+from ..models import TINY_JANUS, get_family, load_adapter, load_family, load_model
 from ..pretrained import default_device
 from .arguments import SamplingArguments
 from .parsing import RecipeParser
@@ -55,12 +55,15 @@ def main(args: SampleArguments) -> Path:
     sampling = args.sampling  # bad settings fail before the model loads
     if args.adapter:
         check_adapter(args.adapter, args.model_name_or_path)
-    check_prompts_fit(args.prompts, load_family(args.model_name_or_path))
+    family = load_family(
+        args.model_name_or_path
+    )  # its config and processor: the prompts are checked before the weights
+    check_prompts_fit(args.prompts, family)
     model = load_model(args.model_name_or_path, dtype=getattr(torch, args.dtype)).to(args.device).eval()
     if args.adapter:
         # Folded into the base weights once: sampling then runs one matmul per linear instead of three.
         model = load_adapter(model, args.adapter, args.model_name_or_path).merge_and_unload()
-    family = get_family(model, load_processor(args.model_name_or_path))
+    family = get_family(model, family.processing_class)
     captions = [prompt for prompt in args.prompts for _ in range(args.num_images_per_prompt)]
     generator = torch.Generator(args.device).manual_seed(args.seed)
     compile = resolve_compile(args.compile, family, args.device)  # a last, smaller batch reuses the compiled shape
