@@ -456,6 +456,7 @@ def run_isolated(name: str, scale: Scale, threads: int) -> dict:
     limit, partial, outcome = scale.limits[name], {}, None
     while outcome is None:
         if not receive.poll(max(0.0, start + limit - time.perf_counter())):
+            process.kill()  # its device time is what the next part needs
             outcome = {"error": f"timed out after {limit} s"}
             break
         try:
@@ -468,8 +469,6 @@ def run_isolated(name: str, scale: Scale, threads: int) -> dict:
             partial |= message["partial"]
         else:
             outcome = message
-    if outcome.get("error", "").startswith("timed out"):
-        process.kill()  # its device time is what the next part needs
     process.join(5)
     if process.is_alive():
         process.kill()
