@@ -323,7 +323,7 @@ def test_an_fp32_image_head_takes_the_hidden_states_of_a_bf16_model(tiny_family)
     torch.testing.assert_close(logits, head(hidden.float()), rtol=0, atol=0)
 
 
-def test_transformers_generate_runs_on_a_bf16_janus_loaded_with_its_fp32_head(tmp_path):
+def test_transformers_generate_runs_on_a_bf16_janus_loaded_with_its_fp32_head():
     from trl_t2i import TINY_JANUS, load_model, load_processor
 
     model = load_model(TINY_JANUS, dtype=torch.bfloat16)
