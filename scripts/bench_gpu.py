@@ -1,28 +1,30 @@
 """GPU numbers the project measures itself: decode speed at Janus-Pro-1B and 7B, a GRPO step, memory, the bf16 gap.
 
-    python scripts/bench_gpu.py [--output bench_gpu.json]      # one GPU, at most 13 minutes
-    python scripts/bench_gpu.py --parts decode_7b,decode_1b     # the same in two runs of 7 and 6 minutes at most
-    python scripts/bench_gpu.py --parts step,gap
+    python scripts/bench_gpu.py [--output bench_gpu.json]      # one GPU, at most 8 minutes
     python scripts/bench_gpu.py --smoke                         # the same code on CPU at tiny sizes, under 2 minutes
     python scripts/bench_gpu.py --parts gap --device cpu --layers 2 --limit 1800   # real widths, 2 LM layers, on CPU
+    python scripts/bench_gpu.py --parts decode_1b --device cpu --layers 2 --images 2 --limit 1800   # the same
 
 Random weights at the real Janus-Pro architectures (`trl_t2i.memory.janus_pro_*_config`, built on the device in
-bf16), CFG 5, top-k off, 576 image tokens. Each part runs in its own forked process under its own time limit, so a
-part that runs out of time or memory is reported as such, with what it had measured, and the others go on; results
-are printed as they come and written to `--output` as JSON.
+bf16; fp32 on CPU), CFG 5, top-k off, 576 image tokens. Each part runs in its own forked process under its own time
+limit, so a part that runs out of time or memory is reported as such, with what it had measured, and the others go
+on; results are printed as they come and written to `--output` as JSON.
 
 * `decode_1b` / `decode_7b`: ms per decode step of transformers' `generate`, our eager decode and our compiled decode
   (`compile=True`: static KV cache, the position step compiled, a CUDA graph), at 16 images (32 CFG rows) for 1B and
   8 images for 7B; the compile time; for 7B the bound, the time to read the language model's weights once at the
-  copy bandwidth measured on the device, and the CUDA kernels of the compiled decode by total time.
+  copy bandwidth measured on the device, and the CUDA kernels of the compiled decode by total time; the graphs the
+  compile made (one for every attended length) and whether inductor ran any without CUDA graphs (`cudagraph_skips`,
+  which would make the compiled decode launch-bound).
 * `step`: GRPO steps of Janus-Pro-1B with LoRA r32 (the 1B recipe's), 16 images (2 prompts × 8), JS β 0.04: the
   default settings (compiled rollouts, exact penalty), the sampled estimator, and rollouts not compiled; the first
   step (which compiles), the median later step and its stages (`time/<stage>`), peak memory against the memory
   model's estimate, the compile time and the log-prob gap as the trainer records them (`time/compile`,
   `sampling/logp_gap_mean|max`).
-* `gap`: |sampler log-prob − teacher-forced log-prob| per token (mean, max) for 4 images at 1B width: fp32; bf16 as
-  trained (bf16 weights, autocast, the image head in fp32); the image head in bf16 (before); LoRA r32 active and
-  folded into the weights (what rollouts do).
+* `gap`: |sampler log-prob − teacher-forced log-prob| per token (mean, max) for 4 images at 1B width, decoding
+  eagerly (the `step` part gives the compiled decode's, as trained): fp32; bf16 as trained (bf16 weights, autocast,
+  the image head in fp32); the image head in bf16 (before); LoRA r32 active and folded into the weights (what
+  rollouts do).
 
 Times are the least of the repeats (load on the machine only raises them); ratios are what carries over.
 """
@@ -38,7 +40,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -57,7 +59,8 @@ class Scale:
     """The sizes a run measures at.
 
     Attributes:
-        device, dtype: where and in which dtype the models run (bf16 on GPU, with autocast in training).
+        device, dtype: where and in which dtype the models run (bf16 on GPU, with autocast in training; fp32 on
+            CPU).
         configs: `name -> JanusConfig` builder of each model size ("1b", "7b").
         decode_images: images per decode of each size.
         step_images, generations, steps: the GRPO step part's images per step, images per prompt and optimizer
@@ -85,16 +88,17 @@ def gpu_scale(layers: int | None = None, device: str = "cuda") -> Scale:
 
     return Scale(
         device=device,
-        dtype=torch.bfloat16,
+        dtype=torch.float32 if device == "cpu" else torch.bfloat16,
         configs={"1b": _with_layers(janus_pro_1b_config, layers), "7b": _with_layers(janus_pro_7b_config, layers)},
         decode_images={"1b": 16, "7b": 8},
         step_images=16,
         generations=8,
         steps=4,
         gap_images=4,
-        # On an H200 (2026-12-04) compiling the decode took 63 s at 1B in a fresh process, and the 7B part (compile,
-        # one generate, one eager decode, a profiled call) ran past 200 s
-        limits={"decode_1b": 120, "decode_7b": 300, "step": 200, "gap": 150},
+        # 8 minutes in all. On an H200 (2026-12-04) `generate` and the eager decode took about 10 s a call at 1B, 16
+        # s at 7B, an eager GRPO step 13 s, and compiling the decode 63 s at 1B when it compiled a graph per
+        # attended length (now one graph: 3.4x less compile time at 1B width on CPU)
+        limits={"decode_1b": 100, "decode_7b": 150, "step": 150, "gap": 80},
         decode_repeats=1,
     )
 
@@ -184,7 +188,7 @@ def least_interleaved(functions: dict[str, Callable], repeats: int, device: str)
 
 
 def decode_part(scale: Scale, size: str) -> dict:
-    from trl_t2i.decoding import sample_image_tokens
+    from trl_t2i.decoding import sample_image_tokens, static_decoder
     from trl_t2i.models import get_family
     from trl_t2i.sampling import SamplingConfig
 
@@ -201,13 +205,21 @@ def decode_part(scale: Scale, size: str) -> dict:
         "compiled": lambda: sample_image_tokens(family, model, conditioning, sampling, compile=True),
     }
     steps = family.num_image_tokens
+    counters, graphs_before = torch._dynamo.utils.counters, torch._dynamo.utils.counters["stats"]["unique_graphs"]
     compile_seconds = seconds(functions["compiled"], scale.device)  # the first call compiles and captures
+    compiled = {
+        "graphs_compiled": counters["stats"]["unique_graphs"] - graphs_before,
+        "attended_lengths": len(static_decoder(family).calls),
+        "cudagraph_skips": counters["inductor"]["cudagraph_skips"],
+    }
     progress(
-        compile_s=compile_seconds, compiled_ms_per_step=1000 * seconds(functions["compiled"], scale.device) / steps
+        compile_s=compile_seconds,
+        compiled_ms_per_step=1000 * seconds(functions["compiled"], scale.device) / steps,
+        **compiled,
     )
     least = least_interleaved(functions, repeats=scale.decode_repeats, device=scale.device)
     result = {f"{name}_ms_per_step": 1000 * t / steps for name, t in least.items()}
-    result |= {"images": images, "rows": 2 * images, "tokens": steps, "compile_s": compile_seconds}
+    result |= {"images": images, "rows": 2 * images, "tokens": steps, "compile_s": compile_seconds} | compiled
     result["generate_over_compiled"] = least["generate"] / least["compiled"]
     if torch.device(scale.device).type == "cuda":
         weights = sum(p.numel() * p.element_size() for p in model.model.language_model.parameters())
@@ -366,7 +378,7 @@ def gap_part(scale: Scale) -> dict:
     from trl_t2i.merged_adapters import merged_adapters
     from trl_t2i.models import JanusFamily, get_family
 
-    fp32 = Scale(**{**scale.__dict__, "dtype": torch.float32})
+    fp32 = replace(scale, dtype=torch.float32)
     model, processor = build_janus(scale.configs["1b"](), fp32)
     family = get_family(model, processor)
     family.patch_forward(model)
@@ -396,18 +408,17 @@ def gap_part(scale: Scale) -> dict:
 
 
 def logp_gap(family, model, conditioning, autocast: bool, fold=None) -> dict:
-    """Mean and max |sampler log-prob − teacher-forced log-prob| over every token, decoding as training does
-    (compiled on CUDA)."""
-    from trl_t2i.decoding import resolve_compile, sample_image_tokens
+    """Mean and max |sampler log-prob − teacher-forced log-prob| over every token, decoding eagerly (compiled, each
+    setting would compile anew)."""
+    from trl_t2i.decoding import sample_image_tokens
     from trl_t2i.sampling import SamplingConfig, image_logp_table
 
     sampling = SamplingConfig(cfg_scale=5.0)
     device = conditioning.tensors["input_ids"].device
-    compile = resolve_compile("auto", family, device)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast), torch.no_grad():
         torch.manual_seed(0)
         with fold(model) if fold else contextlib.nullcontext():
-            sample = sample_image_tokens(family, model, conditioning, sampling, compile=compile)
+            sample = sample_image_tokens(family, model, conditioning, sampling)
         table = image_logp_table(family, model, conditioning, sample.image_tokens, sampling)
     gap = (table.gather(-1, sample.image_tokens[..., None]).squeeze(-1) - sample.logps).abs()
     return {"mean": gap.mean().item(), "max": gap.max().item()}
@@ -489,7 +500,8 @@ def report(name: str, outcome: dict) -> str:
     if name.startswith("decode_"):
         lines += [
             f"{result['images']} images ({result['rows']} rows), {result['tokens']} tokens, compile "
-            f"{result['compile_s']:.1f} s\n",
+            f"{result['compile_s']:.1f} s: {result['graphs_compiled']} graph(s) for {result['attended_lengths']} "
+            f"attended lengths, {result['cudagraph_skips']} run(s) without CUDA graphs\n",
             "| generate (ms/step) | eager (ms/step) | compiled (ms/step) | generate/compiled | weights read (ms) "
             "| compiled/bound |",
             "|---|---|---|---|---|---|",
@@ -554,11 +566,14 @@ if __name__ == "__main__":
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads.")
     parser.add_argument("--output", type=Path, help="Write the results as JSON here.")
     parser.add_argument("--limit", type=int, help="Seconds every part may take (default: each part's own limit).")
+    parser.add_argument("--images", type=int, help="Images of each decode part (default: 16 at 1B, 8 at 7B).")
     arguments = parser.parse_args()
     unknown = set(arguments.parts.split(",")) - set(PARTS)
     if unknown:
         parser.error(f"Unknown parts {sorted(unknown)}. Valid choices: {', '.join(PARTS)}.")
     chosen = smoke_scale() if arguments.smoke else gpu_scale(arguments.layers, arguments.device)
     if arguments.limit:
-        chosen = Scale(**{**chosen.__dict__, "limits": dict.fromkeys(PARTS, arguments.limit)})
+        chosen = replace(chosen, limits=dict.fromkeys(PARTS, arguments.limit))
+    if arguments.images:
+        chosen = replace(chosen, decode_images=dict.fromkeys(chosen.decode_images, arguments.images))
     main(arguments.parts.split(","), chosen, arguments.threads, arguments.output)

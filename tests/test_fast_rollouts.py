@@ -44,9 +44,10 @@ def test_the_compiled_decode_samples_like_the_eager_one_and_reuses_its_graph_and
     tiny_family, prompts, monkeypatch
 ):
     model, _, family, _ = tiny_family
-    # Early positions attend over part of the static cache, rounded up to a multiple of 16 here (of 128 by default:
-    # the tiny models' caches hold 64 (Janus) and 192 (LlamaGen) positions)
+    # Early positions attend over part of the static cache, rounded up to a multiple of 16 here (of 128 by default),
+    # the last ones over all of it (a cache rounded up to a multiple of 16, not 64)
     monkeypatch.setattr(base, "ATTENDED_LENGTH_MULTIPLE", 16)
+    monkeypatch.setattr(base, "STATIC_LENGTH_MULTIPLE", 16)
     decoder, sampling = static_decoder(family), WARPS[1]  # guidance, temperature, top-k and top-p
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
@@ -57,9 +58,9 @@ def test_the_compiled_decode_samples_like_the_eager_one_and_reuses_its_graph_and
     same_as_eager(prompts)  # prompts of different lengths: left padding in the cache
     attended = sorted(length for _, length in decoder.calls)
     ((state, _),) = decoder.shapes.values()
-    assert len(attended) >= 2 and attended[-1] < state.cache.max_length and all(n % 16 == 0 for n in attended)
+    assert attended[0] < attended[-1] == state.cache.max_length and all(n % 16 == 0 for n in attended)
     compiled = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    assert compiled == graphs + len(attended)  # one graph per attended length
+    assert compiled == graphs + 1  # one graph for every attended length, the whole cache's included
     addresses = _addresses(decoder)
 
     # Prompts of other lengths, then a last partial batch (padded to the compiled 4 rows): the same graphs, the same
@@ -68,6 +69,13 @@ def test_the_compiled_decode_samples_like_the_eager_one_and_reuses_its_graph_and
     same_as_eager(prompts[:3])
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == compiled
     assert _addresses(decoder) == addresses and len(decoder.shapes) == 1
+
+
+@pytest.mark.parametrize("cache_length, lengths", [(640, 5), (384, 3), (1152, 5)])  # Janus, LlamaGen 256/512 px
+def test_a_static_decode_attends_over_few_lengths_each_covering_the_positions_fed(cache_length, lengths):
+    attended = [base.attended_length(needed, cache_length) for needed in range(1, cache_length + 1)]
+    assert all(needed <= length <= cache_length for needed, length in enumerate(attended, 1))
+    assert len(set(attended)) == lengths <= base.MAX_ATTENDED_LENGTHS  # a CUDA graph each
 
 
 def test_auto_compiles_on_cuda_unless_each_rollout_gathers_the_weights(tiny_janus):

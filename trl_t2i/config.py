@@ -157,10 +157,10 @@ class T2IGRPOConfig(GRPOConfig):
             and log-probs as the eager decode, 6× faster on an H200 at Janus-Pro-1B (see the README). `"auto"`: on
             CUDA for families with a static decode (Janus, LlamaGen), eager on CPU, where it does not pay, and under
             ZeRO-3 or FSDP, whose weights are gathered anew (at new addresses) for every rollout. `"true"` /
-            `"false"`: always / never. Compiled once per run and batch shape (a graph per 128 attended positions: 5
-            for Janus-Pro; the first rollout says so and logs `time/compile`); smaller batches are padded to a
-            compiled shape, and the KV cache and buffers are allocated once and kept between rollouts (see
-            `docs/memory.md`).
+            `"false"`: always / never. Compiled once per run and batch shape (one graph for every attended length, a
+            CUDA graph per 128 attended positions; the first rollout says so and logs `time/compile`); smaller
+            batches are padded to a compiled shape, and the KV cache and buffers are allocated once and kept between
+            rollouts (see `docs/memory.md`).
 
         > Parameters that correct for the sampler's numerics
 

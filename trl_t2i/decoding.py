@@ -245,7 +245,7 @@ class StaticDecoder:
         self.steps: dict[str, callable] = {}
         self.shapes: dict[tuple, tuple[DecodeState, DecodeBuffers]] = {}
         self.calls: dict[tuple, int] = {}
-        """Calls of each graph: batch shape and attended length."""
+        """Calls of each CUDA graph: batch shape and attended length (one compiled graph serves every length)."""
         self.compile_seconds = 0.0
         """Seconds spent in the first calls of each new shape (compilation and CUDA-graph capture)."""
 
@@ -285,9 +285,8 @@ class StaticDecoder:
         logits, state = family.prefill(model, rows, static=True, reuse=state)
         if buffers is None:
             logger.warning(
-                f"Compiling the image decode step for batches of {len(padded)} images (once per batch shape and run; "
-                "about a minute for Janus-Pro-1B on an H200, longer for larger models; `compile_rollouts`/`--compile "
-                "false` decodes eagerly)."
+                f"Compiling the image decode step for batches of {len(padded)} images (once per batch shape and run, "
+                "tens of seconds, longer for larger models; `compile_rollouts`/`--compile false` decodes eagerly)."
             )
             buffers = DecodeBuffers.allocate(
                 logits, len(padded), num_tokens, return_conditional_logps, return_entropies
@@ -305,13 +304,13 @@ class StaticDecoder:
             if position + 1 == num_tokens:  # no model step after the last token: not worth a graph of its own
                 decode_position(family, model, state, buffers, sampling, not do_sample, advance=False)
                 continue
-            state.attend(position)  # one graph per attended length (`ATTENDED_LENGTH_MULTIPLE`)
+            state.attend(position)  # a CUDA graph per attended length (`ATTENDED_LENGTH_MULTIPLE`)
             if cuda_graphs:  # nothing the previous replay returned is read again: it may be overwritten
                 torch.compiler.cudagraph_mark_step_begin()
             graph = (key, state.cache.attended)
             calls = self.calls.get(graph, 0)
             self.calls[graph] = calls + 1
-            if calls < 2:  # compiled at the first call; the CUDA graph captured at the second
+            if calls < 2:  # compiled at a shape's first call, a CUDA graph captured at each length's second
                 self.compile_seconds += _seconds(step, family, model, state, buffers, sampling, not do_sample)
             else:
                 step(family, model, state, buffers, sampling, not do_sample)

@@ -749,11 +749,11 @@ def kv_cache_bytes(arch: Architecture, setup: TrainingSetup) -> int:
 
 
 def kv_cache_positions(arch: Architecture, setup: TrainingSetup) -> int:
-    """Positions of the KV cache: the prompt and the image, rounded up as the compiled decode's static cache rounds
-    them (`static_cache_length`)."""
+    """Positions of the KV cache: the prompt and the image; compiled, rounded up as the static cache rounds them
+    (`static_cache_length`), and the one position more it holds (`StaticDecodeCache`)."""
     if not setup.compiled_rollouts:
         return arch.prompt_length + arch.num_image_tokens
-    return static_cache_length((arch.static_prompt_length or arch.prompt_length) + arch.num_image_tokens)
+    return static_cache_length((arch.static_prompt_length or arch.prompt_length) + arch.num_image_tokens) + 1
 
 
 def folds_adapters(setup: TrainingSetup) -> bool:

@@ -30,8 +30,12 @@ decode step (the positions past the image are never written, and causality hides
 ATTENDED_LENGTH_MULTIPLE = 128
 """A static decode step attends over the first positions of its cache, their number rounded up to a multiple of this,
 not over the whole cache: the positions past the token fed are not written yet (causality would hide them), and
-reading them costs as much as reading the rest. One compiled graph per multiple (5 for Janus' 640 positions); about
-half the attention reads of a 576-token image."""
+reading them costs as much as reading the rest; about half the attention reads of a 576-token image. One compiled
+graph serves every length (`StaticDecodeCache`), a CUDA graph is captured per length (5 for Janus' 640 positions)."""
+
+MAX_ATTENDED_LENGTHS = 8
+"""At most this many attended lengths per cache (the multiple grows for longer caches, e.g. LlamaGen at 512 px):
+PyTorch warns of the overhead past 8 CUDA graphs of one compiled function (`cudagraph_dynamic_shape_warn_limit`)."""
 
 
 def static_cache_length(length: int) -> int:
@@ -41,8 +45,10 @@ def static_cache_length(length: int) -> int:
 
 def attended_length(needed: int, cache_length: int) -> int:
     """The positions a static decode step attends over: `needed` rounded up to a multiple of
-    `ATTENDED_LENGTH_MULTIPLE`, at most the whole cache."""
-    return min(cache_length, -(-needed // ATTENDED_LENGTH_MULTIPLE) * ATTENDED_LENGTH_MULTIPLE)
+    `ATTENDED_LENGTH_MULTIPLE` (or of the multiple of it that leaves at most `MAX_ATTENDED_LENGTHS` lengths), at most
+    the whole cache."""
+    multiple = ATTENDED_LENGTH_MULTIPLE * -(-cache_length // (ATTENDED_LENGTH_MULTIPLE * MAX_ATTENDED_LENGTHS))
+    return min(cache_length, -(-needed // multiple) * multiple)
 
 
 @dataclass
@@ -100,7 +106,7 @@ class DecodeState:
         their addresses by every later decode (`restart`), which a compiled step (a CUDA graph) reads."""
         attention_mask = torch.ones(mask_shape, dtype=torch.long, device=device)
         torch._dynamo.mark_static_address(attention_mask)
-        return cls(StaticDecodeCache(num_layers, max_length), attention_mask, static=True)
+        return cls(StaticDecodeCache(num_layers, max_length, device), attention_mask, static=True)
 
     def restart(self, prompt_mask: torch.LongTensor) -> None:
         """Static states: start a decode of a prompt whose mask is `prompt_mask` `(rows, P)`, in place: an empty

@@ -3,7 +3,8 @@
 * `PreallocatedCache` (the eager decode): each layer's keys and values live in buffers allocated once for the prompt
   and every image token; attention sees exactly what `generate`'s `DynamicCache` would give it.
 * `StaticDecodeCache` (the compiled decode): fixed-shape buffers and a position counter held in a tensor, so one
-  compiled step serves every position, and every step attends over the first `attended` positions only.
+  compiled step serves every position, and every step attends over the first `attended` positions only (a dynamic
+  size of that step).
 
 A family's model calls `cache.update(keys, values, layer_idx)` in every attention layer and reads the positions
 already cached (`get_seq_length`) and the keys a step attends over (`get_mask_sizes`), like transformers' models.
@@ -61,34 +62,47 @@ class PreallocatedCache(Cache):
 class AttendedStaticLayer(StaticLayer):
     """transformers' `StaticLayer` (zero-filled buffers for `max_cache_len` positions, marked as static addresses,
     and a tensor position counter, so one compiled step serves every position) whose attention reads only its first
-    `attended` positions (`StaticDecodeCache.attend`): the step writes the new keys and values in place and returns
-    views of those positions."""
+    positions, as many as its cache's `window` holds (`StaticDecodeCache.attend`): the step writes the new keys and
+    values in place and returns views of those positions."""
 
-    def __init__(self, max_cache_len: int):
+    def __init__(self, max_cache_len: int, cache: "StaticDecodeCache"):
         super().__init__(max_cache_len)
-        self.attended = max_cache_len
+        self.cache = cache
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         keys, values = super().update(key_states, value_states, *args, **kwargs)
-        return keys[:, :, : self.attended], values[:, :, : self.attended]
+        return keys[:, :, : self.cache.attended], values[:, :, : self.cache.attended]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.attended, 0
+        return self.cache.attended, 0
 
 
 class StaticDecodeCache(Cache):
     """A `Cache` of `AttendedStaticLayer`s for the compiled decode, all attending over the same positions. `reset`
-    empties it in place (every tensor keeps its address, which a CUDA graph captured) and attends over all of it."""
+    empties it in place (every tensor keeps its address, which a CUDA graph captured) and attends over all of it.
 
-    def __init__(self, num_layers: int, max_length: int):
-        super().__init__(layers=[AttendedStaticLayer(max_length) for _ in range(num_layers)])
-        self.max_length = self.attended = max_length
+    How many positions a step attends over is the length of a tensor, `window`, marked dynamic: the compiled step
+    reads it as a symbolic size, so one graph serves every attended length (a CUDA graph is still captured per
+    length). An int attribute would be a constant of the graph: one compilation per length.
+    """
+
+    def __init__(self, num_layers: int, max_length: int, device: torch.device | str | None = None):
+        # One position more than is ever attended: a slice of the buffers is then never contiguous, so contiguity is
+        # not something the compiled step can guard on (a second graph for the full length).
+        super().__init__(layers=[AttendedStaticLayer(max_length + 1, self) for _ in range(num_layers)])
+        self.max_length = max_length
+        self.positions = torch.arange(max_length, device=device)
+        self.attend(max_length)
+
+    @property
+    def attended(self) -> int:
+        """The positions the next forwards attend over (a symbolic size inside a compiled step)."""
+        return self.window.size(0)
 
     def attend(self, length: int) -> None:
         """Let the next forwards attend over the first `length` positions only (causality hides the others)."""
-        self.attended = length
-        for layer in self.layers:
-            layer.attended = length
+        self.window = self.positions[:length]
+        torch._dynamo.maybe_mark_dynamic(self.window, 0)
 
     def reset(self) -> None:
         super().reset()

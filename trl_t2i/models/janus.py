@@ -122,7 +122,9 @@ class JanusFamily(ModelFamily):
 
     def step(self, model, image_tokens, state):
         if state.static:
-            attention_mask = state.attention_mask[:, : state.cache.attended]
+            # The whole static mask: transformers reads the attended positions of it (a slice of it would be
+            # contiguous at the cache's full length only, a guard that compiles a second graph for that length).
+            attention_mask = state.attention_mask
         else:
             state.length += 1
             attention_mask = state.attention_mask[:, : state.length]
