@@ -97,7 +97,7 @@ def gpu_scale(layers: int | None = None, device: str = "cuda") -> Scale:
         gap_images=4,
         # 8 minutes in all. On an H200 (2026-12-04) `generate` and the eager decode took about 10 s a call at 1B, 16
         # s at 7B, an eager GRPO step 13 s, and compiling the decode 63 s at 1B when it compiled a graph per
-        # attended length (now one graph: 3.4x less compile time at 1B width on CPU)
+        # attended length (now one graph: about a quarter of that compile time at 1B width on CPU, see the README)
         limits={"decode_1b": 100, "decode_7b": 150, "step": 150, "gap": 80},
         decode_repeats=1,
     )

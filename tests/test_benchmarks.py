@@ -41,6 +41,7 @@ def test_bench_gpu_smoke_runs_every_part_and_writes_its_numbers(tmp_path):
     assert all("error" not in outcome for outcome in outcomes.values()), printed
     decode = outcomes["decode_1b"]["result"]
     assert decode["compile_s"] > 0 and decode["compiled_ms_per_step"] > 0 and decode["tokens"] == 16
+    assert decode["graphs_compiled"] == 1 and decode["attended_lengths"] == 1  # the tiny cache: 64 < 128 positions
     step = outcomes["step"]["result"]
     assert step["rollouts not compiled"]["compiled"] is False and step["default"]["step_s"] > 0
     assert 0 <= step["default"]["logp_gap_mean"] <= step["default"]["logp_gap_max"] < 1e-5  # fp32 on CPU
