@@ -25,6 +25,7 @@ from transformers import JanusConfig, JanusVisionConfig, JanusVQVAEConfig, T5Con
 
 from . import divergences
 from .models.base import static_cache_length
+from .models.cache import SPARE_POSITIONS
 from .models.llamagen import LlamaGenConfig
 
 
@@ -750,10 +751,11 @@ def kv_cache_bytes(arch: Architecture, setup: TrainingSetup) -> int:
 
 def kv_cache_positions(arch: Architecture, setup: TrainingSetup) -> int:
     """Positions of the KV cache: the prompt and the image; compiled, rounded up as the static cache rounds them
-    (`static_cache_length`), and the one position more it holds (`StaticDecodeCache`)."""
+    (`static_cache_length`), and the `SPARE_POSITIONS` it holds past them."""
     if not setup.compiled_rollouts:
         return arch.prompt_length + arch.num_image_tokens
-    return static_cache_length((arch.static_prompt_length or arch.prompt_length) + arch.num_image_tokens) + 1
+    prompt_length = arch.static_prompt_length or arch.prompt_length
+    return static_cache_length(prompt_length + arch.num_image_tokens) + SPARE_POSITIONS
 
 
 def folds_adapters(setup: TrainingSetup) -> bool:

@@ -59,6 +59,11 @@ class PreallocatedCache(Cache):
         super().__init__(layers=[PreallocatedLayer(max_length) for _ in range(num_layers)])
 
 
+SPARE_POSITIONS = 1
+"""Positions a `StaticDecodeCache` holds past the most it attends: a slice of its buffers is then never contiguous,
+so contiguity is not something the compiled step can guard on (a second graph for the full length)."""
+
+
 class AttendedStaticLayer(StaticLayer):
     """transformers' `StaticLayer` (zero-filled buffers for `max_cache_len` positions, marked as static addresses,
     and a tensor position counter, so one compiled step serves every position) whose attention reads only its first
@@ -87,12 +92,10 @@ class StaticDecodeCache(Cache):
     """
 
     def __init__(self, num_layers: int, max_length: int, device: torch.device | str | None = None):
-        # One position more than is ever attended: a slice of the buffers is then never contiguous, so contiguity is
-        # not something the compiled step can guard on (a second graph for the full length).
-        super().__init__(layers=[AttendedStaticLayer(max_length + 1, self) for _ in range(num_layers)])
+        super().__init__(layers=[AttendedStaticLayer(max_length + SPARE_POSITIONS, self) for _ in range(num_layers)])
         self.max_length = max_length
-        self.positions = torch.arange(max_length, device=device)
-        self.attend(max_length)
+        self.positions = self.window = torch.arange(max_length, device=device)
+        torch._dynamo.maybe_mark_dynamic(self.window, 0)
 
     @property
     def attended(self) -> int:
@@ -101,8 +104,9 @@ class StaticDecodeCache(Cache):
 
     def attend(self, length: int) -> None:
         """Let the next forwards attend over the first `length` positions only (causality hides the others)."""
-        self.window = self.positions[:length]
-        torch._dynamo.maybe_mark_dynamic(self.window, 0)
+        if length != self.attended:  # called at every position; the length changes a few times per decode
+            self.window = self.positions[:length]
+            torch._dynamo.maybe_mark_dynamic(self.window, 0)
 
     def reset(self) -> None:
         super().reset()
