@@ -95,8 +95,8 @@ def gpu_scale(layers: int | None = None, device: str = "cuda") -> Scale:
         generations=8,
         steps=4,
         gap_images=4,
-        # 8 minutes in all. On an H200 (2026-12-04) `generate` and the eager decode took about 10 s a call at 1B, 16
-        # s at 7B, an eager GRPO step 13 s, and compiling the decode 63 s at 1B when it compiled a graph per
+        # 8 minutes in all. On an H200 (2026-12-04) `generate` and the eager decode took about 10 s a call at 1B,
+        # 16 s at 7B, an eager GRPO step 13 s, and compiling the decode 63 s at 1B when it compiled a graph per
         # attended length (now one graph: about a quarter of that compile time at 1B width on CPU, see the README)
         limits={"decode_1b": 100, "decode_7b": 150, "step": 150, "gap": 80},
         decode_repeats=1,
@@ -205,7 +205,8 @@ def decode_part(scale: Scale, size: str) -> dict:
         "compiled": lambda: sample_image_tokens(family, model, conditioning, sampling, compile=True),
     }
     steps = family.num_image_tokens
-    counters, graphs_before = torch._dynamo.utils.counters, torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    counters = torch._dynamo.utils.counters
+    graphs_before = counters["stats"]["unique_graphs"]
     compile_seconds = seconds(functions["compiled"], scale.device)  # the first call compiles and captures
     compiled = {
         "graphs_compiled": counters["stats"]["unique_graphs"] - graphs_before,

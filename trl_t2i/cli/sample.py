@@ -55,9 +55,8 @@ def main(args: SampleArguments) -> Path:
     sampling = args.sampling  # bad settings fail before the model loads
     if args.adapter:
         check_adapter(args.adapter, args.model_name_or_path)
-    family = load_family(
-        args.model_name_or_path
-    )  # its config and processor: the prompts are checked before the weights
+    # its config and processor: the prompts are checked before the weights load
+    family = load_family(args.model_name_or_path)
     check_prompts_fit(args.prompts, family)
     model = load_model(args.model_name_or_path, dtype=getattr(torch, args.dtype)).to(args.device).eval()
     if args.adapter:
