@@ -252,7 +252,8 @@ def test_folding_in_bf16_gives_the_weights_back_where_peft_unmerge_drifts(tiny_j
 
 
 def test_a_compiled_run_compiles_its_decode_step_once_and_keeps_its_tensors(tmp_path):
-    # Rollouts of 8 images (2 micro-batches of 4, accumulated), evaluation batches of 4 (padded to 8), LoRA folded.
+    # Rollouts of 8 images (2 micro-batches of 4, accumulated), evaluation batches of 4 (padded to 8), LoRA folded,
+    # then a resume from the step-2 checkpoint (the adapters loaded from disk into the same trainer).
     args = make_config(
         tmp_path,
         compile_rollouts="true",
@@ -262,6 +263,8 @@ def test_a_compiled_run_compiles_its_decode_step_once_and_keeps_its_tensors(tmp_
         eval_strategy="steps",
         eval_steps=2,
         max_steps=3,
+        save_strategy="steps",
+        save_steps=2,
     )
     trainer = T2IGRPOTrainer(
         model=TINY_JANUS,
@@ -284,9 +287,10 @@ def test_a_compiled_run_compiles_its_decode_step_once_and_keeps_its_tensors(tmp_
     trainer._generate = recording_generate
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     trainer.train()
+    trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
 
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs + 1
-    assert sizes.count(8) == 3 and 4 in sizes  # every training rollout, and evaluation ones of another size
+    assert sizes.count(8) == 4 and 4 in sizes  # every training rollout, and evaluation ones of another size
     assert all(entry == addresses[0] for entry in addresses)
     compile_times = [entry["time/compile"] for entry in trainer.state.log_history if "time/compile" in entry]
     assert len(compile_times) == 1 and compile_times[0] > 0
