@@ -163,7 +163,13 @@ def test_hidden_settings_still_parse_and_are_rejected_by_the_config(flags, messa
 
 
 @pytest.mark.parametrize(
-    "config_flag", [["--config", "recipes/tiny/cpu_demo.yaml"], ["--config=recipes/tiny/cpu_demo.yaml"]]
+    "config_flag",
+    [
+        ["--config", "recipes/tiny/cpu_demo.yaml"],
+        ["--config=recipes/tiny/cpu_demo.yaml"],
+        ["--config", "tiny/cpu_demo.yaml"],  # the name under `recipes/`, as `trl-t2i plan` users type it
+        ["--config", "tiny/cpu_demo"],
+    ],
 )
 def test_recipe_paths_resolve_to_the_packaged_recipes_from_any_directory(tmp_path, monkeypatch, config_flag):
     monkeypatch.chdir(tmp_path)  # no `recipes/` here: an installed user's working directory

@@ -16,14 +16,17 @@ RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
 def find_recipe(recipe: str | Path) -> Path:
-    """`recipe` if it exists, else the packaged recipe that a `recipes/...` path names: the paths of the README and
-    the recipe headers then work from any directory, and without a checkout."""
+    """`recipe` if it exists, else the packaged recipe it names: `recipes/janus_pro_1b/lora_single_gpu.yaml` (the
+    paths of the README and the recipe headers then work from any directory, and without a checkout),
+    `janus_pro_1b/lora_single_gpu.yaml` or `janus_pro_1b/lora_single_gpu`."""
     path = Path(recipe)
     if path.is_file():
         return path
-    packaged = RECIPES.joinpath(*path.parts[1:]) if path.parts[:1] == ("recipes",) else None
-    if packaged is not None and packaged.is_file():
-        return packaged
+    name = path.parts[1:] if path.parts[:1] == ("recipes",) else path.parts
+    packaged = RECIPES.joinpath(*name) if name else RECIPES
+    for candidate in (packaged, packaged.with_name(f"{packaged.name}.yaml")):
+        if candidate.is_file():
+            return candidate
     shipped = ", ".join(sorted(f"recipes/{path.relative_to(RECIPES)}" for path in RECIPES.rglob("*.yaml")))
     raise FileNotFoundError(f"Recipe {str(recipe)!r} not found here nor among the packaged recipes: {shipped}.")
 
@@ -40,8 +43,9 @@ class RecipeParser(TrlParser):
             "--config",
             default=argparse.SUPPRESS,
             metavar="YAML",
-            help="Recipe whose keys set the defaults of the options below; flags override it. A `recipes/...` path "
-            "that does not exist here names a recipe shipped with trl_t2i.",
+            help="Recipe whose keys set the defaults of the options below; flags override it. A path that does not "
+            "exist here names a recipe shipped with trl_t2i: recipes/tiny/cpu_demo.yaml, tiny/cpu_demo.yaml or "
+            "tiny/cpu_demo.",
         )
 
     def parse_args_and_config(self, args: Iterable[str] | None = None, *more, **kwargs):
