@@ -14,8 +14,9 @@ on; results are printed as they come and written to `--output` as JSON.
   (`compile=True`: static KV cache, the position step compiled, a CUDA graph), at 16 images (32 CFG rows) for 1B and
   8 images for 7B; the compile time; for 7B the bound, the time to read the language model's weights once at the
   copy bandwidth measured on the device, and the CUDA kernels of the compiled decode by total time; the graphs the
-  compile made (one for every attended length) and whether inductor ran any without CUDA graphs (`cudagraph_skips`,
-  which would make the compiled decode launch-bound).
+  compile made (one for every attended length), whether inductor ran any without CUDA graphs (`cudagraph_skips`,
+  which would make the compiled decode launch-bound) and how often a compiled decode waits for the GPU
+  (`host_syncs`: a handful, not one per position).
 * `step`: GRPO steps of Janus-Pro-1B with LoRA r32 (the 1B recipe's), 16 images (2 prompts × 8), JS β 0.04: the
   default settings (compiled rollouts, exact penalty), the sampled estimator, and rollouts not compiled; the first
   step (which compiles), the median later step and its stages (`time/<stage>`), peak memory against the memory
@@ -39,6 +40,7 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -227,9 +229,24 @@ def decode_part(scale: Scale, size: str) -> dict:
         bandwidth = copy_bandwidth()
         result |= {"bandwidth_gb_s": bandwidth / 1e9, "weights_read_ms": 1000 * weights / bandwidth}
         result["compiled_over_bound"] = result["compiled_ms_per_step"] / result["weights_read_ms"]
-        if size == "7b":
+        progress(**result)  # should the checks below fail, the timings stay
+        result["host_syncs"] = host_synchronisations(functions["compiled"])
+        if size == "7b":  # the profile replays the CUDA graphs under CUPTI
             result["kernels"] = top_kernels(functions["compiled"])
     return result
+
+
+def host_synchronisations(function: Callable) -> int:
+    """How often one call of `function` makes the host wait for the GPU (PyTorch warns at each in its sync debug
+    mode): a handful per decode, not one per position, if nothing in the loop synchronises."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            function()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(warning.message) for warning in caught)
 
 
 def copy_bandwidth(gigabytes: float = 2.0) -> float:
@@ -502,7 +519,8 @@ def report(name: str, outcome: dict) -> str:
         lines += [
             f"{result['images']} images ({result['rows']} rows), {result['tokens']} tokens, compile "
             f"{result['compile_s']:.1f} s: {result['graphs_compiled']} graph(s) for {result['attended_lengths']} "
-            f"attended lengths, {result['cudagraph_skips']} run(s) without CUDA graphs\n",
+            f"attended lengths, {result['cudagraph_skips']} run(s) without CUDA graphs, "
+            f"{result.get('host_syncs', '–')} host synchronisation(s) in a decode of {result['tokens']} positions\n",
             "| generate (ms/step) | eager (ms/step) | compiled (ms/step) | generate/compiled | weights read (ms) "
             "| compiled/bound |",
             "|---|---|---|---|---|---|",
