@@ -620,8 +620,7 @@ def weight_bytes(architecture: Architecture, setup: TrainingSetup) -> dict[str, 
     sizes = {name: params * setup.weight_bytes for name, params in architecture.components().items()}
     if setup.keeps_fp32_modules:
         sizes["generation head"] = architecture.generation_head_params * 4
-    if architecture.vq_decodes_in_fp32 and setup.keeps_fp32_modules:
-        sizes["VQ-VAE"] = architecture.vq_params * 4
+    sizes["VQ-VAE"] = architecture.vq_params * vq_weight_bytes(architecture, setup)
     if setup.load_in_4bit:
         sizes["LM linears"] = architecture.num_layers * sum(
             nf4_bytes(i * o, setup.double_quant) for i, o in architecture.lm_linear_shapes().values()
@@ -634,6 +633,12 @@ def nf4_bytes(params: int, double_quant: bool) -> float:
     blocks = math.ceil(params / NF4_BLOCK)
     scales = blocks + 4 * math.ceil(blocks / NESTED_BLOCK) if double_quant else 4 * blocks
     return math.ceil(params / 2) + scales
+
+
+def vq_weight_bytes(arch: Architecture, setup: TrainingSetup) -> int:
+    """Bytes per VQ-VAE weight: 4 where a model that decodes in fp32 keeps its VQ model so (LlamaGen's, outside
+    DeepSpeed), else the weights' own."""
+    return 4 if arch.vq_decodes_in_fp32 and setup.keeps_fp32_modules else setup.weight_bytes
 
 
 def _weight_items(arch: Architecture, setup: TrainingSetup) -> list[MemoryItem]:
@@ -655,7 +660,7 @@ def _weight_items(arch: Architecture, setup: TrainingSetup) -> list[MemoryItem]:
             "generation aligner",
             "generation head",
         ],
-        f"VQ-VAE ({'fp32' if arch.vq_decodes_in_fp32 and setup.keeps_fp32_modules else dtype})": ["VQ-VAE"],
+        f"VQ-VAE ({'fp32' if vq_weight_bytes(arch, setup) == 4 else dtype})": ["VQ-VAE"],
     }
     items = [
         MemoryItem(f"weights: {name}{sharded}", sum(sizes.get(c, 0) for c in components) / shards)
@@ -722,7 +727,7 @@ def _rollout_items(arch: Architecture, setup: TrainingSetup) -> list[MemoryItem]
     items.append(
         MemoryItem(f"VQ decoding, {decoded} images at a time", vq_decode_bytes(arch, setup, decoded), (DECODING,))
     )
-    if arch.vq_decodes_in_fp32 and setup.weight_bytes != 4 and not setup.keeps_fp32_modules:
+    if arch.vq_decodes_in_fp32 and vq_weight_bytes(arch, setup) != 4:
         copies = arch.vq_decoder_params * 4
         items.append(MemoryItem("VQ decoder: fp32 copies of its weights while decoding", copies, (DECODING,)))
     reward = REWARD_MODELS.get(setup.reward)
