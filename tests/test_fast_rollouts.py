@@ -146,7 +146,9 @@ def test_adapters_that_cannot_be_folded_say_why(tiny_janus, tmp_path):
         pass
 
 
-def test_qlora_adapters_cannot_be_folded(tmp_path):
+def _qlora_janus(tmp_path):
+    """The tiny Janus loaded in 4-bit with LoRA adapters on its language model, in training mode (as the trainer
+    samples; bitsandbytes' CPU inference path repacks the weights for shapes as small as the tiny model's)."""
     pytest.importorskip("bitsandbytes")
     from transformers import BitsAndBytesConfig
 
@@ -159,7 +161,25 @@ def test_qlora_adapters_cannot_be_folded(tmp_path):
     quantized = load_model(str(tmp_path), quantization_config=config, dtype=torch.float32)
     family = get_family(quantized, processor)
     peft_model = get_peft_model(quantized, LoraConfig(r=4, target_modules=family.lora_target_modules))
+    return peft_model.train(), family
+
+
+def test_qlora_adapters_cannot_be_folded(tmp_path):
+    peft_model, _ = _qlora_janus(tmp_path)
     assert "peft.tuners.lora.bnb.Linear4bit" in why_not_mergeable(peft_model)
+
+
+def test_qlora_rollouts_compile_to_one_graph_and_sample_like_the_eager_decode(tmp_path, prompts):
+    # The headline recipe's rollout on a GPU (QLoRA: the adapters cannot be folded; compiled by default): the
+    # 4-bit matmuls and PEFT's adapter branch must trace into the one decode graph, without graph breaks
+    peft_model, family = _qlora_janus(tmp_path)
+    perturb_adapters(peft_model, std=0.3)
+    counters = torch._dynamo.utils.counters
+    graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+    conditioning = family.encode_prompts(prompts)
+    _assert_same_sample(*(_sample(family, peft_model, conditioning, WARPS[1], compile=flag) for flag in (True, False)))
+    assert counters["stats"]["unique_graphs"] == graphs + 1
+    assert sum(counters["graph_break"].values()) == breaks
 
 
 @pytest.mark.parametrize(
