@@ -147,21 +147,22 @@ def test_adapters_that_cannot_be_folded_say_why(tiny_janus, tmp_path):
 
 
 def _qlora_janus(tmp_path):
-    """The tiny Janus loaded in 4-bit with LoRA adapters on its language model, in training mode (as the trainer
-    samples; bitsandbytes' CPU inference path repacks the weights for shapes as small as the tiny model's)."""
+    """The tiny Janus loaded in 4-bit with LoRA adapters on its language model, in evaluation mode (as the trainer
+    samples), bitsandbytes' CPU weight repack off (as the trainer leaves it)."""
     pytest.importorskip("bitsandbytes")
     from transformers import BitsAndBytesConfig
 
-    from trl_t2i.models import load_model
+    from trl_t2i.models import disable_bnb_cpu_repack, load_model
 
     model, processor = FAMILY_CASES["janus"].build()
     model.save_pretrained(tmp_path)
     processor.save_pretrained(tmp_path)
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
     quantized = load_model(str(tmp_path), quantization_config=config, dtype=torch.float32)
+    disable_bnb_cpu_repack(quantized)
     family = get_family(quantized, processor)
     peft_model = get_peft_model(quantized, LoraConfig(r=4, target_modules=family.lora_target_modules))
-    return peft_model.train(), family
+    return peft_model.eval(), family
 
 
 def test_qlora_adapters_cannot_be_folded(tmp_path):
