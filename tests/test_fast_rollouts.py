@@ -3,7 +3,7 @@ base weights while sampling."""
 
 import pytest
 import torch
-from conftest import FAMILY_CASES, TRAINING_PROMPTS, load_script, make_config, make_trainer, perturb_adapters
+from conftest import TRAINING_PROMPTS, load_script, make_config, make_trainer, perturb_adapters
 from datasets import Dataset
 from peft import LoraConfig, get_peft_model
 
@@ -146,34 +146,31 @@ def test_adapters_that_cannot_be_folded_say_why(tiny_janus, tmp_path):
         pass
 
 
-def _qlora_janus(tmp_path):
+def _qlora_janus():
     """The tiny Janus loaded in 4-bit with LoRA adapters on its language model, in evaluation mode (as the trainer
     samples), bitsandbytes' CPU weight repack off (as the trainer leaves it)."""
     pytest.importorskip("bitsandbytes")
     from transformers import BitsAndBytesConfig
 
-    from trl_t2i.models import disable_bnb_cpu_repack, load_model
+    from trl_t2i.models import disable_bnb_cpu_repack, load_model, load_processor
 
-    model, processor = FAMILY_CASES["janus"].build()
-    model.save_pretrained(tmp_path)
-    processor.save_pretrained(tmp_path)
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
-    quantized = load_model(str(tmp_path), quantization_config=config, dtype=torch.float32)
+    quantized = load_model(TINY_JANUS, quantization_config=config, dtype=torch.float32)
     disable_bnb_cpu_repack(quantized)
-    family = get_family(quantized, processor)
+    family = get_family(quantized, load_processor(TINY_JANUS))
     peft_model = get_peft_model(quantized, LoraConfig(r=4, target_modules=family.lora_target_modules))
     return peft_model.eval(), family
 
 
-def test_qlora_adapters_cannot_be_folded(tmp_path):
-    peft_model, _ = _qlora_janus(tmp_path)
+def test_qlora_adapters_cannot_be_folded():
+    peft_model, _ = _qlora_janus()
     assert "peft.tuners.lora.bnb.Linear4bit" in why_not_mergeable(peft_model)
 
 
-def test_qlora_rollouts_compile_to_one_graph_and_sample_like_the_eager_decode(tmp_path, prompts):
+def test_qlora_rollouts_compile_to_one_graph_and_sample_like_the_eager_decode(prompts):
     # The headline recipe's rollout on a GPU (QLoRA: the adapters cannot be folded; compiled by default): the
     # 4-bit matmuls and PEFT's adapter branch must trace into the one decode graph, without graph breaks
-    peft_model, family = _qlora_janus(tmp_path)
+    peft_model, family = _qlora_janus()
     perturb_adapters(peft_model, std=0.3)
     counters = torch._dynamo.utils.counters
     graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
