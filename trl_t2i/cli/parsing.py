@@ -23,7 +23,7 @@ def find_recipe(recipe: str | Path) -> Path:
     if path.is_file():
         return path
     name = path.parts[1:] if path.parts[:1] == ("recipes",) else path.parts
-    packaged = RECIPES.joinpath(*name) if name else RECIPES
+    packaged = RECIPES.joinpath(*name)
     for candidate in (packaged, packaged.with_name(f"{packaged.name}.yaml")):
         if candidate.is_file():
             return candidate
